@@ -1,0 +1,189 @@
+"""Diffusion decoder D: eps_hat(x_t, logsnr, z_0) in pixel space (U-ViT)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (
+    Downsample,
+    LogSNREmbedding,
+    ResBlock,
+    TransformerBlock,
+    Upsample,
+    as_tuple,
+    axis_product,
+    conv_nd,
+    depth_to_space,
+    from_tokens,
+    group_norm,
+    sincos_position_embedding,
+    space_to_depth,
+    stage_factors,
+    to_tokens,
+    zero_,
+)
+
+
+class UViTDecoder(nn.Module):
+    """U-ViT decoder: conv ResBlock stages around a Transformer at the latent grid.
+
+    Pipeline: patching by ``patch_size`` (space-to-depth) and a 3x3 stem; for each entry of
+    ``channels`` a stage of logsnr-conditioned ResBlocks followed by a strided-conv
+    ``Downsample``; the middle Transformer (``width``, ``depth``, adaLN-Zero on the logsnr
+    embedding) runs on the tokens of the resulting grid, which must equal the latent grid;
+    then mirrored up stages (``Upsample``, concatenation of the U-Net skip of the same stage,
+    ResBlocks) and a zero-initialised output conv, un-patched back to the input shape, so an
+    untrained decoder returns eps_hat = 0.
+
+    How z_0 enters (the paper leaves it open; PAPER.md offers two options): z_0 (B, C_z, *grid)
+    is flattened to tokens and projected by a per-token linear map to ``width``, then ADDED
+    to the middle Transformer's input tokens (after their positional embedding). The
+    alternative, up-sampling z_0 and concatenating it at the input, is not used: adding at
+    the latent grid keeps the z_0 pathway cheap and aligned token-for-token with the latent.
+
+    Down-sampling: ``spatial / (patch_size * prod(stage_downsample))`` must equal the latent
+    grid, per axis. Video uses per-axis factors: the paper's Kinetics 16x128x128 clips with
+    a 4x16x16 latent grid (4x8x8 down) are, with three stages, ``patch_size=(1, 2, 2),
+    stage_downsample=((1, 2, 2), (2, 2, 2), (2, 1, 1))``; a factor of 1 on an axis keeps it.
+
+    Attributes:
+        latent_shape: per-example shape of z_0, (C_z, *grid).
+        downsample: total per-axis down-sampling from the input to the latent grid.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        latent_shape: tuple[int, ...],
+        channels: tuple[int, ...] = (128, 256, 512),
+        blocks_per_stage: int | tuple[int, ...] = 2,
+        width: int = 1024,
+        depth: int = 8,
+        heads: int = 16,
+        patch_size: int | tuple[int, ...] = 2,
+        dropout: float = 0.1,
+        stage_downsample: tuple[int | tuple[int, ...], ...] | None = None,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        """
+        Args:
+            shape: per-example input shape, (C, H, W) or (C, T, H, W), measured from the data.
+            latent_shape: per-example shape of z_0, (C_z, *latent grid), from the encoder.
+            channels: width of each conv stage; each stage ends in a down-sampling
+                (paper: 128, 256, 512).
+            blocks_per_stage: ResBlocks per stage, int or one per stage (paper: 2).
+            width: token width of the middle Transformer (paper: 1024).
+            depth: Transformer blocks in the middle (paper: 8).
+            heads: attention heads of the middle Transformer.
+            patch_size: per-axis patch size of the input patching (int or tuple; paper: 2).
+            dropout: dropout probability in ResBlocks and Transformer MLPs (paper: 0.1).
+            stage_downsample: per-axis down-sampling factor after each conv stage, one entry
+                per stage, each int or per-axis tuple; None = 2 on every axis.
+            mlp_ratio: MLP hidden width of the Transformer as a multiple of ``width``.
+        """
+        super().__init__()
+        in_channels, *spatial = shape
+        latent_channels, *latent_grid = latent_shape
+        ndim = len(spatial)
+        num_stages = len(channels)
+        blocks = as_tuple(blocks_per_stage, num_stages)
+        self.patch = as_tuple(patch_size, ndim)
+        factors = stage_factors(stage_downsample, num_stages, ndim)
+        self.latent_shape = tuple(latent_shape)
+        self.downsample = tuple(
+            p * f for p, f in zip(self.patch, axis_product(factors, ndim), strict=True)
+        )
+        self._check_latent_grid(tuple(spatial), tuple(latent_grid), channels)
+
+        self.logsnr_emb = LogSNREmbedding(width)
+        self.stem = conv_nd(ndim, in_channels * math.prod(self.patch), channels[0], 3, padding=1)
+
+        # Down path: ResBlocks, remember the skip, down-sample.
+        self.down_stages = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        ch = channels[0]
+        for stage_channels, count, factor in zip(channels, blocks, factors, strict=True):
+            stage = nn.ModuleList()
+            for _ in range(count):
+                stage.append(ResBlock(ndim, ch, stage_channels, width, dropout))
+                ch = stage_channels
+            self.down_stages.append(stage)
+            self.downsamplers.append(Downsample(ndim, ch, ch, factor))
+
+        # Middle Transformer at the latent grid; z_0 is projected per token and added.
+        self.mid_in = nn.Linear(ch, width)
+        self.latent_proj = nn.Linear(latent_channels, width)
+        self.mid_blocks = nn.ModuleList(
+            TransformerBlock(width, heads, width, mlp_ratio, dropout) for _ in range(depth)
+        )
+        self.mid_norm = nn.LayerNorm(width)
+        self.mid_out = nn.Linear(width, ch)
+
+        # Up path (mirrored): up-sample, concatenate the skip, ResBlocks.
+        self.upsamplers = nn.ModuleList()
+        self.up_stages = nn.ModuleList()
+        for stage_channels, count, factor in reversed(
+            list(zip(channels, blocks, factors, strict=True))
+        ):
+            self.upsamplers.append(Upsample(ndim, ch, ch, factor))
+            stage = nn.ModuleList()
+            skip_channels = stage_channels
+            for _ in range(count):
+                stage.append(ResBlock(ndim, ch + skip_channels, stage_channels, width, dropout))
+                ch, skip_channels = stage_channels, 0
+            self.up_stages.append(stage)
+
+        self.out_norm = group_norm(ch)
+        self.out_conv = zero_(conv_nd(ndim, ch, in_channels * math.prod(self.patch), 3, padding=1))
+
+    def _check_latent_grid(
+        self,
+        spatial: tuple[int, ...],
+        latent_grid: tuple[int, ...],
+        channels: tuple[int, ...],
+    ) -> None:
+        """Raise ValueError unless spatial / downsample equals the latent grid on every axis."""
+        if len(latent_grid) != len(spatial) or any(
+            s != g * d for s, g, d in zip(spatial, latent_grid, self.downsample, strict=True)
+        ):
+            raise ValueError(
+                f"UViTDecoder: input spatial shape {spatial} divided by the total "
+                f"down-sampling {self.downsample} (patch_size {self.patch} times one "
+                f"down-sampling after each of the {len(channels)} conv stages, "
+                f"channels={tuple(channels)}) does not equal the latent grid {latent_grid} of "
+                f"latent_shape; change channels (number of stages), patch_size or "
+                f"stage_downsample so that spatial / (patch_size * prod(stage factors)) equals "
+                f"the latent grid"
+            )
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        logsnr: torch.Tensor,
+        z_0: torch.Tensor,
+    ) -> torch.Tensor:
+        emb = self.logsnr_emb(logsnr)  # (B, E)
+        h = self.stem(space_to_depth(x_t, self.patch))  # (B, C0, *S / patch)
+        skips = []
+        for stage, down in zip(self.down_stages, self.downsamplers, strict=True):
+            for block in stage:
+                h = block(h, emb)  # (B, C_i, *S_i)
+            skips.append(h)
+            h = down(h)  # (B, C_i, *S_i / factor_i)
+
+        grid = tuple(h.shape[2:])
+        tokens = self.mid_in(to_tokens(h))  # (B, N, D)
+        tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], h.device, h.dtype)
+        tokens = tokens + self.latent_proj(to_tokens(z_0))  # (B, N, D)
+        for block in self.mid_blocks:
+            tokens = block(tokens, emb)  # (B, N, D)
+        h = from_tokens(self.mid_out(self.mid_norm(tokens)), grid)  # (B, C_last, *grid)
+
+        for up, stage in zip(self.upsamplers, self.up_stages, strict=True):
+            h = torch.cat([up(h), skips.pop()], dim=1)  # (B, C + C_i, *S_i)
+            for block in stage:
+                h = block(h, emb)  # (B, C_i, *S_i)
+        h = self.out_conv(F.silu(self.out_norm(h)))  # (B, C * prod(patch), *S / patch)
+        return depth_to_space(h, self.patch)  # (B, C, *S)

@@ -1,0 +1,167 @@
+"""Latent denoisers: the stage-1 diffusion prior and the stage-2 base model (multi-level ViT)."""
+
+import torch
+from torch import nn
+
+from .blocks import (
+    FinalLayer,
+    LogSNREmbedding,
+    PatchEmbed,
+    PatchUnembed,
+    TransformerBlock,
+    as_tuple,
+    divided_grid,
+    from_tokens,
+    sincos_position_embedding,
+    to_tokens,
+)
+
+
+class _Level(nn.Module):
+    """One resolution level of the hourglass ViT; recursively holds the deeper levels.
+
+    Innermost level: ``depth`` Transformer blocks. Other levels: ``depth // 2`` blocks, token
+    merging (a ``PatchEmbed`` of the token grid by ``factor``) into the next level, token
+    splitting (``PatchUnembed``) back, a skip connection fused by a linear map of the
+    concatenation [skip, upsampled], then the remaining ``depth - depth // 2`` blocks.
+    """
+
+    def __init__(
+        self,
+        ndim: int,
+        widths: tuple[int, ...],
+        depths: tuple[int, ...],
+        heads: int,
+        cond_dim: int,
+        mlp_ratio: float,
+        dropout: float,
+        factor: tuple[int, ...],
+    ) -> None:
+        """
+        Args:
+            ndim: number of spatial dims of the token grid.
+            widths: token width of this level and every deeper one.
+            depths: Transformer blocks of this level and every deeper one.
+            heads: attention heads of every block.
+            cond_dim: width of the conditioning vector.
+            mlp_ratio: MLP hidden width as a multiple of the token width.
+            dropout: dropout probability inside the MLPs.
+            factor: per-axis token-merging factor between consecutive levels.
+        """
+        super().__init__()
+        width, depth = widths[0], depths[0]
+        self.factor = factor
+        self.has_inner = len(widths) > 1
+        num_before = depth // 2 if self.has_inner else depth
+
+        def make_blocks(count: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                TransformerBlock(width, heads, cond_dim, mlp_ratio, dropout) for _ in range(count)
+            )
+
+        self.before = make_blocks(num_before)
+        if self.has_inner:
+            self.merge = PatchEmbed(ndim, width, widths[1], factor)
+            self.inner = _Level(
+                ndim, widths[1:], depths[1:], heads, cond_dim, mlp_ratio, dropout, factor
+            )
+            self.split = PatchUnembed(ndim, widths[1], width, factor)
+            self.fuse = nn.Linear(2 * width, width)
+        self.after = make_blocks(depth - num_before)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        x = x + sincos_position_embedding(grid, x.shape[-1], x.device, x.dtype)  # (B, N, D)
+        for block in self.before:
+            x = block(x, cond)  # (B, N, D)
+        if self.has_inner:
+            inner_grid = tuple(g // f for g, f in zip(grid, self.factor, strict=True))
+            h = self.merge(from_tokens(x, grid))  # (B, N / F, D_inner)
+            h = self.inner(h, cond, inner_grid)  # (B, N / F, D_inner)
+            h = to_tokens(self.split(h, inner_grid))  # (B, N, D)
+            x = self.fuse(torch.cat([x, h], dim=-1))  # (B, N, D)
+        for block in self.after:
+            x = block(x, cond)  # (B, N, D)
+        return x
+
+
+class ViT(nn.Module):
+    """Multi-level (hourglass / U-ViT style) ViT denoiser over latents: eps_hat(z_t, logsnr, label).
+
+    The input (B, C, *spatial) is patched by ``patch_size`` into a token grid (level 0, width
+    ``widths[0]``). Level i+1 merges ``level_downsample`` tokens per axis (2x2 for images,
+    2x2x2 for videos by default) into one token of width ``widths[i+1]``; level i runs
+    ``depths[i] // 2`` blocks before and the rest after the deeper level, with a skip
+    connection around it; the innermost level runs all its blocks. Every level adds a fixed
+    sin-cos positional embedding of its own grid.
+
+    Conditioning (adaLN-Zero in every block): a Fourier embedding of logsnr, plus, when
+    ``num_classes > 0``, a class embedding with ``num_classes + 1`` rows; row ``num_classes``
+    is the null label for classifier-free guidance (``label=None`` means all-null). An
+    unconditional ViT (``num_classes=0``) has no class embedding and ignores ``label``.
+    The output layer is zero-initialised: an untrained ViT returns eps_hat = 0.
+
+    Paper presets: stage-1 prior ``widths=(1024,), depths=(8,)``; stage-2 base model
+    ``widths=(512, 1024), depths=(6, 16), dropout=0.1``; both ``patch_size=1``.
+
+    Attributes:
+        num_classes: number of real classes (0 = unconditional); the null label equals it.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        widths: tuple[int, ...] = (1024,),
+        depths: tuple[int, ...] = (8,),
+        heads: int = 16,
+        patch_size: int | tuple[int, ...] = 1,
+        num_classes: int = 0,
+        dropout: float = 0.0,
+        mlp_ratio: float = 4.0,
+        level_downsample: int | tuple[int, ...] = 2,
+    ) -> None:
+        """
+        Args:
+            shape: per-example latent shape, (C, H, W) or (C, T, H, W), measured from data.
+            widths: token width of each level, finest first (paper prior: 1024).
+            depths: Transformer blocks of each level (paper prior: 8).
+            heads: attention heads of every block (each width must be divisible by it).
+            patch_size: per-axis patch size of the input patching (int or tuple; paper: 1).
+            num_classes: number of classes for class conditioning; 0 = unconditional.
+            dropout: dropout probability inside the MLPs.
+            mlp_ratio: MLP hidden width as a multiple of the token width.
+            level_downsample: per-axis token-merging factor between levels (int or tuple).
+        """
+        super().__init__()
+        in_channels, *spatial = shape
+        ndim = len(spatial)
+        if len(widths) != len(depths):
+            raise ValueError(f"widths {widths} and depths {depths} must have the same length")
+        self.num_classes = num_classes
+        self.patch = as_tuple(patch_size, ndim)
+        factor = as_tuple(level_downsample, ndim)
+        grid = divided_grid(tuple(spatial), self.patch, "ViT patching")
+        deepest = tuple(f ** (len(widths) - 1) for f in factor)
+        divided_grid(grid, deepest, f"ViT with {len(widths)} levels (token grid)")
+
+        cond_dim = max(widths)
+        self.logsnr_emb = LogSNREmbedding(cond_dim)
+        self.class_emb = nn.Embedding(num_classes + 1, cond_dim) if num_classes > 0 else None
+        self.embed = PatchEmbed(ndim, in_channels, widths[0], self.patch)
+        self.levels = _Level(ndim, widths, depths, heads, cond_dim, mlp_ratio, dropout, factor)
+        self.final = FinalLayer(ndim, widths[0], cond_dim, in_channels, self.patch)
+
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        logsnr: torch.Tensor,
+        label: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cond = self.logsnr_emb(logsnr)  # (B, E)
+        if self.class_emb is not None:
+            if label is None:
+                label = torch.full_like(logsnr, self.num_classes, dtype=torch.long)  # (B,)
+            cond = cond + self.class_emb(label)  # (B, E)
+        grid = tuple(s // p for s, p in zip(z_t.shape[2:], self.patch, strict=True))
+        x = self.embed(z_t)  # (B, N, D)
+        x = self.levels(x, cond, grid)  # (B, N, D)
+        return self.final(x, cond, grid)  # (B, C, *spatial)

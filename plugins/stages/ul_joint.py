@@ -1,0 +1,305 @@
+"""Stage 1 of Unified Latents: encoder, diffusion prior and diffusion decoder trained jointly.
+
+The objective (PAPER.md, Stage 1; Algorithm 1), per example, in nats:
+
+    z_clean = E(x)
+    L_z = (-dλ_z/dt) · ½ · Σ (eps - eps_hat(z_t, λ_z))²  +  KL(q(z_1 | x) || N(0, I))
+          with z_t = alpha(λ_z) z_clean + sigma(λ_z) eps,  λ_z ∈ [λ_min, λ_z(0) = 5],  w ≡ 1
+    L_x = c_lf · (-dλ_x/dt) · ½ · sigmoid(b - λ_x) · Σ (eps' - eps_hat'(x_t, λ_x, z_0))²
+          with z_0 = alpha(5) z_clean + sigma(5) eps_z (fresh noise)
+    L   = L_z + L_x
+
+Both typos of the paper are fixed: `-dλ/dt` (not `+`) and `sigmoid(b - λ)` (not `λ - b`).
+The two terms draw independent t and noise. `L_z / ln 2` bounds the bits in z_0; bits/pixel
+divides by ln 2 and the number of pixels H·W (T·H·W for video), not by the channel count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ulframe.diffusion import (
+    CosineSchedule,
+    ELBOWeighting,
+    ShiftedCosineSchedule,
+    SigmoidWeighting,
+    antithetic_t,
+    diffuse,
+    elbo_term_nats,
+    is_elbo_weighting,
+    kl_standard_normal_nats,
+    logsnr_grid,
+    sample_ddim,
+    stratified_t,
+)
+from ulframe.errors import ConfigError
+from ulframe.eval.metrics import psnr
+from ulframe.protocols import BuildContext, EvalReport, check_built
+from ulframe.train.settings import TrainSettings
+
+LATENT_LOGSNR_MAX = 5.0  # λ_z(0): the fixed encoding noise of the paper
+
+
+@dataclass(frozen=True)
+class ULJointTerms:
+    """The stage-1 loss terms, nats per example, each (B,)."""
+
+    prior_diffusion_nats: Tensor  # diffusion part of L_z (ELBO, w ≡ 1)
+    prior_kl1_nats: Tensor  # KL(q(z_1|x) || N(0, I))
+    decoder_nats: Tensor  # L_x: loss factor × sigmoid-weighted ELBO term
+    pixels: int  # H·W (T·H·W for video): the bits/pixel normaliser
+
+    @property
+    def prior_nats(self) -> Tensor:
+        return self.prior_diffusion_nats + self.prior_kl1_nats  # (B,)
+
+    def total_nats(self) -> Tensor:
+        return self.prior_nats + self.decoder_nats  # (B,)
+
+    def metrics(self) -> dict[str, Tensor]:
+        """Batch means of every term, and bits/pixel of the latent."""
+        return {
+            "prior_nats": self.prior_nats.mean(),
+            "prior_diffusion_nats": self.prior_diffusion_nats.mean(),
+            "prior_kl1_nats": self.prior_kl1_nats.mean(),
+            "decoder_nats": self.decoder_nats.mean(),
+            "total_nats": self.total_nats().mean(),
+            "bits_per_pixel": self.prior_nats.mean() / (math.log(2) * self.pixels),
+        }
+
+
+class ULJointModel(nn.Module):
+    """Encoder, prior and decoder; `forward(batch, generator)` is the stage-1 loss."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        prior: nn.Module,
+        decoder: nn.Module,
+        prior_schedule: Any,
+        decoder_schedule: Any,
+        decoder_weighting: Callable[[Tensor], Tensor],
+        loss_factor: float,
+        latent_logsnr_max: float,
+        pixels: int,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.prior = prior
+        self.decoder = decoder
+        self.prior_schedule = prior_schedule
+        self.decoder_schedule = decoder_schedule
+        self.decoder_weighting = decoder_weighting
+        self.loss_factor = loss_factor
+        self.latent_logsnr_max = latent_logsnr_max
+        self.pixels = pixels
+
+    def encode(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """z_clean = E(x) and z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps_z."""
+        z_clean = self.encoder(x)  # (B, Cz, *s)
+        eps_z = torch.randn(z_clean.shape, generator=generator, device=x.device, dtype=z_clean.dtype)
+        logsnr_0 = torch.full((x.shape[0],), self.latent_logsnr_max, device=x.device)
+        return z_clean, diffuse(z_clean, logsnr_0, eps_z)
+
+    def prior_terms(self, z_clean: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Diffusion part of L_z at times t (B,), and KL_1; both (B,) nats."""
+        logsnr = self.prior_schedule.logsnr(t)  # (B,)
+        eps = torch.randn(z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype)
+        z_t = diffuse(z_clean, logsnr, eps)  # (B, Cz, *s)
+        eps_hat = self.prior(z_t, logsnr)  # (B, Cz, *s)
+        diffusion = elbo_term_nats(eps, eps_hat.float(), self.prior_schedule.neg_dlogsnr_dt(t))  # (B,)
+        logsnr_1 = torch.full_like(t, self.prior_schedule.logsnr_min)
+        return diffusion, kl_standard_normal_nats(z_clean, logsnr_1)
+
+    def decoder_term(self, x: Tensor, z_0: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+        """L_x at times t: loss factor × sigmoid-weighted ELBO term, (B,) nats."""
+        logsnr = self.decoder_schedule.logsnr(t)  # (B,)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_t = diffuse(x, logsnr, eps)  # (B, C, *S)
+        eps_hat = self.decoder(x_t, logsnr, z_0)  # (B, C, *S)
+        weight = self.decoder_weighting(logsnr)  # (B,)
+        return self.loss_factor * elbo_term_nats(eps, eps_hat.float(), self.decoder_schedule.neg_dlogsnr_dt(t), weight)
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> ULJointTerms:
+        x = batch["x"]  # (B, C, *S)
+        b = x.shape[0]
+        z_clean, z_0 = self.encode(x, generator)
+        t_z = antithetic_t(b, generator, x.device)  # independent times for the two terms
+        t_x = antithetic_t(b, generator, x.device)  # (Algorithm 1)
+        prior_diffusion, kl1 = self.prior_terms(z_clean.float(), t_z, generator)
+        decoder = self.decoder_term(x, z_0, t_x, generator)
+        return ULJointTerms(prior_diffusion, kl1, decoder, self.pixels)
+
+    @torch.no_grad()
+    def bits_per_pixel(self, x: Tensor, generator: torch.Generator, num_t: int) -> Tensor:
+        """Latent bitrate bound per example, (B,), with `num_t` stratified t per example."""
+        z_clean = self.encoder(x).float()
+        t = stratified_t(x.shape[0], num_t, generator, x.device)  # (B, K)
+        total = torch.zeros(x.shape[0], device=x.device)
+        for k in range(num_t):
+            diffusion, kl1 = self.prior_terms(z_clean, t[:, k], generator)
+            total += diffusion / num_t
+        return (total + kl1) / (math.log(2) * self.pixels)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, generator: torch.Generator, sampler: Callable[..., Tensor], steps: int) -> Tensor:
+        """Encode, draw z_0, and sample the decoder from pure noise: x_hat, shape of x."""
+        _, z_0 = self.encode(x, generator)
+        x_1 = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        grid = logsnr_grid(self.decoder_schedule, steps).to(x.device, torch.float32)
+
+        def eps_fn(x_t: Tensor, logsnr: Tensor) -> Tensor:
+            return self.decoder(x_t, logsnr, z_0).float()
+
+        return sampler(eps_fn, x_1, grid, generator=generator, clip_x=1.0)
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, latent_shape: Sequence[int], generator: torch.Generator, sampler: Callable[..., Tensor], steps: int) -> Tensor:
+        """z_0 drawn from the stage-1 prior, from λ_min up to λ_z(0)."""
+        device = next(self.parameters()).device
+        z_1 = torch.randn((n, *latent_shape), generator=generator, device=device)
+        grid = logsnr_grid(self.prior_schedule, steps).to(device, torch.float32)
+        z_clean = sampler(lambda z_t, logsnr: self.prior(z_t, logsnr).float(), z_1, grid, generator=generator)
+        logsnr_0 = torch.full((n,), self.latent_logsnr_max, device=device)
+        return diffuse(z_clean, logsnr_0, torch.randn(z_clean.shape, generator=generator, device=device))
+
+
+class ULJoint:
+    """Unified Latents stage 1: joint training of encoder, diffusion prior and diffusion decoder."""
+
+    def __init__(
+        self,
+        encoder: Callable[..., nn.Module],
+        prior: Callable[..., nn.Module],
+        decoder: Callable[..., nn.Module],
+        train: TrainSettings,
+        decoder_weighting: Callable[[Tensor], Tensor] | None = None,
+        prior_weighting: Callable[[Tensor], Tensor] | None = None,
+        loss_factor: float = 1.5,
+        latent_logsnr_max: float = LATENT_LOGSNR_MAX,
+        latent_logsnr_min: float = -15.0,
+        decoder_logsnr_min: float = -15.0,
+        decoder_logsnr_max: float = 15.0,
+        prior_schedule: Callable[..., Any] = CosineSchedule,
+        decoder_schedule: Callable[..., Any] = ShiftedCosineSchedule,
+        sampler: Callable[..., Tensor] = sample_ddim,
+        sample_steps: int = 50,
+        eval_t_per_example: int = 32,
+        eval_images: int = 8,
+        name: str = "stage1",
+    ) -> None:
+        """
+        Args:
+            encoder, prior, decoder: network factories (`@encoders.resnet`, `@priors.vit`,
+                `@decoders.uvit`); shapes are measured from the data at build time.
+            train: this stage's `TrainSettings`.
+            decoder_weighting: w(λ) of the decoder's ELBO term; default `sigmoid(b - λ)`, b = 0.
+            prior_weighting: must be the ELBO weighting (w ≡ 1): anything else lets the encoder
+                hide information at discounted noise levels and L_z stops bounding the bitrate.
+            loss_factor: c_lf, multiplies the decoder term (paper: 1.3-1.7; 1.5 on ImageNet).
+            latent_logsnr_max: λ_z(0), the log-SNR of the fixed encoding noise (paper: 5).
+            latent_logsnr_min: λ_min of the prior's diffusion (and of KL_1).
+            decoder_logsnr_min, decoder_logsnr_max: endpoints of the decoder's diffusion.
+            prior_schedule, decoder_schedule: schedule factories (`@schedules.cosine`, ...).
+            sampler, sample_steps: the decoder's sampler for reconstructions (`@samplers.ddim`).
+            eval_t_per_example: t values per example in the evaluation's bitrate estimate.
+            eval_images: examples shown as inputs beside reconstructions.
+            name: the stage's folder name under `workdir/stages/`.
+        """
+        self.encoder_factory = encoder
+        self.prior_factory = prior
+        self.decoder_factory = decoder
+        self.train = train
+        self.decoder_weighting = decoder_weighting if decoder_weighting is not None else SigmoidWeighting(0.0)
+        prior_weighting = prior_weighting if prior_weighting is not None else ELBOWeighting()
+        if not is_elbo_weighting(prior_weighting, latent_logsnr_min, latent_logsnr_max):
+            raise ConfigError(
+                f"ul_joint.prior_weighting must be the ELBO weighting (w = 1), got {type(prior_weighting).__name__}: "
+                "with any other weighting the encoder can hide information at discounted noise levels "
+                "and the prior loss no longer bounds the latent bitrate (PAPER.md, Stage 1, step 3)"
+            )
+        if loss_factor <= 0:
+            raise ConfigError(f"ul_joint.loss_factor must be positive, got {loss_factor}")
+        self.loss_factor = loss_factor
+        self.latent_logsnr_max = latent_logsnr_max
+        self.latent_logsnr_min = latent_logsnr_min
+        self.decoder_logsnr_min = decoder_logsnr_min
+        self.decoder_logsnr_max = decoder_logsnr_max
+        self.prior_schedule_factory = prior_schedule
+        self.decoder_schedule_factory = decoder_schedule
+        self.sampler = sampler
+        self.sample_steps = sample_steps
+        self.eval_t_per_example = eval_t_per_example
+        self.eval_images = eval_images
+        self.name = name
+        self.latent_shape: tuple[int, ...] = ()
+
+    def crossing_logsnr(self) -> float | None:
+        """λ* where loss_factor · w(λ*) = 1 (coarser content goes to the latent), if defined."""
+        crossing = getattr(self.decoder_weighting, "crossing_logsnr", None)
+        if crossing is None or self.loss_factor <= 1:
+            return None
+        return float(crossing(self.loss_factor))
+
+    def build(self, ctx: BuildContext) -> ULJointModel:
+        shape = tuple(ctx.example["x"].shape)  # (C, *S), measured from the data
+        resolution = max(shape[1:])
+        encoder = check_built("encoders", self.encoder_factory(shape=shape), "ul_joint.encoder")
+        with torch.no_grad():
+            self.latent_shape = tuple(encoder(ctx.example["x"][None].float()).shape[1:])  # (Cz, *s)
+        prior = check_built("priors", self.prior_factory(shape=self.latent_shape), "ul_joint.prior")
+        decoder = check_built(
+            "decoders", self.decoder_factory(shape=shape, latent_shape=self.latent_shape), "ul_joint.decoder"
+        )
+        prior_schedule = self.prior_schedule_factory(
+            logsnr_min=self.latent_logsnr_min, logsnr_max=self.latent_logsnr_max, resolution=None
+        )
+        decoder_schedule = self.decoder_schedule_factory(
+            logsnr_min=self.decoder_logsnr_min, logsnr_max=self.decoder_logsnr_max, resolution=resolution
+        )
+        pixels = math.prod(shape[1:])
+        return ULJointModel(
+            encoder, prior, decoder, prior_schedule, decoder_schedule, self.decoder_weighting,
+            self.loss_factor, self.latent_logsnr_max, pixels,
+        )  # fmt: skip
+
+    def evaluate(self, model: nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator) -> EvalReport:
+        """Bits/pixel (many t per example), loss terms, and PSNR of sampled reconstructions."""
+        assert isinstance(model, ULJointModel)
+        sums: dict[str, float] = {}
+        n = 0
+        shown: list[Tensor] = []
+        for batch in batches:
+            x = batch["x"]
+            b = x.shape[0]
+            terms = model(batch, generator)
+            values = {k: float(v) for k, v in terms.metrics().items() if k != "bits_per_pixel"}
+            values["bits_per_pixel"] = float(model.bits_per_pixel(x, generator, self.eval_t_per_example).mean())
+            x_hat = model.reconstruct(x, generator, self.sampler, self.sample_steps)
+            values["psnr"] = float(psnr(x, x_hat).mean())
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v * b
+            n += b
+            if sum(len(s) for s in shown) < 2 * self.eval_images:
+                k = min(b, self.eval_images)
+                shown.append(torch.stack([x[:k], x_hat[:k].clamp(-1, 1)], 1).flatten(0, 1))  # input, recon, ...
+        scalars = {k: v / max(n, 1) for k, v in sums.items()}
+        crossing = self.crossing_logsnr()
+        if crossing is not None:
+            scalars["crossing_logsnr"] = crossing
+        images: dict[str, Tensor] = {}
+        if shown and shown[0].dim() == 4:  # images (videos are shown by their own hooks)
+            images["reconstructions"] = torch.cat(shown)[: 2 * self.eval_images]
+            z_0 = model.sample_latents(self.eval_images, self.latent_shape, generator, self.sampler, self.sample_steps)
+            x_1 = torch.randn((self.eval_images, *x.shape[1:]), generator=generator, device=x.device)
+            grid = logsnr_grid(model.decoder_schedule, self.sample_steps).to(x.device, torch.float32)
+            images["prior_samples"] = self.sampler(
+                lambda x_t, logsnr: model.decoder(x_t, logsnr, z_0).float(), x_1, grid, generator=generator, clip_x=1.0
+            )
+        return EvalReport(scalars, images)

@@ -1,0 +1,42 @@
+"""Image grids: (N, C, H, W) tensors in [-1, 1] to PNG files and uint8 arrays."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return rearrange(x, "n c h w -> n h w c").cpu().numpy()
+
+
+def grid(x: torch.Tensor, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile (N, C, H, W) in [-1, 1] into one (H', W', 3) uint8 image, `ncols` per row."""
+    n, c, h, w = x.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    imgs = to_uint8(x)
+    if c == 1:
+        imgs = np.repeat(imgs, 3, axis=-1)
+    out = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, col = divmod(i, ncols)
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img[..., :3]
+    return out
+
+
+def save_grid(x: torch.Tensor, path: Path, ncols: int | None = None, scale: int = 1) -> Path:
+    """Write a grid PNG (nearest-neighbour upscaled by `scale`), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(grid(x, ncols))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+    return path

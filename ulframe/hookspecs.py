@@ -1,0 +1,136 @@
+"""The lifecycle: every hook a plugin may implement, grouped by phase.
+
+Hooks observe and extend the run; they never replace the loop. Implement any subset of these
+with the `hookimpl` marker in a class whose factory is an entry point of the `ulframe.hooks`
+group, then switch it on in gin: `Experiment.hooks = [@hooks.console(), @hooks.my_hook()]`.
+
+Order of calls in one run::
+
+    ulframe_run_start
+      for each stage:  ulframe_stage_start
+                       ulframe_after_build
+                       ulframe_train_step_end      (every `log_every_samples`)
+                       ulframe_eval_end            (every `eval_every_samples` and at the end)
+                       ulframe_checkpoint_saved    (every `checkpoint_every_samples` and at the end)
+                       ulframe_stage_end
+    ulframe_run_end
+    ulframe_error                                  (instead of the rest, when the run fails)
+
+Hooks are called on every rank; `RunInfo.is_main` tells whether this process is rank 0, and
+plugins that write files or to the console act only there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import torch
+
+PROJECT = "ulframe"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass
+class RunInfo:
+    """The run as a whole."""
+
+    workdir: Path
+    stage_names: list[str]
+    operative_config: str  # gin's operative config, filled after the first stage is built
+    is_main: bool = True
+    world_size: int = 1
+
+
+@dataclass
+class StageInfo:
+    """One stage being trained."""
+
+    name: str
+    index: int
+    stage_dir: Path
+    total_samples: int  # samples the stage trains for
+    samples_seen: int  # samples already seen (non-zero when resuming)
+    batch_size: int  # global batch size
+    is_main: bool = True
+
+
+@dataclass
+class StepInfo:
+    """One logged training step. Scalars are already reduced across ranks."""
+
+    stage: StageInfo
+    step: int
+    samples_seen: int
+    scalars: dict[str, float]  # loss terms (nats), bits/pixel, lr, grad norms, samples/s...
+    step_time_s: float
+    data_wait_s: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- run -------------------------------------------------------------------------------------
+@hookspec
+def ulframe_run_start(run: RunInfo) -> None:
+    """The experiment is built and the workdir prepared; no stage has started."""
+
+
+@hookspec
+def ulframe_run_end(run: RunInfo, results: dict[str, dict[str, float]]) -> None:
+    """Every stage finished. `results` maps stage name to its final evaluation scalars."""
+
+
+@hookspec
+def ulframe_error(run: RunInfo, error: BaseException) -> None:
+    """The run failed with `error` (also KeyboardInterrupt). Called once, then re-raised."""
+
+
+# ---- stage -----------------------------------------------------------------------------------
+@hookspec
+def ulframe_stage_start(run: RunInfo, stage: StageInfo) -> None:
+    """A stage that is not finished starts (or resumes at `stage.samples_seen`)."""
+
+
+@hookspec
+def ulframe_after_build(run: RunInfo, stage: StageInfo, model: torch.nn.Module) -> None:
+    """The stage's networks are built and restored; training is about to begin."""
+
+
+@hookspec
+def ulframe_train_step_end(run: RunInfo, step: StepInfo) -> None:
+    """A logged training step ended (every `TrainSettings.log_every_samples`)."""
+
+
+@hookspec
+def ulframe_eval_end(
+    run: RunInfo,
+    stage: StageInfo,
+    samples_seen: int,
+    scalars: dict[str, float],
+    images: dict[str, torch.Tensor],
+) -> None:
+    """An evaluation (on EMA weights) ended. Images are (N, C, H, W) in [-1, 1]."""
+
+
+@hookspec
+def ulframe_checkpoint_saved(run: RunInfo, stage: StageInfo, path: Path, samples_seen: int) -> None:
+    """A checkpoint was written atomically to `path`."""
+
+
+@hookspec
+def ulframe_stage_end(run: RunInfo, stage: StageInfo, scalars: dict[str, float]) -> None:
+    """A stage finished; `scalars` are its final evaluation."""
+
+
+def plugin_manager(hook_objects: list[Any]) -> pluggy.PluginManager:
+    """A plugin manager holding `hook_objects`; pluggy validates them against the specs."""
+    import sys
+
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(sys.modules[__name__])
+    for obj in hook_objects:
+        pm.register(obj)
+    pm.check_pending()  # a misspelled hook name fails here, naming the plugin
+    return pm

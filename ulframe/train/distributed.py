@@ -1,0 +1,74 @@
+"""Every `torch.distributed` call of ulframe lives here.
+
+A single process (no torchrun environment) is a world of size 1 and never touches
+`torch.distributed`; under torchrun the backend is nccl on GPU and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+def init(requested_device: str = "auto") -> World:
+    """Join the process group when launched by torchrun; else a world of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return World(rank, world_size, local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """DDP-wrap the model when the world has more than one process."""
+    if world.world_size == 1:
+        return model
+    ids = [world.device.index] if world.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def mean_over_ranks(scalars: dict[str, float], world: World) -> dict[str, float]:
+    """Average a dict of floats over ranks (every rank must pass the same keys)."""
+    if world.world_size == 1 or not scalars:
+        return scalars
+    keys = sorted(scalars)
+    t = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return {k: float(v) / world.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def barrier(world: World) -> None:
+    if world.world_size > 1:
+        dist.barrier()

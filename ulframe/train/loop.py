@@ -1,0 +1,274 @@
+"""The training loop: one loop for every stage of every experiment.
+
+A stage gives a module whose forward is its loss (`model(batch, generator) -> LossTerms`) and an
+evaluation; this loop does the rest: data, optimizer, EMA, seeding, logging, evaluation,
+checkpoints, resume. Progress is counted in samples seen. Every random stream of a step is seeded
+from (seed, rank, samples seen), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ulframe.data.pipeline import build_loader, first_example
+from ulframe.errors import ConfigError, UserError
+from ulframe.eval.images import save_grid
+from ulframe.hookspecs import RunInfo, StageInfo, StepInfo
+from ulframe.protocols import BuildContext, EvalReport
+from ulframe.rundir import MetricsFile
+from ulframe.train import checkpoint, distributed
+from ulframe.train.distributed import World
+from ulframe.train.optim import EMA
+
+log = logging.getLogger(__name__)
+DONE_FILE = "DONE.json"
+EVAL_STREAM = 2**62  # a samples-seen value no training step reaches: the evaluation's seed
+
+
+class StopRequested(UserError):
+    """SIGTERM/SIGINT arrived: a checkpoint was written and the run stopped; re-run to resume."""
+
+
+def seed_for(seed: int, rank: int, samples_seen: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, rank, samples seen)."""
+    return int(np.random.SeedSequence([seed, rank, samples_seen]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    workdir: Path
+    world: World
+    hooks: Any  # pluggy.PluginManager
+    info: RunInfo
+    metrics: MetricsFile
+    seed: int = 0
+    num_workers: int = 0
+    operative_config: Callable[[], str] = str  # the CLI passes gin's operative config
+    stop: list[int] = field(default_factory=list)  # signals received
+
+
+def run_experiment(experiment: Any, ctx: RunContext) -> dict[str, dict[str, float]]:
+    """Run each unfinished stage in order; finished ones (DONE.json) are skipped."""
+    results: dict[str, dict[str, float]] = {}
+    previous: dict[str, Path] = {}
+    for index, stage in enumerate(experiment.stages):
+        stage_dir = ctx.workdir / "stages" / stage.name
+        done = stage_dir / DONE_FILE
+        if done.is_file():
+            log.info("stage %s already finished: skipping", stage.name)
+            results[stage.name] = json.loads(done.read_text())["scalars"]
+        else:
+            results[stage.name] = train_stage(stage, index, experiment.dataset, stage_dir, previous, ctx)
+        previous[stage.name] = stage_dir
+    return results
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of each top-level child module (encoder, prior, decoder...)."""
+    out = {}
+    for name, child in model.named_children():
+        grads = [p.grad.detach().float().norm() for p in child.parameters() if p.grad is not None]
+        if grads:
+            out[f"grad_norm/{name}"] = float(torch.stack(grads).norm())
+    return out
+
+
+def _crossed(before: int, after: int, period: int) -> bool:
+    return period > 0 and before // period != after // period
+
+
+@dataclass
+class _Evaluator:
+    """Evaluates the EMA weights on a fixed set of held-out batches."""
+
+    stage: Any
+    batches: list[dict[str, torch.Tensor]]
+    info: StageInfo
+    ctx: RunContext
+
+    def __call__(self, model: torch.nn.Module, samples_seen: int) -> dict[str, float]:
+        # The same noise at every evaluation, so successive evaluations are comparable.
+        gen = torch.Generator(self.ctx.world.device).manual_seed(seed_for(self.ctx.seed, self.ctx.world.rank, EVAL_STREAM))
+        model.eval()
+        with torch.no_grad():
+            report: EvalReport = self.stage.evaluate(model, self.batches, gen)
+        scalars = distributed.mean_over_ranks(report.scalars, self.ctx.world)
+        if self.ctx.world.is_main:
+            for name, images in report.images.items():
+                save_grid(images, self.info.stage_dir / "images" / f"{name}-{samples_seen:09d}.png")
+            self.ctx.metrics.write(
+                {"stage": self.info.name, "step": samples_seen // self.info.batch_size, "samples_seen": samples_seen, "kind": "eval"}
+                | {f"eval/{k}": v for k, v in scalars.items()}
+            )
+        self.ctx.hooks.hook.ulframe_eval_end(
+            run=self.ctx.info, stage=self.info, samples_seen=samples_seen, scalars=scalars, images=report.images
+        )
+        return scalars
+
+
+def _checkpoint(
+    info: StageInfo, ctx: RunContext, model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer, loader: Any, samples_seen: int, keep: int
+) -> None:
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "loader": loader.state_dict(),
+        "samples_seen": samples_seen,
+        "stage": info.name,
+    }
+    # Every rank's loader state lives in its own file; rank 0 writes the shared rest.
+    directory = info.stage_dir / "checkpoints" / (f"rank{ctx.world.rank}" if ctx.world.world_size > 1 else "")
+    if ctx.world.is_main or ctx.world.world_size > 1:
+        path = checkpoint.save(directory, samples_seen, state, keep=keep)
+        if ctx.world.is_main:
+            ctx.hooks.hook.ulframe_checkpoint_saved(run=ctx.info, stage=info, path=path, samples_seen=samples_seen)
+
+
+def train_stage(
+    stage: Any, index: int, dataset: Any, stage_dir: Path, previous: dict[str, Path], ctx: RunContext
+) -> dict[str, float]:
+    settings = stage.train
+    world = ctx.world
+    if settings.batch_size % world.world_size:
+        raise ConfigError(f"TrainSettings.batch_size={settings.batch_size} is not divisible by the {world.world_size} processes")
+    per_rank = settings.batch_size // world.world_size
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- build: networks measured from the data, optimizer, EMA, data ----------------------------
+    train_source = dataset.source("train")
+    example = first_example(train_source)
+    torch.manual_seed(seed_for(ctx.seed, 0, 0))  # identical initial weights on every rank
+    build_ctx = BuildContext(example, dataset.num_classes, world.device, stage_dir, dict(previous))
+    model = stage.build(build_ctx).to(world.device)
+    ema = EMA(model, settings.ema_halflife_samples)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = settings.build_optimizer(params)
+    loader = build_loader(
+        train_source, batch_size=per_rank, rank=world.rank, world_size=world.world_size, seed=ctx.seed, num_workers=ctx.num_workers
+    )
+    eval_loader = build_loader(
+        dataset.source("eval"), batch_size=per_rank, rank=world.rank, world_size=world.world_size,
+        seed=ctx.seed, shuffle=False, repeat=False, drop_last=False, num_workers=ctx.num_workers,
+    )  # fmt: skip
+    eval_batches = [_to_device(b, world.device) for _, b in zip(range(settings.eval_batches), eval_loader)]
+
+    # -- restore ---------------------------------------------------------------------------------
+    samples_seen = 0
+    ckpt_dir = stage_dir / "checkpoints" / (f"rank{world.rank}" if world.world_size > 1 else "")
+    state = checkpoint.load_latest(ckpt_dir, map_location=world.device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        samples_seen = int(state["samples_seen"])
+        log.info("stage %s: resumed at %d samples", stage.name, samples_seen)
+
+    ctx.info.operative_config = ctx.operative_config()  # every factory has now been called
+    info = StageInfo(stage.name, index, stage_dir, settings.train_samples, samples_seen, settings.batch_size, world.is_main)
+    ctx.hooks.hook.ulframe_stage_start(run=ctx.info, stage=info)
+    ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=model)
+    train_model = distributed.wrap(model, world)
+    evaluate = _Evaluator(stage, eval_batches, info, ctx)
+    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+    batches: Iterator[dict[str, torch.Tensor]] = iter(loader)
+    sums: dict[str, torch.Tensor] = {}
+    n_sum, t_window, wait_window = 0, 0.0, 0.0
+
+    # -- train -----------------------------------------------------------------------------------
+    with _stop_on_signals(ctx.stop):
+        while samples_seen < settings.train_samples and not ctx.stop:
+            t0 = time.perf_counter()
+            batch = _to_device(next(batches), world.device)
+            t_data = time.perf_counter() - t0
+            seed = seed_for(ctx.seed, world.rank, samples_seen)
+            torch.manual_seed(seed)  # dropout and any other global-RNG use
+            generator = torch.Generator(world.device).manual_seed(seed)
+            for group in opt.param_groups:
+                group["lr"] = settings.lr_at(samples_seen)
+            train_model.train()
+            with autocast:
+                terms = train_model(batch, generator)
+            loss = terms.total_nats().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            log_now = _crossed(samples_seen, samples_seen + settings.batch_size, settings.log_every_samples)
+            module_norms = _grad_norms(model) if log_now and world.is_main else {}
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else float("inf"))
+            opt.step()
+            ema.update(model, settings.batch_size)
+            before, samples_seen = samples_seen, samples_seen + settings.batch_size
+            for k, v in (terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}).items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            n_sum += 1
+            t_window += time.perf_counter() - t0
+            wait_window += t_data
+
+            if log_now:  # -- log ----------------------------------------------------------------
+                scalars = {k: float(v) / n_sum for k, v in sums.items()}
+                scalars["lr"] = opt.param_groups[0]["lr"]
+                scalars = distributed.mean_over_ranks(scalars, world) | module_norms
+                scalars["samples_per_s"] = n_sum * settings.batch_size / max(t_window, 1e-9)
+                scalars["data_wait_fraction"] = wait_window / max(t_window, 1e-9)
+                step = samples_seen // settings.batch_size
+                if world.is_main:
+                    ctx.metrics.write({"stage": stage.name, "step": step, "samples_seen": samples_seen, "kind": "train"} | scalars)
+                ctx.hooks.hook.ulframe_train_step_end(
+                    run=ctx.info, step=StepInfo(info, step, samples_seen, scalars, t_window / n_sum, wait_window / n_sum)
+                )
+                sums, n_sum, t_window, wait_window = {}, 0, 0.0, 0.0
+            if _crossed(before, samples_seen, settings.eval_every_samples) and samples_seen < settings.train_samples:
+                evaluate(ema.model, samples_seen)
+            if _crossed(before, samples_seen, settings.checkpoint_every_samples):
+                _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
+
+        if ctx.stop:  # -- pre-empted: save what we have and stop -----------------------------
+            _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
+            raise StopRequested(f"stopped by signal {ctx.stop[0]} at {samples_seen} samples; checkpoint saved, re-run to resume")
+
+    # -- finish: final evaluation, checkpoint, DONE ----------------------------------------------
+    final = evaluate(ema.model, samples_seen)
+    _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
+    distributed.barrier(world)
+    if world.is_main:
+        (stage_dir / DONE_FILE).write_text(json.dumps({"samples_seen": samples_seen, "scalars": final}, indent=2))
+    ctx.hooks.hook.ulframe_stage_end(run=ctx.info, stage=info, scalars=final)
+    return final
+
+
+class _stop_on_signals:
+    """Within the block, SIGTERM/SIGINT only record the signal; the loop checkpoints and stops."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, received: list[int]) -> None:
+        self.received = received
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        try:
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, lambda signum, _frame: self.received.append(signum))
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

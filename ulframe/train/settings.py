@@ -1,0 +1,68 @@
+"""Training settings of one stage, bound from gin as `stage1/TrainSettings.*`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ulframe.errors import ConfigError
+from ulframe.train.optim import warmup_constant
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainSettings:
+    """How one stage trains. Every period is counted in samples, so a change of batch size or a
+    resume keeps the schedule exact.
+
+    Args:
+        batch_size: global batch size (examples per optimizer step, summed over ranks).
+        train_samples: samples the stage trains on in total.
+        optimizer: optimizer factory called as `optimizer(params, lr=lr)` (`@optimizers.AdamW`,
+            `@optimizers.AdamW8bit`); its other arguments (betas, weight_decay) come from gin.
+        lr: peak learning rate.
+        lr_schedule: multiplier of `lr` as a function of (samples_seen, train_samples,
+            warmup_samples): `@lr_schedules.warmup_constant` or `@lr_schedules.warmup_cosine`.
+        warmup_samples: linear warm-up of the learning rate over this many samples.
+        grad_clip: clip the global gradient norm to this value (0 disables).
+        ema_halflife_samples: EMA of the weights with this half-life in samples (EDM2-style;
+            0 disables, evaluation then uses the raw weights).
+        precision: "fp32" or "bf16" (autocast of the forward pass; weights stay fp32).
+        log_every_samples: period of logged training scalars.
+        eval_every_samples: period of evaluations on EMA weights (0: only at the end).
+        eval_batches: batches of held-out data per evaluation.
+        checkpoint_every_samples: period of checkpoints (0: only at the end).
+        keep_checkpoints: the newest K checkpoints are kept.
+    """
+
+    batch_size: int = 32
+    train_samples: int = 100_000
+    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW
+    lr: float = 1e-4
+    lr_schedule: Callable[[int, int, int], float] = warmup_constant
+    warmup_samples: int = 10_000
+    grad_clip: float = 1.0
+    ema_halflife_samples: int = 10_000
+    precision: str = "fp32"
+    log_every_samples: int = 1_000
+    eval_every_samples: int = 0
+    eval_batches: int = 4
+    checkpoint_every_samples: int = 0
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"TrainSettings.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "train_samples", "log_every_samples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainSettings.{name} must be positive, got {getattr(self, name)}")
+
+    def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        return self.optimizer(params, lr=self.lr)
+
+    def lr_at(self, samples_seen: int) -> float:
+        return self.lr * self.lr_schedule(samples_seen, self.train_samples, self.warmup_samples)
