@@ -22,6 +22,12 @@ from ulframe.errors import UserError
 log = logging.getLogger("ulframe")
 EXIT_USER_ERROR = 2
 
+MAIN_EXAMPLES = """examples:
+  ulframe run gin/quickstart.gin                 train (re-run the same command to resume)
+  ulframe config gin/quickstart.gin              check a config without training
+  ulframe plugins --kind weightings              what can be bound from gin
+run `ulframe COMMAND --help` for a command's options and examples"""
+
 RUN_EXAMPLES = """examples:
   ulframe run gin/quickstart.gin
   ulframe run gin/quickstart.gin --workdir runs/lf17 --gin.LOSS_FACTOR=1.7
@@ -60,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="ulframe",
         description="Train Unified Latents from gin files. Plugins extend every part.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="run `ulframe COMMAND --help` for a command's options and examples",
+        epilog=MAIN_EXAMPLES,
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,13 +108,14 @@ def _configure_logging(is_main: bool, logfile: Path | None = None) -> None:
 
 
 def _load(files: Sequence[str], bindings: Sequence[str]) -> Any:
-    """Discover plugins, register them with gin, parse files and overrides."""
+    """Discover plugins, register them with gin, parse files and overrides, check them."""
     from ulframe import wiring
     from ulframe.registry import Registry
 
     registry = Registry()
     wiring.register(registry)
     wiring.parse(files, bindings)
+    wiring.check_required()  # before any constructor runs: `run` and `config` say the same
     return registry
 
 
@@ -161,15 +168,11 @@ def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
 
 
 def cmd_config(args: argparse.Namespace, bindings: list[str]) -> int:
-    import torch
-
     from ulframe import wiring
 
     _configure_logging(is_main=True)
     _load(args.files, bindings)
-    wiring.check_required()
-    with torch.device("meta"):  # build everything gin calls, without allocating weights
-        _build_experiment()
+    _build_experiment()  # gin calls every constructor; networks are built later, from the data
     sys.stdout.write(wiring.operative_config() if args.operative else wiring.full_config())
     sys.stdout.write("\n# config OK\n")
     return 0

@@ -29,6 +29,8 @@ from typing import Any
 import pluggy
 import torch
 
+from ulframe.errors import PluginError
+
 PROJECT = "ulframe"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -124,13 +126,63 @@ def ulframe_stage_end(run: RunInfo, stage: StageInfo, scalars: dict[str, float])
     """A stage finished; `scalars` are its final evaluation."""
 
 
+def hook_names() -> list[str]:
+    """Every hook of the lifecycle, in the order of this module."""
+    import sys
+
+    module = sys.modules[__name__]
+    return [n for n in vars(module) if n.startswith(PROJECT + "_") and callable(getattr(module, n))]
+
+
+def _plugin_name(obj: Any) -> str:
+    klass = type(obj)
+    return f"{klass.__qualname__} ({klass.__module__})"
+
+
+def _explain(pm: pluggy.PluginManager, obj: Any, err: pluggy.PluginValidationError) -> PluginError:
+    """pluggy's validation error as a `PluginError` naming the plugin and the valid choices."""
+    import difflib
+    import inspect
+
+    names = hook_names()
+    for attr in dir(obj):
+        opts = None if attr.startswith("__") else pm.parse_hookimpl_opts(obj, attr)
+        if opts is None:
+            continue
+        spec = opts.get("specname") or attr
+        if spec not in names:
+            close = difflib.get_close_matches(spec, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            return PluginError(
+                f"hook plugin {_plugin_name(obj)} implements unknown hook '{spec}'{hint} "
+                f"(hooks: {', '.join(names)})"
+            )
+        expected = list(inspect.signature(globals()[spec]).parameters)
+        given = list(inspect.signature(getattr(obj, attr)).parameters)
+        extra = [p for p in given if p not in expected]
+        if extra:
+            return PluginError(
+                f"hook plugin {_plugin_name(obj)}: {spec}({', '.join(given)}) takes "
+                f"{', '.join(repr(p) for p in extra)}, which the hook does not pass; "
+                f"it passes ({', '.join(expected)})"
+            )
+    return PluginError(f"hook plugin {_plugin_name(obj)}: {err}")
+
+
 def plugin_manager(hook_objects: list[Any]) -> pluggy.PluginManager:
-    """A plugin manager holding `hook_objects`; pluggy validates them against the specs."""
+    """A plugin manager holding `hook_objects`; pluggy validates them against the specs.
+
+    A hook implementation with an unknown name (a misspelling) or an argument the hook does not
+    pass raises `PluginError`, naming the plugin and what is valid.
+    """
     import sys
 
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(sys.modules[__name__])
     for obj in hook_objects:
-        pm.register(obj)
-    pm.check_pending()  # a misspelled hook name fails here, naming the plugin
+        try:
+            pm.register(obj)
+            pm.check_pending()
+        except pluggy.PluginValidationError as err:
+            raise _explain(pm, obj, err) from err
     return pm

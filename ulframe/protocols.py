@@ -141,6 +141,8 @@ SUPPLIED_BY_ENGINE: dict[str, set[str]] = {
     "decoders": {"shape", "latent_shape"},
     "schedules": {"logsnr_min", "logsnr_max", "resolution"},
     "samplers": {"eps_fn", "x_1", "logsnrs"},
+    "optimizers": {"params"},  # TrainSettings.build_optimizer(params)
+    "lr_schedules": {"samples_seen", "total_samples", "warmup_samples"},
 }
 
 
@@ -157,9 +159,13 @@ def protocol_members(protocol: type) -> list[str]:
     return sorted(names)
 
 
+_ABSENT = object()
+
+
 def _iter_missing(obj: Any, members: Iterable[str]) -> Iterator[str]:
+    # getattr_static: a property (e.g. a dataset's lazily scanned `num_classes`) is not run.
     for name in members:
-        if not hasattr(obj, name):
+        if inspect.getattr_static(obj, name, _ABSENT) is _ABSENT:
             yield name
 
 

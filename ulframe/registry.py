@@ -24,6 +24,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,11 +111,16 @@ class _Kind:
     broken: dict[str, BrokenEntry] = field(default_factory=dict)
 
 
+def _normalized(distribution: str) -> str:
+    """A distribution name as pip compares them: `ulframe_example` is `ulframe-example` (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
 def _allowed(distribution: str) -> bool:
     if os.environ.get(DISABLE_ENV, "").strip() not in ("1", "true", "yes"):
         return True
-    enabled = {d.strip() for d in os.environ.get(ENABLE_ENV, "").split(",") if d.strip()}
-    return distribution == CORE_DISTRIBUTION or distribution in enabled
+    enabled = {_normalized(d) for d in os.environ.get(ENABLE_ENV, "").split(",") if d.strip()}
+    return _normalized(distribution) in enabled | {CORE_DISTRIBUTION}
 
 
 class Registry:

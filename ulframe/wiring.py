@@ -12,14 +12,16 @@ Library and plugin modules never import gin; they receive plain objects.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import logging
+import os
 import re
 import tokenize
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import gin
 import gin.config
@@ -170,19 +172,37 @@ def explain(err: BaseException, file: str | None = None) -> ConfigError:
     return ConfigError(f"{where}{first}")
 
 
+@contextlib.contextmanager
+def _open_gin_file(path: str) -> Iterator[TextIO]:
+    """Open a gin file with its folder first in gin's search list while gin parses it.
+
+    So `include 'presets/x.gin'` resolves relative to the including file's folder at every
+    level of nesting (then to the working directory), and the search list is the same after.
+    """
+    prefixes = gin.config._LOCATION_PREFIXES  # noqa: SLF001 - gin has no public stack
+    prefixes.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        with open(path) as f:
+            yield f
+    finally:
+        prefixes.pop(0)
+
+
+def _install_gin_file_reader() -> None:
+    readers = gin.config._FILE_READERS  # noqa: SLF001 - ours must come before gin's `open`
+    if not readers or readers[0][0] is not _open_gin_file:
+        readers.insert(0, (_open_gin_file, os.path.isfile))
+
+
 def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None:
     """Parse gin files in order, then the binding strings (command-line overrides)."""
     for f in files:
         path = Path(f)
         if not path.is_file():
             raise ConfigError(f"{f}: gin file not found")
-        # `include 'presets/x.gin'` resolves relative to the including file's folder too.
-        # (First in gin's search list, so gin does not log a failed look-up in the cwd first.)
-        prefixes = gin.config._LOCATION_PREFIXES  # noqa: SLF001 - gin only appends
-        if str(path.parent.resolve()) not in prefixes:
-            prefixes.insert(0, str(path.parent.resolve()))
+        _install_gin_file_reader()
         try:
-            gin.parse_config_file(str(path))
+            gin.parse_config_file(str(path.resolve()))
         except (ValueError, SyntaxError, tokenize.TokenError, TypeError, OSError) as err:
             raise explain(err, str(path)) from err
     try:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torchdata.nodes as tn
 
+from ulframe.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
@@ -48,7 +50,7 @@ Example = dict[str, Any]
 Batch = dict[str, torch.Tensor]
 
 
-class EmptyDatasetError(ValueError):
+class EmptyDatasetError(DataError, ValueError):
     """A source has no items, or none of the first items tried can be decoded.
 
     Dataset plugins raise it too, naming the gin parameter that chooses the data.
