@@ -46,7 +46,7 @@ lint: install-test
 	$(BIN)/python tools/check_rules.py
 
 docs: install
-	$(BIN)/ulframe plugins --markdown > docs/gin_reference.md
+	ULFRAME_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/ulframe plugins --markdown > docs/gin_reference.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

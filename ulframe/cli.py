@@ -45,20 +45,22 @@ PLUGINS_EXAMPLES = """examples:
   ulframe plugins --markdown > docs/gin_reference.md"""
 
 
-def _split_gin_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Pull `--gin.NAME=VALUE` (or `--gin.NAME VALUE`) out of argv as gin binding strings."""
-    rest: list[str] = []
-    bindings: list[str] = []
+def _expand_gin_overrides(argv: Sequence[str]) -> list[str]:
+    """`--gin.NAME=VALUE` (or `--gin.NAME VALUE`) as `--gin_param 'NAME = VALUE'`, in place.
+
+    So overrides apply in command-line order whichever form they take: the last one wins.
+    """
+    out: list[str] = []
     it = iter(argv)
     for arg in it:
         if arg.startswith("--gin."):
             name, eq, value = arg[len("--gin.") :].partition("=")
             if not eq:
                 value = next(it, "")
-            bindings.append(f"{name} = {value}")
+            out += ["--gin_param", f"{name} = {value}"]
         else:
-            rest.append(arg)
-    return rest, bindings
+            out.append(arg)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,19 +80,38 @@ def _parser() -> argparse.ArgumentParser:
             help="a gin binding string, e.g. 'stage1/TrainSettings.lr = 3e-4' (repeatable); "
             "--gin.NAME=VALUE is the short form",
         )  # fmt: skip
-        sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        # SUPPRESS: absent here, `ulframe --debug COMMAND` keeps the top-level value
+        sp.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
 
     fmt = argparse.RawDescriptionHelpFormatter
-    run = sub.add_parser("run", help="train an experiment (resumes an existing workdir)", epilog=RUN_EXAMPLES, formatter_class=fmt)
+    run = sub.add_parser(
+        "run",
+        help="train an experiment (resumes an existing workdir)",
+        epilog=RUN_EXAMPLES,
+        formatter_class=fmt,
+    )
     gin_args(run)
-    run.add_argument("--workdir", type=Path, help="run directory (default: runs/<name of the last gin file>)")
-    cfg = sub.add_parser("config", help="parse, validate and print a config without training", epilog=CONFIG_EXAMPLES, formatter_class=fmt)
+    run.add_argument(
+        "--workdir", type=Path, help="run directory (default: runs/<name of the last gin file>)"
+    )
+    cfg = sub.add_parser(
+        "config",
+        help="parse, validate and print a config without training",
+        epilog=CONFIG_EXAMPLES,
+        formatter_class=fmt,
+    )
     gin_args(cfg)
     cfg.add_argument("--operative", action="store_true", help="print only what the experiment uses")
-    plg = sub.add_parser("plugins", help="list every registered plugin", epilog=PLUGINS_EXAMPLES, formatter_class=fmt)
+    plg = sub.add_parser(
+        "plugins", help="list every registered plugin", epilog=PLUGINS_EXAMPLES, formatter_class=fmt
+    )
     plg.add_argument("--kind", help="only this kind (encoders, priors, ..., hooks)")
     plg.add_argument("--markdown", action="store_true", help="the gin reference page as Markdown")
-    plg.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    plg.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     return p
 
 
@@ -98,7 +119,9 @@ def _configure_logging(is_main: bool, logfile: Path | None = None) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
+    )
     root.addHandler(handler)
     if logfile is not None:
         fh = logging.FileHandler(logfile)
@@ -144,7 +167,9 @@ def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
     if world.is_main:
         rundir.write_run_files(workdir, wiring.full_config(), dists)
     hooks = hookspecs.plugin_manager(list(experiment.hooks))
-    info = RunInfo(workdir, [s.name for s in experiment.stages], "", world.is_main, world.world_size)
+    info = RunInfo(
+        workdir, [s.name for s in experiment.stages], "", world.is_main, world.world_size
+    )
     ctx = RunContext(
         workdir, world, hooks, info, rundir.MetricsFile(workdir / "metrics.jsonl", world.is_main),
         seed=experiment.seed, num_workers=experiment.num_workers, operative_config=wiring.operative_config,
@@ -188,16 +213,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for k in kinds:
         if k not in KINDS:
             raise UserError(f"unknown kind '{k}'; kinds: {', '.join(KINDS)}")
-    text = reference.markdown(registry, kinds) if args.markdown else reference.table(registry, kinds)
+    text = (
+        reference.markdown(registry, kinds) if args.markdown else reference.table(registry, kinds)
+    )
     sys.stdout.write(text)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest, bindings = _split_gin_overrides(argv)
-    args = _parser().parse_args(rest)
-    bindings += list(getattr(args, "gin_param", []))
+    args = _parser().parse_args(_expand_gin_overrides(argv))
+    bindings = list(getattr(args, "gin_param", []))
     try:
         if args.command == "run":
             return cmd_run(args, bindings)

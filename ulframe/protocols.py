@@ -116,7 +116,10 @@ class Stage(Protocol):
 
     def build(self, ctx: BuildContext) -> torch.nn.Module: ...
     def evaluate(
-        self, model: torch.nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator
+        self,
+        model: torch.nn.Module,
+        batches: Sequence[dict[str, Tensor]],
+        generator: torch.Generator,
     ) -> EvalReport: ...
 
 
@@ -154,7 +157,9 @@ def protocol_members(protocol: type) -> list[str]:
             continue
         names.update(getattr(klass, "__annotations__", {}))
         names.update(
-            n for n, v in vars(klass).items() if callable(v) and (not n.startswith("_") or n == "__call__")
+            n
+            for n, v in vars(klass).items()
+            if callable(v) and (not n.startswith("_") or n == "__call__")
         )
     return sorted(names)
 
@@ -178,7 +183,9 @@ def check_factory(kind: str, factory: Any) -> list[str]:
         return [f"is not callable (got {type(factory).__name__})"]
     if inspect.isclass(factory):
         methods = [
-            n for n in protocol_members(protocol) if n not in getattr(protocol, "__annotations__", {})
+            n
+            for n in protocol_members(protocol)
+            if n not in getattr(protocol, "__annotations__", {})
         ]
         return [f"lacks method '{n}'" for n in _iter_missing(factory, methods)]
     return []

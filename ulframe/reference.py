@@ -38,9 +38,20 @@ def markdown(registry: Registry, kinds: Sequence[str]) -> str:
         "",
     ]
     for kind in kinds:
-        out += [f"## {kind}", "", f"Entry-point group `ulframe.{kind}`; bind as `{_call_style(kind)}`.", ""]
+        out += [
+            f"## {kind}",
+            "",
+            f"Entry-point group `ulframe.{kind}`; bind as `{_call_style(kind)}`.",
+            "",
+        ]
         for e in registry.entries(kind):
-            out += [f"### `{kind}.{e.name}`", "", e.doc() or "(no docstring)", "", f"- provided by: `{e.distribution}` (`{e.target}`)"]
+            out += [
+                f"### `{kind}.{e.name}`",
+                "",
+                e.doc() or "(no docstring)",
+                "",
+                f"- provided by: `{e.distribution}` (`{e.target}`)",
+            ]
             for k, v in e.parameters().items():
                 out.append(f"- `{k}` = `{v}`")
             out.append("")

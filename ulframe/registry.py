@@ -119,7 +119,9 @@ def _normalized(distribution: str) -> str:
 def _allowed(distribution: str) -> bool:
     if os.environ.get(DISABLE_ENV, "").strip() not in ("1", "true", "yes"):
         return True
-    enabled = {_normalized(d) for d in os.environ.get(ENABLE_ENV, "").split(",") if d.strip()}
+    enabled = {
+        _normalized(d.strip()) for d in os.environ.get(ENABLE_ENV, "").split(",") if d.strip()
+    }
     return _normalized(distribution) in enabled | {CORE_DISTRIBUTION}
 
 
@@ -165,11 +167,11 @@ class Registry:
             return
         failures: dict[tuple[str, str], str] = {}
 
-        def on_failure(_manager: Any, ep: Any, err: Exception) -> None:
+        def on_failure(_manager: Any, ep: Any, err: BaseException) -> None:
             failures[(ep.name, ep.value)] = f"{type(err).__name__}: {err}"
 
         ExtensionManager.ENTRY_POINT_CACHE.pop(group, None)  # see newly installed packages
-        manager = NamedExtensionManager(
+        manager: NamedExtensionManager[Any] = NamedExtensionManager(
             group, names=sorted({name for name, _ in found}), on_load_failure_callback=on_failure
         )
         loaded = {(e.name, e.entry_point.value): e.plugin for e in manager.extensions}

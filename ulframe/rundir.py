@@ -1,12 +1,12 @@
 """The run directory: what a run leaves behind besides checkpoints.
 
-    workdir/
-      config.gin             the full config as parsed (files + overrides)
-      operative_config.gin   the parameters actually used (written after the first stage builds)
-      command.txt            the command line
-      versions.json          Python, torch, ulframe and every plugin distribution used
-      metrics.jsonl          one JSON object per log step / evaluation
-      stages/<name>/         checkpoints, images and DONE.json of each stage
+workdir/
+  config.gin             the full config as parsed (files + overrides)
+  operative_config.gin   the parameters actually used (written after the first stage builds)
+  command.txt            the command line
+  versions.json          Python, torch, ulframe and every plugin distribution used
+  metrics.jsonl          one JSON object per log step / evaluation
+  stages/<name>/         checkpoints, images and DONE.json of each stage
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def versions(distributions: Iterable[str]) -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in sorted(set(distributions) | {"ulframe", "gin-config", "pluggy", "stevedore", "torchdata"}):
+    for name in sorted(
+        set(distributions) | {"ulframe", "gin-config", "pluggy", "stevedore", "torchdata"}
+    ):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib.util
 import inspect
 import logging
 import os
@@ -45,13 +46,45 @@ def _torch_optimizers() -> dict[str, Callable[..., Any]]:
     return out
 
 
+BNB_OPTIMIZERS = ("AdamW8bit", "Adam8bit", "PagedAdamW8bit")
+
+
+class LazyOptimizer:
+    """`bitsandbytes.optim.<name>`, imported when first called.
+
+    Importing bitsandbytes takes seconds (it loads torch's compiler stack), which every
+    `ulframe config` and `run` would pay for optimizers few configs use. gin sees the signature
+    `(params, **kwargs)`, so `check_required` checks the names bound to it against the real class.
+    """
+
+    __signature__ = inspect.Signature(
+        [
+            inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+        ]
+    )
+
+    def __init__(self, name: str) -> None:
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = "bitsandbytes.optim"
+        self.__doc__ = f"bitsandbytes.optim.{name}: 8-bit optimizer states (imported on first use)."
+
+    def target(self) -> Callable[..., Any]:
+        try:
+            import bitsandbytes.optim as bnb_optim
+        except Exception as err:  # a broken install fails only the configs that use it
+            raise ConfigError(f"optimizers.{self.__name__} needs bitsandbytes: {err}") from err
+        return getattr(bnb_optim, self.__name__)
+
+    def __call__(self, params: Any, **kwargs: Any) -> Any:
+        return self.target()(params, **kwargs)
+
+
 def _bnb_optimizers() -> dict[str, Callable[..., Any]]:
-    try:
-        import bitsandbytes.optim as bnb_optim  # heavy; only when wiring
-    except Exception as err:  # a broken bitsandbytes install must not break the CPU path
-        log.warning("bitsandbytes unavailable (%s): 8-bit optimizers are not registered", err)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        log.debug("bitsandbytes is not installed: 8-bit optimizers are not registered")
         return {}
-    return {n: getattr(bnb_optim, n) for n in ("AdamW8bit", "Adam8bit", "PagedAdamW8bit")}
+    return {n: LazyOptimizer(n) for n in BNB_OPTIMIZERS}
 
 
 def _lr_schedules() -> dict[str, Callable[..., Any]]:
@@ -70,10 +103,10 @@ def _engine_configurables() -> dict[str, Callable[..., Any]]:
 
 def _register_one(selector: str, obj: Callable[..., Any]) -> None:
     module, _, name = selector.rpartition(".")
-    existing = gin.config._REGISTRY.get(selector)  # noqa: SLF001 - gin has no public lookup
+    existing = gin.config._REGISTRY.get(selector)
     if existing is not None and existing.wrapped is not obj:
         # A different object under this name (tests build their own registries): replace it.
-        gin.config._REGISTRY.pop(selector)  # noqa: SLF001
+        gin.config._REGISTRY.pop(selector)
     gin.external_configurable(obj, name=name, module=module)
     _registered[selector] = obj
 
@@ -98,10 +131,16 @@ _REGISTRY_FOR_HINTS: list[Registry | None] = [None]
 
 
 # ---- parsing and its errors --------------------------------------------------------------------
-_LOCATION_RE = re.compile(r'In (?:file "(?P<file>[^"]+)", line (?P<line>\d+)|bindings string line (?P<bline>\d+))')
-_NO_PARAM_RE = re.compile(r"Configurable '(?P<conf>[^']+)' doesn't have a parameter named '(?P<param>[^']+)'")
+_LOCATION_RE = re.compile(
+    r'In (?:file "(?P<file>[^"]+)", line (?P<line>\d+)|bindings string line (?P<bline>\d+))'
+)
+_NO_PARAM_RE = re.compile(
+    r"Configurable '(?P<conf>[^']+)' doesn't have a parameter named '(?P<param>[^']+)'"
+)
 _NO_CONF_RE = re.compile(r"No configurable matching (?:reference )?'@?(?P<sel>[^'()]+)(?:\(\))?'")
-_REQUIRED_RE = re.compile(r"Required bindings for `(?P<conf>[^`]+)` not provided in config: \[(?P<names>[^\]]*)\]")
+_REQUIRED_RE = re.compile(
+    r"Required bindings for `(?P<conf>[^`]+)` not provided in config: \[(?P<names>[^\]]*)\]"
+)
 
 
 def _parameters(obj: Callable[..., Any]) -> list[str]:
@@ -136,39 +175,66 @@ def _broken_hint(selector: str) -> str:
     return ""
 
 
-def _where(message: str, default_file: str | None) -> str:
+OVERRIDES = "--gin override"
+
+
+def _at(file: str | None, line: int | str, bindings: Sequence[str]) -> str:
+    """`file:line: `, or the override itself (its position on the command line is unclear)."""
+    if file != OVERRIDES:
+        return f"{file}:{line}: "
+    lines = "\n".join(bindings).splitlines()
+    if isinstance(line, int) and 0 < line <= len(lines):
+        return f"{OVERRIDES} '{lines[line - 1].strip()}': "
+    return f"{OVERRIDES} line {line}: "
+
+
+def _where(message: str, default_file: str | None, bindings: Sequence[str] = ()) -> str:
     m = _LOCATION_RE.search(message)
     if m is None:
         return f"{default_file}: " if default_file else ""
     if m.group("file"):
         return f"{m.group('file')}:{m.group('line')}: "
-    return f"--gin override line {m.group('bline')}: "
+    return _at(OVERRIDES, int(m.group("bline")), bindings)
 
 
-def explain(err: BaseException, file: str | None = None) -> ConfigError:
+def explain(
+    err: BaseException, file: str | None = None, bindings: Sequence[str] = ()
+) -> ConfigError:
     """Turn one of gin's exceptions into a short `ConfigError` a person can act on."""
     msg = str(err)
     first = msg.splitlines()[0] if msg else type(err).__name__
-    where = _where(msg, file)
+    where = _where(msg, file, bindings)
     if isinstance(err, SyntaxError):
-        loc = f"{err.filename or file}:{err.lineno}: " if err.lineno else where
+        loc = _at(err.filename or file, err.lineno, bindings) if err.lineno else where
         return ConfigError(f"{loc}gin syntax error: {err.msg}")
     if isinstance(err, tokenize.TokenError):
-        line = err.args[1][0] if len(err.args) > 1 else "?"
-        return ConfigError(f"{file}:{line}: gin syntax error: {err.args[0]} (unclosed bracket?)")
+        args = err.args or getattr(err.__context__, "args", ())  # gin's proxies drop args
+        line = args[1][0] if len(args) > 1 else "?"
+        reason = args[0] if args else "unexpected end of input"
+        return ConfigError(
+            f"{_at(file, line, bindings)}gin syntax error: {reason} (unclosed bracket?)"
+        )
     if m := _NO_PARAM_RE.search(msg):
         obj = _lookup(m.group("conf"))
         valid = _parameters(obj) if obj else []
-        hint = _suggest(m.group("param"), valid) or (f" Valid: {', '.join(valid)}." if valid else "")
-        return ConfigError(f"{where}'{m.group('conf')}' has no parameter '{m.group('param')}'.{hint}")
+        hint = _suggest(m.group("param"), valid) or (
+            f" Valid: {', '.join(valid)}." if valid else ""
+        )
+        return ConfigError(
+            f"{where}'{m.group('conf')}' has no parameter '{m.group('param')}'.{hint}"
+        )
     if m := _NO_CONF_RE.search(msg):
         sel = m.group("sel")
         short = {s.split(".")[-1] for s in _registered} | set(_registered)
         hint = _broken_hint(sel) or _suggest(sel.split("/")[-1], short)
-        return ConfigError(f"{where}unknown configurable '{sel}'.{hint} (`ulframe plugins` lists them)")
+        return ConfigError(
+            f"{where}unknown configurable '{sel}'.{hint} (`ulframe plugins` lists them)"
+        )
     if m := _REQUIRED_RE.search(msg):
         names = m.group("names").replace("'", "")
-        return ConfigError(f"missing required parameter(s) of {m.group('conf')}: {names} (bind them in a gin file or with --gin.NAME=VALUE)")
+        return ConfigError(
+            f"missing required parameter(s) of {m.group('conf')}: {names} (bind them in a gin file or with --gin.NAME=VALUE)"
+        )
     return ConfigError(f"{where}{first}")
 
 
@@ -179,17 +245,22 @@ def _open_gin_file(path: str) -> Iterator[TextIO]:
     So `include 'presets/x.gin'` resolves relative to the including file's folder at every
     level of nesting (then to the working directory), and the search list is the same after.
     """
-    prefixes = gin.config._LOCATION_PREFIXES  # noqa: SLF001 - gin has no public stack
+    prefixes = gin.config._LOCATION_PREFIXES
     prefixes.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
         with open(path) as f:
             yield f
+    except tokenize.TokenError as err:
+        # As a SyntaxError it keeps naming this file when it is included (gin passes
+        # SyntaxErrors through includes untouched, and hides other errors' arguments).
+        line = err.args[1][0] if len(err.args) > 1 else None
+        raise SyntaxError(f"{err.args[0]} (unclosed bracket?)", (path, line, 0, "")) from err
     finally:
         prefixes.pop(0)
 
 
 def _install_gin_file_reader() -> None:
-    readers = gin.config._FILE_READERS  # noqa: SLF001 - ours must come before gin's `open`
+    readers = gin.config._FILE_READERS
     if not readers or readers[0][0] is not _open_gin_file:
         readers.insert(0, (_open_gin_file, os.path.isfile))
 
@@ -208,7 +279,7 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None:
     try:
         gin.parse_config(list(bindings))
     except (ValueError, SyntaxError, tokenize.TokenError, TypeError) as err:
-        raise explain(err, "--gin override") from err
+        raise explain(err, OVERRIDES, bindings) from err
 
 
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -257,8 +328,14 @@ def check_required() -> None:
     from ulframe.protocols import SUPPLIED_BY_ENGINE
 
     bound: dict[str, set[str]] = {}
-    for (_scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001 - no public view
+    for (_scope, selector), params in gin.config._CONFIG.items():
         bound.setdefault(selector, set()).update(params)
+        lazy = _registered.get(selector)
+        if isinstance(lazy, LazyOptimizer):  # gin could not check these names (see LazyOptimizer)
+            valid = _parameters(lazy.target())
+            for name in sorted(set(params) - set(valid)):
+                hint = _suggest(name, valid) or f" Valid: {', '.join(valid)}."
+                raise ConfigError(f"'{selector}' has no parameter '{name}'.{hint}")
     missing: list[str] = []
     for m in _REF_RE.finditer(gin.config_str()):
         selector = m.group("sel").split("/")[-1]
@@ -272,7 +349,13 @@ def check_required() -> None:
             params = inspect.signature(target).parameters.values()
         except (TypeError, ValueError):
             continue
-        needed = {p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+        needed = {
+            p.name
+            for p in params
+            if p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name != "self"
+        }
         if not m.group("call"):
             needed -= SUPPLIED_BY_ENGINE.get(kind, set())
         missing += [f"{full}.{n}" for n in sorted(needed - bound.get(full, set()))]

@@ -41,7 +41,9 @@ class ConsoleProgress:
         self._start = time.monotonic()
         self._start_samples = stage.samples_seen
         verb = "resuming" if stage.samples_seen else "starting"
-        self._write(f"[{stage.name}] {verb} at {stage.samples_seen}/{stage.total_samples} samples", run)
+        self._write(
+            f"[{stage.name}] {verb} at {stage.samples_seen}/{stage.total_samples} samples", run
+        )
         if self.live:
             self.stream.write("\n")
 
@@ -62,7 +64,14 @@ class ConsoleProgress:
         self._write(" | ".join(parts), run)
 
     @hookimpl
-    def ulframe_eval_end(self, run: RunInfo, stage: StageInfo, samples_seen: int, scalars: dict[str, float], images: Any) -> None:
+    def ulframe_eval_end(
+        self,
+        run: RunInfo,
+        stage: StageInfo,
+        samples_seen: int,
+        scalars: dict[str, float],
+        images: Any,
+    ) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items()))
         if self.live:
             self.stream.write("\n")

@@ -23,7 +23,9 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         if stage.name not in self._writers:
-            self._writers[stage.name] = SummaryWriter(str(run.workdir / self.subdir / stage.name), flush_secs=self.flush_secs)
+            self._writers[stage.name] = SummaryWriter(
+                str(run.workdir / self.subdir / stage.name), flush_secs=self.flush_secs
+            )
         return self._writers[stage.name]
 
     @hookimpl
@@ -35,15 +37,26 @@ class TensorBoardLogger:
             w.add_scalar(f"train/{k}", v, step.samples_seen)
         w.add_scalar("perf/step_time_s", step.step_time_s, step.samples_seen)
         if torch.cuda.is_available():
-            w.add_scalar("perf/gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step.samples_seen)
+            w.add_scalar(
+                "perf/gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step.samples_seen
+            )
         if not self._config_logged:
             text = run.operative_config
-            w.add_text("config/operative", "\n".join("    " + line for line in text.splitlines()), step.samples_seen)
+            w.add_text(
+                "config/operative",
+                "\n".join("    " + line for line in text.splitlines()),
+                step.samples_seen,
+            )
             self._config_logged = True
 
     @hookimpl
     def ulframe_eval_end(
-        self, run: RunInfo, stage: StageInfo, samples_seen: int, scalars: dict[str, float], images: dict[str, torch.Tensor]
+        self,
+        run: RunInfo,
+        stage: StageInfo,
+        samples_seen: int,
+        scalars: dict[str, float],
+        images: dict[str, torch.Tensor],
     ) -> None:
         if not run.is_main:
             return

@@ -54,6 +54,7 @@ class ULJointTerms:
     prior_kl1_nats: Tensor  # KL(q(z_1|x) || N(0, I))
     decoder_nats: Tensor  # L_x: loss factor × sigmoid-weighted ELBO term
     pixels: int  # H·W (T·H·W for video): the bits/pixel normaliser
+    crossing_logsnr: float | None = None  # λ* = b + log(c_lf - 1) of the decoder weighting
 
     @property
     def prior_nats(self) -> Tensor:
@@ -64,7 +65,7 @@ class ULJointTerms:
 
     def metrics(self) -> dict[str, Tensor]:
         """Batch means of every term, and bits/pixel of the latent."""
-        return {
+        out = {
             "prior_nats": self.prior_nats.mean(),
             "prior_diffusion_nats": self.prior_diffusion_nats.mean(),
             "prior_kl1_nats": self.prior_kl1_nats.mean(),
@@ -72,6 +73,9 @@ class ULJointTerms:
             "total_nats": self.total_nats().mean(),
             "bits_per_pixel": self.prior_nats.mean() / (math.log(2) * self.pixels),
         }
+        if self.crossing_logsnr is not None:
+            out["crossing_logsnr"] = torch.tensor(self.crossing_logsnr)
+        return out
 
 
 class ULJointModel(nn.Module):
@@ -88,6 +92,7 @@ class ULJointModel(nn.Module):
         loss_factor: float,
         latent_logsnr_max: float,
         pixels: int,
+        crossing_logsnr: float | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -99,21 +104,30 @@ class ULJointModel(nn.Module):
         self.loss_factor = loss_factor
         self.latent_logsnr_max = latent_logsnr_max
         self.pixels = pixels
+        self.crossing_logsnr = crossing_logsnr
 
     def encode(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """z_clean = E(x) and z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps_z."""
         z_clean = self.encoder(x)  # (B, Cz, *s)
-        eps_z = torch.randn(z_clean.shape, generator=generator, device=x.device, dtype=z_clean.dtype)
+        eps_z = torch.randn(
+            z_clean.shape, generator=generator, device=x.device, dtype=z_clean.dtype
+        )
         logsnr_0 = torch.full((x.shape[0],), self.latent_logsnr_max, device=x.device)
         return z_clean, diffuse(z_clean, logsnr_0, eps_z)
 
-    def prior_terms(self, z_clean: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def prior_terms(
+        self, z_clean: Tensor, t: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """Diffusion part of L_z at times t (B,), and KL_1; both (B,) nats."""
         logsnr = self.prior_schedule.logsnr(t)  # (B,)
-        eps = torch.randn(z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype)
+        eps = torch.randn(
+            z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype
+        )
         z_t = diffuse(z_clean, logsnr, eps)  # (B, Cz, *s)
         eps_hat = self.prior(z_t, logsnr)  # (B, Cz, *s)
-        diffusion = elbo_term_nats(eps, eps_hat.float(), self.prior_schedule.neg_dlogsnr_dt(t))  # (B,)
+        diffusion = elbo_term_nats(
+            eps, eps_hat.float(), self.prior_schedule.neg_dlogsnr_dt(t)
+        )  # (B,)
         logsnr_1 = torch.full_like(t, self.prior_schedule.logsnr_min)
         return diffusion, kl_standard_normal_nats(z_clean, logsnr_1)
 
@@ -124,7 +138,9 @@ class ULJointModel(nn.Module):
         x_t = diffuse(x, logsnr, eps)  # (B, C, *S)
         eps_hat = self.decoder(x_t, logsnr, z_0)  # (B, C, *S)
         weight = self.decoder_weighting(logsnr)  # (B,)
-        return self.loss_factor * elbo_term_nats(eps, eps_hat.float(), self.decoder_schedule.neg_dlogsnr_dt(t), weight)
+        return self.loss_factor * elbo_term_nats(
+            eps, eps_hat.float(), self.decoder_schedule.neg_dlogsnr_dt(t), weight
+        )
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> ULJointTerms:
         x = batch["x"]  # (B, C, *S)
@@ -134,7 +150,7 @@ class ULJointModel(nn.Module):
         t_x = antithetic_t(b, generator, x.device)  # (Algorithm 1)
         prior_diffusion, kl1 = self.prior_terms(z_clean.float(), t_z, generator)
         decoder = self.decoder_term(x, z_0, t_x, generator)
-        return ULJointTerms(prior_diffusion, kl1, decoder, self.pixels)
+        return ULJointTerms(prior_diffusion, kl1, decoder, self.pixels, self.crossing_logsnr)
 
     @torch.no_grad()
     def bits_per_pixel(self, x: Tensor, generator: torch.Generator, num_t: int) -> Tensor:
@@ -148,7 +164,9 @@ class ULJointModel(nn.Module):
         return (total + kl1) / (math.log(2) * self.pixels)
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor, generator: torch.Generator, sampler: Callable[..., Tensor], steps: int) -> Tensor:
+    def reconstruct(
+        self, x: Tensor, generator: torch.Generator, sampler: Callable[..., Tensor], steps: int
+    ) -> Tensor:
         """Encode, draw z_0, and sample the decoder from pure noise: x_hat, shape of x."""
         _, z_0 = self.encode(x, generator)
         x_1 = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -160,14 +178,25 @@ class ULJointModel(nn.Module):
         return sampler(eps_fn, x_1, grid, generator=generator, clip_x=1.0)
 
     @torch.no_grad()
-    def sample_latents(self, n: int, latent_shape: Sequence[int], generator: torch.Generator, sampler: Callable[..., Tensor], steps: int) -> Tensor:
+    def sample_latents(
+        self,
+        n: int,
+        latent_shape: Sequence[int],
+        generator: torch.Generator,
+        sampler: Callable[..., Tensor],
+        steps: int,
+    ) -> Tensor:
         """z_0 drawn from the stage-1 prior, from λ_min up to λ_z(0)."""
         device = next(self.parameters()).device
         z_1 = torch.randn((n, *latent_shape), generator=generator, device=device)
         grid = logsnr_grid(self.prior_schedule, steps).to(device, torch.float32)
-        z_clean = sampler(lambda z_t, logsnr: self.prior(z_t, logsnr).float(), z_1, grid, generator=generator)
+        z_clean = sampler(
+            lambda z_t, logsnr: self.prior(z_t, logsnr).float(), z_1, grid, generator=generator
+        )
         logsnr_0 = torch.full((n,), self.latent_logsnr_max, device=device)
-        return diffuse(z_clean, logsnr_0, torch.randn(z_clean.shape, generator=generator, device=device))
+        return diffuse(
+            z_clean, logsnr_0, torch.randn(z_clean.shape, generator=generator, device=device)
+        )
 
 
 class ULJoint:
@@ -216,7 +245,9 @@ class ULJoint:
         self.prior_factory = prior
         self.decoder_factory = decoder
         self.train = train
-        self.decoder_weighting = decoder_weighting if decoder_weighting is not None else SigmoidWeighting(0.0)
+        self.decoder_weighting = (
+            decoder_weighting if decoder_weighting is not None else SigmoidWeighting(0.0)
+        )
         prior_weighting = prior_weighting if prior_weighting is not None else ELBOWeighting()
         if not is_elbo_weighting(prior_weighting, latent_logsnr_min, latent_logsnr_max):
             raise ConfigError(
@@ -255,21 +286,27 @@ class ULJoint:
             self.latent_shape = tuple(encoder(ctx.example["x"][None].float()).shape[1:])  # (Cz, *s)
         prior = check_built("priors", self.prior_factory(shape=self.latent_shape), "ul_joint.prior")
         decoder = check_built(
-            "decoders", self.decoder_factory(shape=shape, latent_shape=self.latent_shape), "ul_joint.decoder"
+            "decoders",
+            self.decoder_factory(shape=shape, latent_shape=self.latent_shape),
+            "ul_joint.decoder",
         )
         prior_schedule = self.prior_schedule_factory(
             logsnr_min=self.latent_logsnr_min, logsnr_max=self.latent_logsnr_max, resolution=None
         )
         decoder_schedule = self.decoder_schedule_factory(
-            logsnr_min=self.decoder_logsnr_min, logsnr_max=self.decoder_logsnr_max, resolution=resolution
+            logsnr_min=self.decoder_logsnr_min,
+            logsnr_max=self.decoder_logsnr_max,
+            resolution=resolution,
         )
         pixels = math.prod(shape[1:])
         return ULJointModel(
             encoder, prior, decoder, prior_schedule, decoder_schedule, self.decoder_weighting,
-            self.loss_factor, self.latent_logsnr_max, pixels,
+            self.loss_factor, self.latent_logsnr_max, pixels, self.crossing_logsnr(),
         )  # fmt: skip
 
-    def evaluate(self, model: nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator) -> EvalReport:
+    def evaluate(
+        self, model: nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator
+    ) -> EvalReport:
         """Bits/pixel (many t per example), loss terms, and PSNR of sampled reconstructions."""
         assert isinstance(model, ULJointModel)
         sums: dict[str, float] = {}
@@ -280,7 +317,9 @@ class ULJoint:
             b = x.shape[0]
             terms = model(batch, generator)
             values = {k: float(v) for k, v in terms.metrics().items() if k != "bits_per_pixel"}
-            values["bits_per_pixel"] = float(model.bits_per_pixel(x, generator, self.eval_t_per_example).mean())
+            values["bits_per_pixel"] = float(
+                model.bits_per_pixel(x, generator, self.eval_t_per_example).mean()
+            )
             x_hat = model.reconstruct(x, generator, self.sampler, self.sample_steps)
             values["psnr"] = float(psnr(x, x_hat).mean())
             for k, v in values.items():
@@ -288,18 +327,27 @@ class ULJoint:
             n += b
             if sum(len(s) for s in shown) < 2 * self.eval_images:
                 k = min(b, self.eval_images)
-                shown.append(torch.stack([x[:k], x_hat[:k].clamp(-1, 1)], 1).flatten(0, 1))  # input, recon, ...
+                shown.append(
+                    torch.stack([x[:k], x_hat[:k].clamp(-1, 1)], 1).flatten(0, 1)
+                )  # input, recon, ...
         scalars = {k: v / max(n, 1) for k, v in sums.items()}
-        crossing = self.crossing_logsnr()
-        if crossing is not None:
-            scalars["crossing_logsnr"] = crossing
         images: dict[str, Tensor] = {}
         if shown and shown[0].dim() == 4:  # images (videos are shown by their own hooks)
             images["reconstructions"] = torch.cat(shown)[: 2 * self.eval_images]
-            z_0 = model.sample_latents(self.eval_images, self.latent_shape, generator, self.sampler, self.sample_steps)
-            x_1 = torch.randn((self.eval_images, *x.shape[1:]), generator=generator, device=x.device)
-            grid = logsnr_grid(model.decoder_schedule, self.sample_steps).to(x.device, torch.float32)
+            z_0 = model.sample_latents(
+                self.eval_images, self.latent_shape, generator, self.sampler, self.sample_steps
+            )
+            x_1 = torch.randn(
+                (self.eval_images, *x.shape[1:]), generator=generator, device=x.device
+            )
+            grid = logsnr_grid(model.decoder_schedule, self.sample_steps).to(
+                x.device, torch.float32
+            )
             images["prior_samples"] = self.sampler(
-                lambda x_t, logsnr: model.decoder(x_t, logsnr, z_0).float(), x_1, grid, generator=generator, clip_x=1.0
+                lambda x_t, logsnr: model.decoder(x_t, logsnr, z_0).float(),
+                x_1,
+                grid,
+                generator=generator,
+                clip_x=1.0,
             )
         return EvalReport(scalars, images)

@@ -28,7 +28,10 @@ def grid(x: torch.Tensor, ncols: int | None = None, pad: int = 1) -> np.ndarray:
     out = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
     for i, img in enumerate(imgs):
         r, col = divmod(i, ncols)
-        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img[..., :3]
+        out[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = img[..., :3]
     return out
 
 
@@ -37,6 +40,6 @@ def save_grid(x: torch.Tensor, path: Path, ncols: int | None = None, scale: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(grid(x, ncols))
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     img.save(path)
     return path

@@ -49,7 +49,11 @@ def save(directory: Path, samples_seen: int, state: dict[str, Any], keep: int = 
     data = buf.getvalue()
     path = directory / PATTERN.format(samples=samples_seen)
     _atomic_write(path, data)
-    digest = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "samples_seen": samples_seen}
+    digest = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "samples_seen": samples_seen,
+    }
     _atomic_write(path.with_suffix(".json"), json.dumps(digest).encode())
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)

@@ -41,7 +41,9 @@ class StopRequested(UserError):
 
 def seed_for(seed: int, rank: int, samples_seen: int) -> int:
     """A 63-bit seed that is a pure function of (seed, rank, samples seen)."""
-    return int(np.random.SeedSequence([seed, rank, samples_seen]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([seed, rank, samples_seen]).generate_state(2, np.uint64)[0] >> 1
+    )
 
 
 @dataclass
@@ -70,7 +72,9 @@ def run_experiment(experiment: Any, ctx: RunContext) -> dict[str, dict[str, floa
             log.info("stage %s already finished: skipping", stage.name)
             results[stage.name] = json.loads(done.read_text())["scalars"]
         else:
-            results[stage.name] = train_stage(stage, index, experiment.dataset, stage_dir, previous, ctx)
+            results[stage.name] = train_stage(
+                stage, index, experiment.dataset, stage_dir, previous, ctx
+            )
         previous[stage.name] = stage_dir
     return results
 
@@ -104,7 +108,9 @@ class _Evaluator:
 
     def __call__(self, model: torch.nn.Module, samples_seen: int) -> dict[str, float]:
         # The same noise at every evaluation, so successive evaluations are comparable.
-        gen = torch.Generator(self.ctx.world.device).manual_seed(seed_for(self.ctx.seed, self.ctx.world.rank, EVAL_STREAM))
+        gen = torch.Generator(self.ctx.world.device).manual_seed(
+            seed_for(self.ctx.seed, self.ctx.world.rank, EVAL_STREAM)
+        )
         model.eval()
         with torch.no_grad():
             report: EvalReport = self.stage.evaluate(model, self.batches, gen)
@@ -113,17 +119,33 @@ class _Evaluator:
             for name, images in report.images.items():
                 save_grid(images, self.info.stage_dir / "images" / f"{name}-{samples_seen:09d}.png")
             self.ctx.metrics.write(
-                {"stage": self.info.name, "step": samples_seen // self.info.batch_size, "samples_seen": samples_seen, "kind": "eval"}
+                {
+                    "stage": self.info.name,
+                    "step": samples_seen // self.info.batch_size,
+                    "samples_seen": samples_seen,
+                    "kind": "eval",
+                }
                 | {f"eval/{k}": v for k, v in scalars.items()}
             )
         self.ctx.hooks.hook.ulframe_eval_end(
-            run=self.ctx.info, stage=self.info, samples_seen=samples_seen, scalars=scalars, images=report.images
+            run=self.ctx.info,
+            stage=self.info,
+            samples_seen=samples_seen,
+            scalars=scalars,
+            images=report.images,
         )
         return scalars
 
 
 def _checkpoint(
-    info: StageInfo, ctx: RunContext, model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer, loader: Any, samples_seen: int, keep: int
+    info: StageInfo,
+    ctx: RunContext,
+    model: torch.nn.Module,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    loader: Any,
+    samples_seen: int,
+    keep: int,
 ) -> None:
     state = {
         "model": model.state_dict(),
@@ -134,20 +156,33 @@ def _checkpoint(
         "stage": info.name,
     }
     # Every rank's loader state lives in its own file; rank 0 writes the shared rest.
-    directory = info.stage_dir / "checkpoints" / (f"rank{ctx.world.rank}" if ctx.world.world_size > 1 else "")
+    directory = (
+        info.stage_dir
+        / "checkpoints"
+        / (f"rank{ctx.world.rank}" if ctx.world.world_size > 1 else "")
+    )
     if ctx.world.is_main or ctx.world.world_size > 1:
         path = checkpoint.save(directory, samples_seen, state, keep=keep)
         if ctx.world.is_main:
-            ctx.hooks.hook.ulframe_checkpoint_saved(run=ctx.info, stage=info, path=path, samples_seen=samples_seen)
+            ctx.hooks.hook.ulframe_checkpoint_saved(
+                run=ctx.info, stage=info, path=path, samples_seen=samples_seen
+            )
 
 
 def train_stage(
-    stage: Any, index: int, dataset: Any, stage_dir: Path, previous: dict[str, Path], ctx: RunContext
+    stage: Any,
+    index: int,
+    dataset: Any,
+    stage_dir: Path,
+    previous: dict[str, Path],
+    ctx: RunContext,
 ) -> dict[str, float]:
     settings = stage.train
     world = ctx.world
     if settings.batch_size % world.world_size:
-        raise ConfigError(f"TrainSettings.batch_size={settings.batch_size} is not divisible by the {world.world_size} processes")
+        raise ConfigError(
+            f"TrainSettings.batch_size={settings.batch_size} is not divisible by the {world.world_size} processes"
+        )
     per_rank = settings.batch_size // world.world_size
     stage_dir.mkdir(parents=True, exist_ok=True)
 
@@ -161,13 +196,20 @@ def train_stage(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = settings.build_optimizer(params)
     loader = build_loader(
-        train_source, batch_size=per_rank, rank=world.rank, world_size=world.world_size, seed=ctx.seed, num_workers=ctx.num_workers
+        train_source,
+        batch_size=per_rank,
+        rank=world.rank,
+        world_size=world.world_size,
+        seed=ctx.seed,
+        num_workers=ctx.num_workers,
     )
     eval_loader = build_loader(
         dataset.source("eval"), batch_size=per_rank, rank=world.rank, world_size=world.world_size,
         seed=ctx.seed, shuffle=False, repeat=False, drop_last=False, num_workers=ctx.num_workers,
     )  # fmt: skip
-    eval_batches = [_to_device(b, world.device) for _, b in zip(range(settings.eval_batches), eval_loader)]
+    eval_batches = [
+        _to_device(b, world.device) for _, b in zip(range(settings.eval_batches), eval_loader)
+    ]
 
     # -- restore ---------------------------------------------------------------------------------
     samples_seen = 0
@@ -182,12 +224,22 @@ def train_stage(
         log.info("stage %s: resumed at %d samples", stage.name, samples_seen)
 
     ctx.info.operative_config = ctx.operative_config()  # every factory has now been called
-    info = StageInfo(stage.name, index, stage_dir, settings.train_samples, samples_seen, settings.batch_size, world.is_main)
+    info = StageInfo(
+        stage.name,
+        index,
+        stage_dir,
+        settings.train_samples,
+        samples_seen,
+        settings.batch_size,
+        world.is_main,
+    )
     ctx.hooks.hook.ulframe_stage_start(run=ctx.info, stage=info)
     ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=model)
     train_model = distributed.wrap(model, world)
     evaluate = _Evaluator(stage, eval_batches, info, ctx)
-    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+    autocast = torch.autocast(
+        world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
+    )
     batches: Iterator[dict[str, torch.Tensor]] = iter(loader)
     sums: dict[str, torch.Tensor] = {}
     n_sum, t_window, wait_window = 0, 0.0, 0.0
@@ -209,9 +261,13 @@ def train_stage(
             loss = terms.total_nats().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            log_now = _crossed(samples_seen, samples_seen + settings.batch_size, settings.log_every_samples)
+            log_now = _crossed(
+                samples_seen, samples_seen + settings.batch_size, settings.log_every_samples
+            )
             module_norms = _grad_norms(model) if log_now and world.is_main else {}
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, settings.grad_clip if settings.grad_clip > 0 else float("inf")
+            )
             opt.step()
             ema.update(model, settings.batch_size)
             before, samples_seen = samples_seen, samples_seen + settings.batch_size
@@ -229,26 +285,46 @@ def train_stage(
                 scalars["data_wait_fraction"] = wait_window / max(t_window, 1e-9)
                 step = samples_seen // settings.batch_size
                 if world.is_main:
-                    ctx.metrics.write({"stage": stage.name, "step": step, "samples_seen": samples_seen, "kind": "train"} | scalars)
+                    ctx.metrics.write(
+                        {
+                            "stage": stage.name,
+                            "step": step,
+                            "samples_seen": samples_seen,
+                            "kind": "train",
+                        }
+                        | scalars
+                    )
                 ctx.hooks.hook.ulframe_train_step_end(
-                    run=ctx.info, step=StepInfo(info, step, samples_seen, scalars, t_window / n_sum, wait_window / n_sum)
+                    run=ctx.info,
+                    step=StepInfo(
+                        info, step, samples_seen, scalars, t_window / n_sum, wait_window / n_sum
+                    ),
                 )
                 sums, n_sum, t_window, wait_window = {}, 0, 0.0, 0.0
-            if _crossed(before, samples_seen, settings.eval_every_samples) and samples_seen < settings.train_samples:
+            if (
+                _crossed(before, samples_seen, settings.eval_every_samples)
+                and samples_seen < settings.train_samples
+            ):
                 evaluate(ema.model, samples_seen)
             if _crossed(before, samples_seen, settings.checkpoint_every_samples):
-                _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
+                _checkpoint(
+                    info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints
+                )
 
         if ctx.stop:  # -- pre-empted: save what we have and stop -----------------------------
             _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
-            raise StopRequested(f"stopped by signal {ctx.stop[0]} at {samples_seen} samples; checkpoint saved, re-run to resume")
+            raise StopRequested(
+                f"stopped by signal {ctx.stop[0]} at {samples_seen} samples; checkpoint saved, re-run to resume"
+            )
 
     # -- finish: final evaluation, checkpoint, DONE ----------------------------------------------
     final = evaluate(ema.model, samples_seen)
     _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
     distributed.barrier(world)
     if world.is_main:
-        (stage_dir / DONE_FILE).write_text(json.dumps({"samples_seen": samples_seen, "scalars": final}, indent=2))
+        (stage_dir / DONE_FILE).write_text(
+            json.dumps({"samples_seen": samples_seen, "scalars": final}, indent=2)
+        )
     ctx.hooks.hook.ulframe_stage_end(run=ctx.info, stage=info, scalars=final)
     return final
 
@@ -265,7 +341,9 @@ class _stop_on_signals:
     def __enter__(self) -> None:
         try:
             for s in self.SIGNALS:
-                self.previous[s] = signal.signal(s, lambda signum, _frame: self.received.append(signum))
+                self.previous[s] = signal.signal(
+                    s, lambda signum, _frame: self.received.append(signum)
+                )
         except ValueError:  # not the main thread: leave signals alone
             self.previous.clear()
 

@@ -56,10 +56,14 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"TrainSettings.precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(
+                f"TrainSettings.precision must be one of {PRECISIONS}, got {self.precision!r}"
+            )
         for name in ("batch_size", "train_samples", "log_every_samples"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"TrainSettings.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"TrainSettings.{name} must be positive, got {getattr(self, name)}"
+                )
 
     def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return self.optimizer(params, lr=self.lr)

@@ -1,0 +1,28 @@
+"""The project's own rules (tools/check_rules.py) hold on the tree."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rules():
+    spec = importlib.util.spec_from_file_location("check_rules", ROOT / "tools" / "check_rules.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_print_no_stray_gin_no_stray_distributed():
+    assert _rules().violations() == []
+
+
+def test_rules_catch_a_violation(tmp_path, monkeypatch):
+    rules = _rules()
+    (tmp_path / "ulframe").mkdir()
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "ulframe" / "bad.py").write_text("import gin\nprint('x')\n")
+    monkeypatch.setattr(rules, "ROOT", tmp_path)
+    found = rules.violations()
+    assert any("print() in library code" in v for v in found)
+    assert any("gin imported outside" in v for v in found)
