@@ -9,6 +9,11 @@ The objective (PAPER.md, Stage 1; Algorithm 1), per example, in nats:
           with z_0 = alpha(5) z_clean + sigma(5) eps_z (fresh noise)
     L   = L_z + L_x
 
+The networks predict v = alpha eps - sigma x (Salimans & Ho 2022) and `eps_hat` is computed from
+it (`eps_from_v`): the loss is exactly the eps-MSE above, but x_hat = (z_t - sigma eps_hat) / alpha
+stays finite at λ = -15, where an eps-predicting network's error is amplified sigma/alpha ≈ 1800
+times and few-step DDIM reconstructions come out as noise (docs/method.md).
+
 Both typos of the paper are fixed: `-dλ/dt` (not `+`) and `sigmoid(b - λ)` (not `λ - b`).
 The two terms draw independent t and noise. `L_z / ln 2` bounds the bits in z_0; bits/pixel
 divides by ln 2 and the number of pixels H·W (T·H·W for video), not by the channel count.
@@ -32,6 +37,7 @@ from ulframe.diffusion import (
     antithetic_t,
     diffuse,
     elbo_term_nats,
+    eps_from_v,
     is_elbo_weighting,
     kl_standard_normal_nats,
     logsnr_grid,
@@ -106,6 +112,14 @@ class ULJointModel(nn.Module):
         self.pixels = pixels
         self.crossing_logsnr = crossing_logsnr
 
+    def prior_eps(self, z_t: Tensor, logsnr: Tensor) -> Tensor:
+        """eps_hat of the prior: its network predicts v."""
+        return eps_from_v(z_t, self.prior(z_t, logsnr).float(), logsnr)  # (B, Cz, *s)
+
+    def decoder_eps(self, x_t: Tensor, logsnr: Tensor, z_0: Tensor) -> Tensor:
+        """eps_hat of the decoder: its network predicts v."""
+        return eps_from_v(x_t, self.decoder(x_t, logsnr, z_0).float(), logsnr)  # (B, C, *S)
+
     def encode(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """z_clean = E(x) and z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps_z."""
         z_clean = self.encoder(x)  # (B, Cz, *s)
@@ -124,10 +138,8 @@ class ULJointModel(nn.Module):
             z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype
         )
         z_t = diffuse(z_clean, logsnr, eps)  # (B, Cz, *s)
-        eps_hat = self.prior(z_t, logsnr)  # (B, Cz, *s)
-        diffusion = elbo_term_nats(
-            eps, eps_hat.float(), self.prior_schedule.neg_dlogsnr_dt(t)
-        )  # (B,)
+        eps_hat = self.prior_eps(z_t, logsnr)  # (B, Cz, *s)
+        diffusion = elbo_term_nats(eps, eps_hat, self.prior_schedule.neg_dlogsnr_dt(t))  # (B,)
         logsnr_1 = torch.full_like(t, self.prior_schedule.logsnr_min)
         return diffusion, kl_standard_normal_nats(z_clean, logsnr_1)
 
@@ -136,11 +148,10 @@ class ULJointModel(nn.Module):
         logsnr = self.decoder_schedule.logsnr(t)  # (B,)
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_t = diffuse(x, logsnr, eps)  # (B, C, *S)
-        eps_hat = self.decoder(x_t, logsnr, z_0)  # (B, C, *S)
+        eps_hat = self.decoder_eps(x_t, logsnr, z_0)  # (B, C, *S)
         weight = self.decoder_weighting(logsnr)  # (B,)
-        return self.loss_factor * elbo_term_nats(
-            eps, eps_hat.float(), self.decoder_schedule.neg_dlogsnr_dt(t), weight
-        )
+        neg_dlogsnr_dt = self.decoder_schedule.neg_dlogsnr_dt(t)  # (B,)
+        return self.loss_factor * elbo_term_nats(eps, eps_hat, neg_dlogsnr_dt, weight)
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> ULJointTerms:
         x = batch["x"]  # (B, C, *S)
@@ -173,7 +184,7 @@ class ULJointModel(nn.Module):
         grid = logsnr_grid(self.decoder_schedule, steps).to(x.device, torch.float32)
 
         def eps_fn(x_t: Tensor, logsnr: Tensor) -> Tensor:
-            return self.decoder(x_t, logsnr, z_0).float()
+            return self.decoder_eps(x_t, logsnr, z_0)
 
         return sampler(eps_fn, x_1, grid, generator=generator, clip_x=1.0)
 
@@ -190,9 +201,7 @@ class ULJointModel(nn.Module):
         device = next(self.parameters()).device
         z_1 = torch.randn((n, *latent_shape), generator=generator, device=device)
         grid = logsnr_grid(self.prior_schedule, steps).to(device, torch.float32)
-        z_clean = sampler(
-            lambda z_t, logsnr: self.prior(z_t, logsnr).float(), z_1, grid, generator=generator
-        )
+        z_clean = sampler(self.prior_eps, z_1, grid, generator=generator)
         logsnr_0 = torch.full((n,), self.latent_logsnr_max, device=device)
         return diffuse(
             z_clean, logsnr_0, torch.randn(z_clean.shape, generator=generator, device=device)
@@ -255,6 +264,8 @@ class ULJoint:
                 "with any other weighting the encoder can hide information at discounted noise levels "
                 "and the prior loss no longer bounds the latent bitrate (PAPER.md, Stage 1, step 3)"
             )
+        if eval_t_per_example < 1:
+            raise ConfigError(f"ul_joint.eval_t_per_example must be >= 1, got {eval_t_per_example}")
         if loss_factor <= 0:
             raise ConfigError(f"ul_joint.loss_factor must be positive, got {loss_factor}")
         self.loss_factor = loss_factor
@@ -304,6 +315,7 @@ class ULJoint:
             self.loss_factor, self.latent_logsnr_max, pixels, self.crossing_logsnr(),
         )  # fmt: skip
 
+    @torch.no_grad()
     def evaluate(
         self, model: nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator
     ) -> EvalReport:
@@ -344,7 +356,7 @@ class ULJoint:
                 x.device, torch.float32
             )
             images["prior_samples"] = self.sampler(
-                lambda x_t, logsnr: model.decoder(x_t, logsnr, z_0).float(),
+                lambda x_t, logsnr: model.decoder_eps(x_t, logsnr, z_0),
                 x_1,
                 grid,
                 generator=generator,

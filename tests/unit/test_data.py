@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ulframe_plugins.datasets.image_folder import ImageFolder
-from ulframe_plugins.datasets.photos import PHOTOGRAPHS, Photos, split_column
 
 from ulframe.data import (
     MAX_LEADING_FAILURES,
@@ -24,6 +22,8 @@ from ulframe.data import (
     sample_rng,
     shard_indices,
 )
+from ulframe_plugins.datasets.image_folder import ImageFolder
+from ulframe_plugins.datasets.photos import PHOTOGRAPHS, Photos, split_column
 
 
 class CountingSource:

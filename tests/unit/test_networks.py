@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
+
 from ulframe_plugins.networks.blocks import (
     Downsample,
     PatchEmbed,

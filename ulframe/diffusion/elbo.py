@@ -76,8 +76,9 @@ def kl_standard_normal_nats(x: Tensor, logsnr_1: Tensor) -> Tensor:
 
     ``q(x_1 | x) = N(alpha_1 x, sigma_1² I)``, so per dimension
     ``KL = 0.5 (alpha_1² x² + sigma_1² - 1 - log sigma_1²)``; summed over all non-batch
-    dimensions. ``log sigma_1² = logsigmoid(-λ_1)`` is computed without forming ``sigma_1²``
-    first, so the term stays accurate when λ_1 is very negative.
+    dimensions. Written as ``0.5 (alpha_1² (x² - 1) + softplus(λ_1))`` (using ``sigma² = 1 -
+    alpha²`` and ``-log sigma² = softplus(λ)``), so it stays accurate and non-negative in float32
+    when λ_1 is very negative.
 
     Args:
         x: clean data (or ``z_clean``), ``(B, C, *spatial)``.
@@ -87,10 +88,9 @@ def kl_standard_normal_nats(x: Tensor, logsnr_1: Tensor) -> Tensor:
         KL per example in nats, ``(B,)``.
     """
     logsnr_1 = expand_like(torch.as_tensor(logsnr_1, dtype=x.dtype, device=x.device), x)
+    # sigma² - 1 - log sigma² = -alpha² + softplus(λ): no cancellation of O(1) terms in float32.
     alpha2 = torch.sigmoid(logsnr_1)  # (B, 1, ..., 1)
-    sigma2 = torch.sigmoid(-logsnr_1)  # (B, 1, ..., 1)
-    log_sigma2 = F.logsigmoid(-logsnr_1)  # (B, 1, ..., 1)
-    kl = 0.5 * (alpha2 * x**2 + sigma2 - 1.0 - log_sigma2)  # (B, C, *spatial)
+    kl = 0.5 * (alpha2 * (x**2 - 1.0) + F.softplus(logsnr_1))  # (B, C, *spatial)
     return _sum_non_batch(kl)
 
 

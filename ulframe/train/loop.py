@@ -235,7 +235,7 @@ def train_stage(
     )
     ctx.hooks.hook.ulframe_stage_start(run=ctx.info, stage=info)
     ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=model)
-    train_model = distributed.wrap(model, world)
+    train_model = distributed.wrap(model, world).train()  # evaluation uses the EMA copy
     evaluate = _Evaluator(stage, eval_batches, info, ctx)
     autocast = torch.autocast(
         world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
@@ -255,7 +255,6 @@ def train_stage(
             generator = torch.Generator(world.device).manual_seed(seed)
             for group in opt.param_groups:
                 group["lr"] = settings.lr_at(samples_seen)
-            train_model.train()
             with autocast:
                 terms = train_model(batch, generator)
             loss = terms.total_nats().mean()
@@ -306,7 +305,10 @@ def train_stage(
                 and samples_seen < settings.train_samples
             ):
                 evaluate(ema.model, samples_seen)
-            if _crossed(before, samples_seen, settings.checkpoint_every_samples):
+            if (
+                _crossed(before, samples_seen, settings.checkpoint_every_samples)
+                and samples_seen < settings.train_samples
+            ):
                 _checkpoint(
                     info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints
                 )

@@ -42,14 +42,17 @@ class EMA(torch.nn.Module):
         super().__init__()
         self.halflife_samples = halflife_samples
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._ema_params = [p for p in self.model.parameters() if p.is_floating_point()]
+        self._ema_buffers = list(self.model.buffers())
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, batch_size: int) -> None:
+        params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+        buffers = list(model.buffers())
         if self.halflife_samples <= 0:
-            self.model.load_state_dict(model.state_dict())
-            return
-        beta = 0.5 ** (batch_size / self.halflife_samples)
-        for p_ema, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1.0 - beta)
-        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
+            torch._foreach_copy_(self._ema_params, params)
+        else:
+            beta = 0.5 ** (batch_size / self.halflife_samples)
+            torch._foreach_lerp_(self._ema_params, params, 1.0 - beta)
+        if buffers:
+            torch._foreach_copy_(self._ema_buffers, buffers)
