@@ -385,7 +385,9 @@ class PlainULLoss:
         eps = torch.randn(z_clean.shape, generator=g, device=device)
         alpha, sigma = torch.sigmoid(logsnr_z).sqrt(), torch.sigmoid(-logsnr_z).sqrt()
         z_t = alpha.view(scale) * z_clean + sigma.view(scale) * eps
-        sq = (eps - prior(z_t, logsnr_z)).square().flatten(1).sum(1)  # (B,)
+        v_z = prior(z_t, logsnr_z).float()  # the networks predict v: eps_hat = sigma z_t + alpha v
+        eps_hat = sigma.view(scale) * z_t + alpha.view(scale) * v_z
+        sq = (eps - eps_hat).square().flatten(1).sum(1)  # (B,)
         prior_nats = 0.5 * neg_dlogsnr_dt_z * sq
         kl = 0.5 * (self.alpha2_1 * z_clean.square() + self.sigma2_1 - 1 - math.log(self.sigma2_1))
         prior_nats = prior_nats + kl.flatten(1).sum(1)
@@ -395,7 +397,9 @@ class PlainULLoss:
         eps_x = torch.randn(x.shape, generator=g, device=device)
         alpha, sigma = torch.sigmoid(logsnr_x).sqrt(), torch.sigmoid(-logsnr_x).sqrt()
         x_t = alpha.view(scale) * x + sigma.view(scale) * eps_x
-        sq = (eps_x - decoder(x_t, logsnr_x, z_0)).square().flatten(1).sum(1)
+        v_x = decoder(x_t, logsnr_x, z_0).float()
+        eps_hat_x = sigma.view(scale) * x_t + alpha.view(scale) * v_x
+        sq = (eps_x - eps_hat_x).square().flatten(1).sum(1)
         weight = LOSS_FACTOR * torch.sigmoid(BIAS - logsnr_x)
         decoder_nats = weight * 0.5 * neg_dlogsnr_dt_x * sq
         return (prior_nats + decoder_nats).mean()

@@ -14,8 +14,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RULES = [
     (re.compile(r"^\s*print\("), ["ulframe"], set(), "print() in library code (use logging)"),
-    (re.compile(r"^\s*(import gin\b|from gin\b)"), ["ulframe", "plugins"], {"ulframe/wiring.py"}, "gin imported outside ulframe/wiring.py"),
-    (re.compile(r"torch\.distributed|from torch import distributed"), ["ulframe", "plugins"], {"ulframe/train/distributed.py"}, "torch.distributed outside ulframe/train/distributed.py"),
+    (
+        re.compile(r"^\s*(import gin\b|from gin\b)"),
+        ["ulframe", "plugins"],
+        {"ulframe/wiring.py"},
+        "gin imported outside ulframe/wiring.py",
+    ),
+    (
+        re.compile(r"torch\.distributed|from torch import distributed"),
+        ["ulframe", "plugins"],
+        {"ulframe/train/distributed.py"},
+        "torch.distributed outside ulframe/train/distributed.py",
+    ),
 ]
 SKIP = ("plugins/examples/",)
 

@@ -9,6 +9,7 @@ Order of calls in one run::
     ulframe_run_start
       for each stage:  ulframe_stage_start
                        ulframe_after_build
+                       ulframe_check_step          (every step, after backward; may skip it)
                        ulframe_train_step_end      (every `log_every_samples`)
                        ulframe_eval_end            (every `eval_every_samples` and at the end)
                        ulframe_checkpoint_saved    (every `checkpoint_every_samples` and at the end)
@@ -29,7 +30,7 @@ from typing import Any
 import pluggy
 import torch
 
-from ulframe.errors import PluginError
+from ulframe.errors import PluginError, UserError
 
 PROJECT = "ulframe"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -73,6 +74,14 @@ class StepInfo:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+class StopTraining(UserError):
+    """Raised by a hook (e.g. `ulframe_check_step`) to stop the run.
+
+    The loop writes a checkpoint of the last good state (skipped steps changed no weight), then
+    the CLI exits with code 2 and this message.
+    """
+
+
 # ---- run -------------------------------------------------------------------------------------
 @hookspec
 def ulframe_run_start(run: RunInfo) -> None:
@@ -98,6 +107,20 @@ def ulframe_stage_start(run: RunInfo, stage: StageInfo) -> None:
 @hookspec
 def ulframe_after_build(run: RunInfo, stage: StageInfo, model: torch.nn.Module) -> None:
     """The stage's networks are built and restored; training is about to begin."""
+
+
+@hookspec(firstresult=True)
+def ulframe_check_step(
+    run: RunInfo, stage: StageInfo, step: int, scalars: dict[str, torch.Tensor]
+) -> str | None:
+    """Every training step, after backward and gradient clipping, before the optimizer step.
+
+    `scalars` are this rank's 0-d tensors: the loss terms (batch means), `loss_nats` and
+    `grad_norm` (the global norm before clipping). Return a reason (str) to skip this step's
+    optimizer and EMA update, or None to take it; the first non-None answer wins. The decision
+    is made the same on every rank (a skip on any rank skips everywhere). Raise `StopTraining`
+    to stop the run. Keep it cheap: it runs every step.
+    """
 
 
 @hookspec

@@ -21,7 +21,8 @@ Checks, per kind:
 - samplers: with the eps-predictor of a point mass they return the point; seeded determinism;
 - datasets: each split's Source decodes to ``float32 (3, H, W)`` in [-1, 1] with a valid label,
   is picklable and deterministic (``image_folder`` runs on a temporary tree of 3 PNGs);
-- metrics: a dict of finite floats, deterministic.
+- metrics: a dict of finite floats, deterministic (``fid_inception`` on a random-init state dict
+  at 75 px: the real weights are never downloaded).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ TINY_KWARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("datasets", "photos"): dict(resolution=16, crops_per_epoch=4, eval_crops=2, seed=3),
     ("datasets", "image_folder"): dict(resolution=16),  # + root: a temporary tree, see below
     ("metrics", "psnr"): {},
+    ("metrics", "fd_photos"): {},  # the shipped weights
+    ("metrics", "fid_inception"): dict(input_size=75),  # + weights_path: random init, see below
 }
 NEEDS_TINY_KWARGS = {*NETWORK_KINDS, "datasets"}  # kinds whose defaults are not tiny / not usable
 
@@ -127,6 +130,17 @@ def photo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init FID Inception-v3 state dict (the real weights are never downloaded)."""
+    from ulframe_plugins.metrics.fid_inception import FIDInceptionV3
+
+    path = tmp_path_factory.mktemp("fid_inception") / "random_init.pt"
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), path)
+    return path
+
+
 @pytest.fixture
 def tiny(request: pytest.FixtureRequest, photo_tree: Path) -> Callable[[Entry], dict[str, Any]]:
     """tiny(entry) -> the entry's tiny kwargs; skips entries that have none."""
@@ -143,6 +157,8 @@ def tiny(request: pytest.FixtureRequest, photo_tree: Path) -> Callable[[Entry], 
         kwargs = dict(TINY_KWARGS[key])
         if key == ("datasets", "image_folder"):
             kwargs["root"] = str(photo_tree)
+        if key == ("metrics", "fid_inception"):
+            kwargs["weights_path"] = str(request.getfixturevalue("fid_weights"))
         return kwargs
 
     return get

@@ -169,6 +169,7 @@ def test_the_docstring_documents_every_hook() -> None:
         "ulframe_run_start",
         "ulframe_stage_start",
         "ulframe_after_build",
+        "ulframe_check_step",
         "ulframe_train_step_end",
         "ulframe_eval_end",
         "ulframe_checkpoint_saved",
@@ -203,7 +204,8 @@ def test_misspelled_hook_fails_at_registration_naming_plugin_and_hook() -> None:
     assert str(err.value) == (
         f"hook plugin Misspelled ({__name__}) implements unknown hook 'ulframe_train_step_ends'; "
         "did you mean 'ulframe_train_step_end'? (hooks: ulframe_run_start, ulframe_run_end, "
-        "ulframe_error, ulframe_stage_start, ulframe_after_build, ulframe_train_step_end, "
+        "ulframe_error, ulframe_stage_start, ulframe_after_build, ulframe_check_step, "
+        "ulframe_train_step_end, "
         "ulframe_eval_end, ulframe_checkpoint_saved, ulframe_stage_end)"
     )
 

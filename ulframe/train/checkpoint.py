@@ -4,6 +4,10 @@ A checkpoint is a dict of tensors and plain values saved with `torch.save` to a 
 fsynced, then renamed into place, with a SHA-256 sidecar written the same way. Loading uses
 `torch.load(weights_only=True)`; a file whose checksum does not match, or that would need
 arbitrary unpickling, is reported and the previous checkpoint is used.
+
+Every checkpoint also holds the full gin config of the run that wrote it (`config`) and its
+SHA-256 (`config_sha256`); a resume under a different config is refused (`ConfigChangedError`,
+with a unified diff) unless the user passes `--allow-config-change`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ulframe.errors import UserError
 
 log = logging.getLogger(__name__)
 PATTERN = "ckpt-{samples:012d}.pt"
@@ -83,11 +89,53 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise ValueError(f"{path.name}: refused to load ({type(err).__name__}: {err})") from err
 
 
-def load_latest(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The newest valid checkpoint in `directory`, or None. Invalid ones are logged and skipped."""
+def load_latest(
+    directory: Path, map_location: str | torch.device = "cpu", at_most: int | None = None
+) -> dict[str, Any] | None:
+    """The newest valid checkpoint in `directory` (of at most `at_most` samples), or None.
+
+    Invalid ones are logged and skipped."""
     for path in reversed(list_checkpoints(directory)):
+        if at_most is not None and int(path.stem.split("-")[1]) > at_most:
+            continue
         try:
             return load(path, map_location)
         except (ValueError, OSError, json.JSONDecodeError) as err:
             log.warning("skipping checkpoint %s: %s", path, err)
     return None
+
+
+class ConfigChangedError(UserError):
+    """The workdir was trained under a different gin config than this run's."""
+
+
+def config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_diff(old: str, new: str, max_lines: int = 40) -> str:
+    """The lines that changed between two configs, as a short unified diff."""
+    import difflib
+
+    lines = list(
+        difflib.unified_diff(
+            old.splitlines(), new.splitlines(), "trained with", "this run", n=0, lineterm=""
+        )
+    )
+    lines = [ln for ln in lines if not ln.startswith("@@")]
+    if len(lines) > max_lines:
+        lines = [*lines[:max_lines], f"... ({len(lines) - max_lines} more lines)"]
+    return "\n".join(lines)
+
+
+def check_config(old: str, new: str, where: str, allow: bool) -> None:
+    """Refuse (or, when `allow`, warn about) a resume whose config differs from `old`."""
+    if config_digest(old) == config_digest(new):
+        return
+    diff = config_diff(old, new)
+    if not allow:
+        raise ConfigChangedError(
+            f"{where} was trained with a different config:\n{diff}\n"
+            "use a new --workdir, or pass --allow-config-change to resume with this config"
+        )
+    log.warning("resuming %s with a changed config (--allow-config-change):\n%s", where, diff)

@@ -69,6 +69,41 @@ def mean_over_ranks(scalars: dict[str, float], world: World) -> dict[str, float]
     return {k: float(v) / world.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def any_over_ranks(flags: list[bool], world: World) -> list[bool]:
+    """Each flag True on every rank when it is True on any rank (one all-reduce)."""
+    if world.world_size == 1:
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def min_max_over_ranks(value: int, world: World) -> tuple[int, int]:
+    """The smallest and the largest of an integer over ranks."""
+    if world.world_size == 1:
+        return value, value
+    t = torch.tensor([value, -value], dtype=torch.int64, device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t[0]), -int(t[1])
+
+
+def launch_argv(nproc: int, max_restarts: int, ulframe_args: list[str]) -> list[str]:
+    """The command that runs `ulframe ULFRAME_ARGS` in `nproc` processes under torch's elastic
+    agent (torchrun), restarting all of them up to `max_restarts` times when one fails."""
+    import sys
+
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+        "-m", "ulframe", *ulframe_args,
+    ]  # fmt: skip
+
+
+def launched() -> bool:
+    """True inside a process started by torchrun / the elastic agent."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
 def barrier(world: World) -> None:
     if world.world_size > 1:
         dist.barrier()

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ulframe.data.pipeline import build_loader, first_example
-from ulframe.errors import ConfigError, UserError
+from ulframe.errors import ConfigError
 from ulframe.eval.images import save_grid
-from ulframe.hookspecs import RunInfo, StageInfo, StepInfo
+from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
 from ulframe.protocols import BuildContext, EvalReport
 from ulframe.rundir import MetricsFile
 from ulframe.train import checkpoint, distributed
@@ -35,7 +35,7 @@ DONE_FILE = "DONE.json"
 EVAL_STREAM = 2**62  # a samples-seen value no training step reaches: the evaluation's seed
 
 
-class StopRequested(UserError):
+class StopRequested(StopTraining):
     """SIGTERM/SIGINT arrived: a checkpoint was written and the run stopped; re-run to resume."""
 
 
@@ -59,6 +59,8 @@ class RunContext:
     num_workers: int = 0
     operative_config: Callable[[], str] = str  # the CLI passes gin's operative config
     stop: list[int] = field(default_factory=list)  # signals received
+    config: str = ""  # the full gin config; saved in checkpoints, compared on resume
+    allow_config_change: bool = False
 
 
 def run_experiment(experiment: Any, ctx: RunContext) -> dict[str, dict[str, float]]:
@@ -154,6 +156,8 @@ def _checkpoint(
         "loader": loader.state_dict(),
         "samples_seen": samples_seen,
         "stage": info.name,
+        "config": ctx.config,
+        "config_sha256": checkpoint.config_digest(ctx.config),
     }
     # Every rank's loader state lives in its own file; rank 0 writes the shared rest.
     directory = (
@@ -167,6 +171,18 @@ def _checkpoint(
             ctx.hooks.hook.ulframe_checkpoint_saved(
                 run=ctx.info, stage=info, path=path, samples_seen=samples_seen
             )
+
+
+def _restore(ckpt_dir: Path, world: World) -> dict[str, Any] | None:
+    """The newest checkpoint valid on every rank (each rank keeps its own loader position)."""
+    limit = None
+    while True:
+        state = checkpoint.load_latest(ckpt_dir, map_location=world.device, at_most=limit)
+        mine = int(state["samples_seen"]) if state is not None else -1
+        lowest, highest = distributed.min_max_over_ranks(mine, world)
+        if lowest == highest:
+            return state
+        limit = lowest  # a rank lost its newest checkpoint (killed mid-save): all step back
 
 
 def train_stage(
@@ -192,6 +208,8 @@ def train_stage(
     torch.manual_seed(seed_for(ctx.seed, 0, 0))  # identical initial weights on every rank
     build_ctx = BuildContext(example, dataset.num_classes, world.device, stage_dir, dict(previous))
     model = stage.build(build_ctx).to(world.device)
+    # A stage may train on another Source built from the data (ul_base: cached latents).
+    train_source = getattr(stage, "train_source", lambda source: source)(train_source)
     ema = EMA(model, settings.ema_halflife_samples)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = settings.build_optimizer(params)
@@ -214,8 +232,11 @@ def train_stage(
     # -- restore ---------------------------------------------------------------------------------
     samples_seen = 0
     ckpt_dir = stage_dir / "checkpoints" / (f"rank{world.rank}" if world.world_size > 1 else "")
-    state = checkpoint.load_latest(ckpt_dir, map_location=world.device)
+    state = _restore(ckpt_dir, world)
     if state is not None:
+        checkpoint.check_config(
+            state.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
+        )
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -242,82 +263,109 @@ def train_stage(
     )
     batches: Iterator[dict[str, torch.Tensor]] = iter(loader)
     sums: dict[str, torch.Tensor] = {}
-    n_sum, t_window, wait_window = 0, 0.0, 0.0
+    n_sum, n_steps, skipped, t_window, wait_window = 0, 0, 0, 0.0, 0.0
 
     # -- train -----------------------------------------------------------------------------------
-    with _stop_on_signals(ctx.stop):
-        while samples_seen < settings.train_samples and not ctx.stop:
-            t0 = time.perf_counter()
-            batch = _to_device(next(batches), world.device)
-            t_data = time.perf_counter() - t0
-            seed = seed_for(ctx.seed, world.rank, samples_seen)
-            torch.manual_seed(seed)  # dropout and any other global-RNG use
-            generator = torch.Generator(world.device).manual_seed(seed)
-            for group in opt.param_groups:
-                group["lr"] = settings.lr_at(samples_seen)
-            with autocast:
-                terms = train_model(batch, generator)
-            loss = terms.total_nats().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            log_now = _crossed(
-                samples_seen, samples_seen + settings.batch_size, settings.log_every_samples
-            )
-            module_norms = _grad_norms(model) if log_now and world.is_main else {}
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, settings.grad_clip if settings.grad_clip > 0 else float("inf")
-            )
-            opt.step()
-            ema.update(model, settings.batch_size)
-            before, samples_seen = samples_seen, samples_seen + settings.batch_size
-            for k, v in (terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}).items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            n_sum += 1
-            t_window += time.perf_counter() - t0
-            wait_window += t_data
-
-            if log_now:  # -- log ----------------------------------------------------------------
-                scalars = {k: float(v) / n_sum for k, v in sums.items()}
-                scalars["lr"] = opt.param_groups[0]["lr"]
-                scalars = distributed.mean_over_ranks(scalars, world) | module_norms
-                scalars["samples_per_s"] = n_sum * settings.batch_size / max(t_window, 1e-9)
-                scalars["data_wait_fraction"] = wait_window / max(t_window, 1e-9)
-                step = samples_seen // settings.batch_size
-                if world.is_main:
-                    ctx.metrics.write(
-                        {
-                            "stage": stage.name,
-                            "step": step,
-                            "samples_seen": samples_seen,
-                            "kind": "train",
-                        }
-                        | scalars
-                    )
-                ctx.hooks.hook.ulframe_train_step_end(
+    try:
+        with _stop_on_signals(ctx.stop):
+            stopping = False
+            while samples_seen < settings.train_samples and not stopping:
+                t0 = time.perf_counter()
+                batch = _to_device(next(batches), world.device)
+                t_data = time.perf_counter() - t0
+                seed = seed_for(ctx.seed, world.rank, samples_seen)
+                torch.manual_seed(seed)  # dropout and any other global-RNG use
+                generator = torch.Generator(world.device).manual_seed(seed)
+                for group in opt.param_groups:
+                    group["lr"] = settings.lr_at(samples_seen)
+                with autocast:
+                    terms = train_model(batch, generator)
+                loss = terms.total_nats().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                log_now = _crossed(
+                    samples_seen, samples_seen + settings.batch_size, settings.log_every_samples
+                )
+                module_norms = _grad_norms(model) if log_now and world.is_main else {}
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, settings.grad_clip if settings.grad_clip > 0 else float("inf")
+                )
+                step_scalars = terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}
+                step_scalars = {k: v.detach() for k, v in step_scalars.items()}
+                skip = ctx.hooks.hook.ulframe_check_step(
                     run=ctx.info,
-                    step=StepInfo(
-                        info, step, samples_seen, scalars, t_window / n_sum, wait_window / n_sum
-                    ),
+                    stage=info,
+                    step=samples_seen // settings.batch_size + 1,
+                    scalars=step_scalars,
                 )
-                sums, n_sum, t_window, wait_window = {}, 0, 0.0, 0.0
-            if (
-                _crossed(before, samples_seen, settings.eval_every_samples)
-                and samples_seen < settings.train_samples
-            ):
-                evaluate(ema.model, samples_seen)
-            if (
-                _crossed(before, samples_seen, settings.checkpoint_every_samples)
-                and samples_seen < settings.train_samples
-            ):
-                _checkpoint(
-                    info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints
+                # One all-reduce: skip on every rank if any skips, stop if any got a signal.
+                skipping, stopping = distributed.any_over_ranks(
+                    [skip is not None, bool(ctx.stop)], world
                 )
+                if skipping:
+                    skipped += 1
+                    log.warning("stage %s: step skipped: %s", stage.name, skip or "(another rank)")
+                else:
+                    opt.step()
+                    ema.update(model, settings.batch_size)
+                    for k, v in step_scalars.items():
+                        sums[k] = sums.get(k, 0.0) + v.float()
+                    n_sum += 1
+                before, samples_seen = samples_seen, samples_seen + settings.batch_size
+                n_steps += 1
+                t_window += time.perf_counter() - t0
+                wait_window += t_data
 
-        if ctx.stop:  # -- pre-empted: save what we have and stop -----------------------------
-            _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
-            raise StopRequested(
-                f"stopped by signal {ctx.stop[0]} at {samples_seen} samples; checkpoint saved, re-run to resume"
-            )
+                if log_now:  # -- log ------------------------------------------------------------
+                    scalars = {k: float(v) / n_sum for k, v in sums.items()}
+                    scalars["lr"] = opt.param_groups[0]["lr"]
+                    scalars["skipped_steps"] = float(skipped)
+                    scalars = distributed.mean_over_ranks(scalars, world) | module_norms
+                    scalars["samples_per_s"] = n_steps * settings.batch_size / max(t_window, 1e-9)
+                    scalars["data_wait_fraction"] = wait_window / max(t_window, 1e-9)
+                    step = samples_seen // settings.batch_size
+                    if world.is_main:
+                        ctx.metrics.write(
+                            {
+                                "stage": stage.name,
+                                "step": step,
+                                "samples_seen": samples_seen,
+                                "kind": "train",
+                            }
+                            | scalars
+                        )
+                    per_step = (t_window / n_steps, wait_window / n_steps)
+                    ctx.hooks.hook.ulframe_train_step_end(
+                        run=ctx.info, step=StepInfo(info, step, samples_seen, scalars, *per_step)
+                    )
+                    sums, n_sum, n_steps, skipped = {}, 0, 0, 0
+                    t_window, wait_window = 0.0, 0.0
+                if (
+                    _crossed(before, samples_seen, settings.eval_every_samples)
+                    and samples_seen < settings.train_samples
+                ):
+                    evaluate(ema.model, samples_seen)
+                if (
+                    _crossed(before, samples_seen, settings.checkpoint_every_samples)
+                    and samples_seen < settings.train_samples
+                ):
+                    _checkpoint(
+                        info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints
+                    )
+
+            if stopping:  # -- pre-empted: save what we have and stop -------------------------
+                signum = ctx.stop[0] if ctx.stop else signal.SIGTERM  # (another rank's signal)
+                raise StopRequested(
+                    f"stopped by signal {int(signum)} at {samples_seen} samples; "
+                    "checkpoint saved, re-run to resume"
+                )
+    except StopTraining as err:  # StopRequested, or a hook: skipped steps changed no weight
+        _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
+        if isinstance(err, StopRequested):
+            raise
+        raise StopTraining(
+            f"{err}; checkpoint of the last good weights saved at {samples_seen} samples"
+        ) from err
 
     # -- finish: final evaluation, checkpoint, DONE ----------------------------------------------
     final = evaluate(ema.model, samples_seen)

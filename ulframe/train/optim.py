@@ -42,7 +42,9 @@ class EMA(torch.nn.Module):
         super().__init__()
         self.halflife_samples = halflife_samples
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._ema_params = [p for p in self.model.parameters() if p.is_floating_point()]
+        self._ema_params: list[torch.Tensor] = [
+            p for p in self.model.parameters() if p.is_floating_point()
+        ]
         self._ema_buffers = list(self.model.buffers())
 
     @torch.no_grad()

@@ -1,0 +1,201 @@
+"""Fault tolerance of `ulframe run`: SIGKILL, SIGTERM, corrupt checkpoints, config changes.
+
+Every run here is the `tiny_run` quickstart (conftest.py) with 24 samples in steps of 4, a
+checkpoint every 4 samples and no intermediate evaluation: seconds per run on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ulframe.train import checkpoint
+
+RunCli = Callable[..., subprocess.CompletedProcess[str]]
+SAMPLES = 24
+LONGER = [
+    "--gin_param", f"TRAIN_SAMPLES = {SAMPLES}",
+    "--gin_param", "stage1/TrainSettings.eval_every_samples = 0",
+    "--gin_param", "stage1/TrainSettings.keep_checkpoints = 100",
+]  # fmt: skip
+
+
+def _args(workdir: Path, tiny_run: list[str], *extra: str) -> list[str]:
+    return ["run", "gin/quickstart.gin", "--workdir", str(workdir), *tiny_run, *LONGER, *extra]
+
+
+def _ckpts(workdir: Path) -> Path:
+    return workdir / "stages" / "stage1" / "checkpoints"
+
+
+def _start_and_signal(
+    args: list[str], env: dict[str, str], workdir: Path, sig: int, wait_for: int = 4
+) -> tuple[int, str, str]:
+    """Start `ulframe ARGS`; send `sig` once the checkpoint at `wait_for` samples exists."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ulframe", *args],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = _ckpts(workdir) / f"ckpt-{wait_for:012d}.json"  # the sidecar is written last
+    deadline = time.monotonic() + 120
+    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def _final(workdir: Path) -> dict[str, Any]:
+    return checkpoint.load(_ckpts(workdir) / f"ckpt-{SAMPLES:012d}.pt")
+
+
+def _assert_bit_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        differ = [k for k in a[part] if not torch.equal(a[part][k], b[part][k])]
+        assert not differ, f"{part}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert a["samples_seen"] == b["samples_seen"] == SAMPLES
+
+
+@pytest.mark.slow
+def test_sigkill_and_a_truncated_newest_checkpoint_resume_bit_identical(
+    run_cli: RunCli, cli_env: Any, tmp_path: Path, tiny_run: list[str]
+) -> None:
+    reference = tmp_path / "reference"
+    done = run_cli(*_args(reference, tiny_run))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # SIGKILL once two checkpoints exist; the newest is then truncated (as a kill mid-write on a
+    # filesystem without atomic rename would leave it). The same command again warns, resumes
+    # from the previous checkpoint and ends with bit-identical weights, data order included.
+    killed = tmp_path / "killed"
+    code, _, err = _start_and_signal(
+        _args(killed, tiny_run), cli_env(), killed, signal.SIGKILL, wait_for=8
+    )
+    assert code == -signal.SIGKILL, f"the run ended before it was killed:\n{err[-2000:]}"
+    assert not (killed / "stages" / "stage1" / "DONE.json").exists()
+    *_, previous, newest = checkpoint.list_checkpoints(_ckpts(killed))
+    newest.write_bytes(newest.read_bytes()[:1000])
+    resumed = run_cli(*_args(killed, tiny_run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping checkpoint {newest}: {newest.name}: checksum mismatch" in resumed.stderr
+    assert f"resumed at {checkpoint.load(previous)['samples_seen']} samples" in resumed.stderr
+    _assert_bit_identical(_final(reference), _final(killed))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_a_changed_config_is_refused_on_resume(
+    run_cli: RunCli, cli_env: Any, tmp_path: Path, tiny_run: list[str]
+) -> None:
+    workdir = tmp_path / "run"
+    code, _, err = _start_and_signal(_args(workdir, tiny_run), cli_env(), workdir, signal.SIGTERM)
+    assert code == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ulframe: error: stopped by signal 15 at "), last
+    assert "checkpoint saved, re-run to resume" in last
+    stopped_at = int(last.split(" at ")[1].split()[0])
+    assert (_ckpts(workdir) / f"ckpt-{stopped_at:012d}.pt").is_file()
+
+    # A changed config is refused before anything is built, with the lines that changed.
+    changed = ["--gin.stage1/TrainSettings.lr=2e-3"]
+    refused = run_cli(*_args(workdir, tiny_run, *changed))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"ulframe: error: workdir {workdir} was trained with a different config:" in (
+        refused.stderr
+    )
+    assert "-stage1/TrainSettings.lr = 0.001\n+stage1/TrainSettings.lr = 0.002" in refused.stderr
+    assert "--allow-config-change" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    # Moving the workdir changes no gin binding: the same command resumes there.
+    moved = tmp_path / "moved"
+    workdir.rename(moved)
+    resumed = run_cli(*_args(moved, tiny_run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at {stopped_at} samples" in resumed.stderr
+    assert (moved / "stages" / "stage1" / "DONE.json").is_file()
+
+    # --allow-config-change: accepted, the diff logged.
+    allowed = run_cli(*_args(moved, tiny_run, *changed, "--allow-config-change"))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "with a changed config (--allow-config-change)" in allowed.stderr
+    assert "stage stage1 already finished: skipping" in allowed.stderr
+
+
+POISON = '''
+import dataclasses
+
+import torch
+from ulframe.hookspecs import hookimpl
+
+
+class Poison:
+    """Test-only: makes the first loss term NaN on the given training steps (1-based)."""
+
+    def __init__(self, steps=()):
+        self.steps = set(steps)
+        self.calls = 0
+
+    @hookimpl
+    def ulframe_after_build(self, run, stage, model):
+        model.register_forward_hook(self._poison)
+
+    def _poison(self, module, args, terms):
+        if not module.training:
+            return terms
+        self.calls += 1
+        if self.calls not in self.steps:
+            return terms
+        first = dataclasses.fields(terms)[0].name
+        return dataclasses.replace(terms, **{first: getattr(terms, first) * float("nan")})
+'''
+
+
+@pytest.mark.slow
+def test_nan_guard_skips_non_finite_steps_and_stops_after_k_in_a_row(
+    run_cli: RunCli, cli_env: Any, make_distribution: Any, tmp_path: Path, tiny_run: list[str]
+) -> None:
+    site = make_distribution(
+        tmp_path / "site", "poison-plugin", {"ulframe.hooks": {"poison": "poison:Poison"}},
+        {"poison.py": POISON},
+    )  # fmt: skip
+    workdir = tmp_path / "run"
+    guard = [
+        "--gin.Experiment.hooks=[@hooks.console(), @hooks.nan_guard(), @hooks.poison()]",
+        "--gin.hooks.nan_guard.max_consecutive=2",
+        "--gin.hooks.poison.steps=(2, 4, 5)",  # 2: skipped, then recovered; 4, 5: stop
+    ]
+    done = run_cli(*_args(workdir, tiny_run, *guard), env=cli_env({"PYTHONPATH": str(site)}))
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ulframe: error: non-finite "), last
+    assert "at step 5 of stage stage1: 2 consecutive steps skipped" in last
+    assert "loss_nats" in last and "grad_norm" in last
+    assert "checkpoint of the last good weights saved at 16 samples" in last
+    assert done.stderr.count("step skipped: non-finite") == 2  # steps 2 and 4
+
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r["skipped_steps"] for r in records if r["kind"] == "train"}
+    assert skipped == {1: 0, 2: 1, 3: 0, 4: 1}
+    assert all(math.isfinite(r["loss_nats"]) for r in records if "loss_nats" in r)
+
+    # The stop checkpoint holds the weights of the last good step (3): steps 4, 5 changed nothing.
+    good = checkpoint.load(_ckpts(workdir) / "ckpt-000000000012.pt")
+    stop = checkpoint.load(_ckpts(workdir) / "ckpt-000000000016.pt")
+    for part in ("model", "ema"):
+        assert all(torch.equal(good[part][k], stop[part][k]) for k in good[part])
+        assert all(t.isfinite().all() for t in stop[part].values() if t.is_floating_point())

@@ -1,0 +1,105 @@
+"""ulframe.train.checkpoint: atomic, checksummed, newest-valid fallback, no code unpickled."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ulframe.train import checkpoint
+
+
+def _state(value: float) -> dict[str, object]:
+    return {"model": {"w": torch.full((3,), value)}, "samples_seen": int(value), "stage": "s"}
+
+
+def test_save_load_roundtrip_and_keep(tmp_path: Path) -> None:
+    for n in (4, 8, 12, 16):
+        checkpoint.save(tmp_path, n, _state(n), keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "ckpt-000000000012.pt",
+        "ckpt-000000000016.pt",
+    ]
+    assert not list(tmp_path.glob("*.tmp"))
+    state = checkpoint.load_latest(tmp_path)
+    assert state is not None and state["samples_seen"] == 16
+    assert torch.equal(state["model"]["w"], torch.full((3,), 16.0))
+
+
+def test_truncated_newest_falls_back_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpoint.save(tmp_path, 4, _state(4))
+    newest = checkpoint.save(tmp_path, 8, _state(8))
+    newest.write_bytes(newest.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="ulframe.train.checkpoint"):
+        state = checkpoint.load_latest(tmp_path)
+    assert state is not None and state["samples_seen"] == 4
+    assert "ckpt-000000000008.pt: checksum mismatch" in caplog.text
+
+
+def test_missing_sidecar_is_skipped(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, 4, _state(4))
+    checkpoint.save(tmp_path, 8, _state(8)).with_suffix(".json").unlink()
+    state = checkpoint.load_latest(tmp_path)
+    assert state is not None and state["samples_seen"] == 4
+    with pytest.raises(ValueError, match="no checksum file"):
+        checkpoint.load(tmp_path / "ckpt-000000000008.pt")
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what weights_only=True must refuse."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_checkpoint_that_needs_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt-000000000004.pt"
+    torch.save({"model": {}, "payload": _RunsCode()}, path)
+    data = path.read_bytes()  # a valid checksum: only the unpickler stands in the way
+    meta = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "samples_seen": 4}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="refused to load"):
+            checkpoint.load(path)
+        assert checkpoint.load_latest(tmp_path) is None
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_export_writes_the_ema_of_the_newest_valid_checkpoint(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from ulframe import cli
+
+    ckpts = tmp_path / "run" / "stages" / "stage1" / "checkpoints"
+    for n in (4, 8):
+        ema = {"w": torch.full((2, 3), float(n)), "b": torch.zeros(3)}
+        state = {
+            "model": {},
+            "ema": ema,
+            "samples_seen": n,
+            "config": "a = 1",
+            "config_sha256": "x",
+        }
+        checkpoint.save(ckpts, n, state)
+    newest = ckpts / "ckpt-000000000008.pt"
+    newest.write_bytes(newest.read_bytes()[:50])  # truncated: the export uses the one at 4
+    out = tmp_path / "ema.safetensors"
+    assert cli.main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["samples_seen"] == "4" and f.metadata()["stage"] == "stage1"
+        assert f.metadata()["config"] == "a = 1"
+        assert torch.equal(f.get_tensor("w"), torch.full((2, 3), 4.0))
+        assert set(f.keys()) == {"w", "b"}
+    code = cli.main(["export", str(tmp_path / "run"), "--stage", "nope", "--out", str(out)])
+    assert code == cli.EXIT_USER_ERROR
