@@ -1,23 +1,232 @@
-"""TensorBoard logger (rank 0 only): scalars, evaluation images and the operative config."""
+"""TensorBoard logger (rank 0 only): scalars, evaluation images, the operative config, hparams
+and a rate–distortion figure (bits/pixel against PSNR).
+
+The figure is drawn with Pillow (no matplotlib needed). For a sweep, one point per run::
+
+    python -m ulframe_plugins.hooks.tensorboard SWEEP_DIR   # writes SWEEP_DIR/rate_distortion.png
+
+where every subfolder of SWEEP_DIR holding a `metrics.jsonl` is one run (its final evaluation).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from ulframe.eval.images import grid
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, hookimpl
 
+DEFAULT_HPARAMS = ("loss_factor", "bias", "latent_logsnr_max", "lr", "batch_size")
+_BINDING = re.compile(r"^\s*([A-Za-z_][\w./]*)\s*=\s*(.+?)\s*$")
 
+
+# ---- latent channels --------------------------------------------------------------------------
+def latent_channels(z: torch.Tensor) -> np.ndarray:
+    """(N, C, h, w) latents -> one grid image: a row per example, a grayscale tile per channel.
+
+    Each channel is normalised to [-1, 1] by its own min and max over the examples shown.
+    """
+    z = z.detach().float().cpu()
+    n, c = z.shape[:2]
+    lo = z.amin(dim=(0, 2, 3), keepdim=True)
+    hi = z.amax(dim=(0, 2, 3), keepdim=True)
+    z = 2 * (z - lo) / (hi - lo).clamp_min(1e-8) - 1
+    return grid(z.reshape(n * c, 1, *z.shape[2:]), ncols=c)
+
+
+# ---- hparams from the operative config ---------------------------------------------------------
+def _value(text: str) -> Any:
+    text = text.strip()
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip("'\"")
+
+
+def config_hparams(operative_config: str, names: Sequence[str], scope: str) -> dict[str, Any]:
+    """Values of the bindings whose parameter name is one of `names` (matched by suffix).
+
+    `stage1/stages.ul_joint.loss_factor = 1.5` gives loss_factor=1.5; a `%MACRO` value is
+    resolved; a binding in `scope` (`stage1/...`) wins over others. Multi-line values are skipped.
+    """
+    bindings: dict[str, str] = {}
+    for line in operative_config.splitlines():
+        m = _BINDING.match(line)
+        if m:
+            bindings[m.group(1)] = m.group(2)
+    found: dict[str, Any] = {}
+    for name in names:
+        keys = [k for k in bindings if k == name or k.endswith("." + name)]
+        keys.sort(key=lambda k: not k.startswith(scope + "/"))  # this stage's bindings first
+        for key in keys:
+            raw = bindings[key]
+            seen = 0
+            while raw.startswith("%") and raw[1:] in bindings and seen < 10:
+                raw, seen = bindings[raw[1:]], seen + 1
+            if raw.endswith(("(", "[", "{", "\\")) or raw.startswith(("@", "%")):
+                continue
+            found[name] = _value(raw)
+            break
+    return found
+
+
+# ---- the rate–distortion figure ----------------------------------------------------------------
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    raw = (hi - lo) / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _span(values: list[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = max((hi - lo) * 0.08, 0.02 * max(abs(lo), abs(hi)), 0.01)
+    return lo - pad, hi + pad
+
+
+def _label(v: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 2
+    return f"{v:.{decimals}f}"
+
+
+def rate_distortion_figure(
+    points: Sequence[tuple[float, float, str]],
+    title: str = "rate-distortion",
+    connect: bool = True,
+    size: tuple[int, int] = (480, 360),
+) -> Image.Image:
+    """Bits/pixel (x) against PSNR in dB (y) as an RGB image: axes, numbered ticks, points.
+
+    `points` are (bits_per_pixel, psnr, label); non-finite points are left out. `connect`
+    joins the points in order (a run's trajectory); labels are written beside the points.
+    """
+    pts = [(x, y, s) for x, y, s in points if math.isfinite(x) and math.isfinite(y)]
+    width, height = size
+    left, right, top, bottom = 62, 16, 30, 44
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((width // 2, 8), title, fill="black", font=font, anchor="mt")
+    x0, y0, x1, y1 = left, top, width - right, height - bottom
+    draw.rectangle((x0, y0, x1, y1), outline="black")
+    draw.text(((x0 + x1) // 2, height - 6), "bits/pixel", fill="black", font=font, anchor="mb")
+    draw.text((4, y0 - 4), "PSNR (dB)", fill="black", font=font, anchor="lb")
+    if not pts:
+        draw.text(((x0 + x1) // 2, (y0 + y1) // 2), "no points", fill="gray", anchor="mm")
+        return img
+    xlo, xhi = _span([p[0] for p in pts])
+    ylo, yhi = _span([p[1] for p in pts])
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
+
+    xt, yt = _ticks(xlo, xhi), _ticks(ylo, yhi)
+    for v in xt:
+        u = px(v, ylo)[0]
+        draw.line((u, y0, u, y1), fill=(230, 230, 230))
+        draw.line((u, y1, u, y1 + 4), fill="black")
+        draw.text((u, y1 + 6), _label(v, xt[1] - xt[0] if len(xt) > 1 else 0), "black", font, "mt")
+    for v in yt:
+        w = px(xlo, v)[1]
+        draw.line((x0, w, x1, w), fill=(230, 230, 230))
+        draw.line((x0 - 4, w, x0, w), fill="black")
+        draw.text((x0 - 6, w), _label(v, yt[1] - yt[0] if len(yt) > 1 else 0), "black", font, "rm")
+    draw.rectangle((x0, y0, x1, y1), outline="black")
+    xy = [px(x, y) for x, y, _ in pts]
+    if connect and len(xy) > 1:
+        draw.line(xy, fill=(90, 130, 200), width=1)
+    for (u, w), (_, _, label) in zip(xy, pts, strict=True):
+        draw.ellipse((u - 3, w - 3, u + 3, w + 3), fill=(200, 60, 40), outline="black")
+        if label:
+            draw.text((u + 5, w - 5), label, fill="black", font=font, anchor="ls")
+    return img
+
+
+def final_eval_point(metrics_path: Path) -> tuple[float, float] | None:
+    """(bits_per_pixel, psnr) of the last evaluation in a `metrics.jsonl` that has both."""
+    point = None
+    for line in metrics_path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if r.get("kind") == "eval" and "eval/bits_per_pixel" in r and "eval/psnr" in r:
+            point = (float(r["eval/bits_per_pixel"]), float(r["eval/psnr"]))
+    return point
+
+
+def _earlier_points(workdir: Path, stage: str, before: int) -> list[tuple[float, float, str]]:
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if (
+            r.get("kind") == "eval"
+            and r.get("stage") == stage
+            and r.get("samples_seen", before) < before
+            and {"eval/bits_per_pixel", "eval/psnr"} <= set(r)
+        ):
+            points.append((float(r["eval/bits_per_pixel"]), float(r["eval/psnr"]), ""))
+    return points
+
+
+def sweep_rate_distortion(sweep_dir: Path) -> Path:
+    """One point per run (subfolder with metrics.jsonl) -> SWEEP_DIR/rate_distortion.png."""
+    sweep_dir = Path(sweep_dir)
+    points = []
+    for metrics in sorted(sweep_dir.glob("*/metrics.jsonl")):
+        point = final_eval_point(metrics)
+        if point is not None:
+            points.append((*point, metrics.parent.name))
+    if not points:
+        raise FileNotFoundError(
+            f"no run in {sweep_dir} has an evaluation with bits_per_pixel and psnr "
+            "(expected SWEEP_DIR/<run>/metrics.jsonl)"
+        )
+    points.sort()
+    out = sweep_dir / "rate_distortion.png"
+    rate_distortion_figure(points, f"rate-distortion: {sweep_dir.name}", connect=False).save(out)
+    return out
+
+
+# ---- the hook ----------------------------------------------------------------------------------
 class TensorBoardLogger:
-    """Writes `workdir/tb/<stage>` event files: every logged scalar, eval images, the config."""
+    """Writes `workdir/tb/<stage>` event files: scalars, eval images, config, hparams, R-D.
 
-    def __init__(self, subdir: str = "tb", flush_secs: int = 30) -> None:
+    Latents (the "latents" image, or any image whose channel count is not 1 or 3) are shown
+    channel by channel as grayscale tiles. After each evaluation with bits/pixel and PSNR the
+    rate-distortion trajectory is logged (`eval/rate_distortion`) and written to
+    `workdir/rate_distortion.png`. At the end of a stage, hparams: the stage name and the
+    operative-config parameters named in `hparams` (matched by suffix) against its final eval.
+    """
+
+    def __init__(
+        self, subdir: str = "tb", flush_secs: int = 30, hparams: Sequence[str] = DEFAULT_HPARAMS
+    ) -> None:
         self.subdir = subdir
         self.flush_secs = flush_secs
+        self.hparams = tuple(hparams)
         self._writers: dict[str, Any] = {}
         self._config_logged = False
+        self._rd: dict[str, list[tuple[float, float, str]]] = {}
 
     def _writer(self, run: RunInfo, stage: StageInfo) -> Any:
         from torch.utils.tensorboard import SummaryWriter
@@ -64,12 +273,37 @@ class TensorBoardLogger:
         for k, v in scalars.items():
             w.add_scalar(f"eval/{k}", v, samples_seen)
         for name, x in images.items():
+            if x.dim() != 4:
+                continue
+            if name == "latents" or x.shape[1] not in (1, 3):
+                w.add_image(f"eval/{name}", latent_channels(x), samples_seen, dataformats="HWC")
+                continue
             ncols = 2 * 4 if name == "reconstructions" else None
             w.add_image(f"eval/{name}", grid(x, ncols), samples_seen, dataformats="HWC")
+        if "bits_per_pixel" in scalars and "psnr" in scalars:
+            if stage.name not in self._rd:  # resumed: earlier points from metrics.jsonl
+                self._rd[stage.name] = _earlier_points(run.workdir, stage.name, samples_seen)
+            points = self._rd[stage.name]
+            points.append((float(scalars["bits_per_pixel"]), float(scalars["psnr"]), ""))
+            labelled = [*points[:-1], (*points[-1][:2], str(samples_seen))]
+            fig = rate_distortion_figure(
+                labelled, f"rate-distortion: {stage.name} (label: samples seen)"
+            )
+            w.add_image("eval/rate_distortion", np.asarray(fig), samples_seen, dataformats="HWC")
+            name = (
+                "rate_distortion.png" if stage.index == 0 else f"rate_distortion_{stage.name}.png"
+            )
+            fig.save(run.workdir / name)
         w.flush()
 
     @hookimpl
     def ulframe_stage_end(self, run: RunInfo, stage: StageInfo, scalars: dict[str, float]) -> None:
+        if run.is_main and self.hparams:
+            w = self._writer(run, stage)
+            params: dict[str, Any] = {"stage": stage.name}
+            params |= config_hparams(run.operative_config, self.hparams, stage.name)
+            metrics = {f"hparam/{k}": float(v) for k, v in scalars.items()}
+            w.add_hparams(params, metrics, run_name=".", global_step=stage.total_samples)
         if stage.name in self._writers:
             self._writers.pop(stage.name).close()
 
@@ -78,3 +312,24 @@ class TensorBoardLogger:
         for w in self._writers.values():
             w.close()
         self._writers.clear()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ulframe_plugins.hooks.tensorboard",
+        description="Rate–distortion figure of a sweep: the final evaluation of every run "
+        "(each subfolder with metrics.jsonl) as bits/pixel against PSNR.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="folder whose subfolders are runs")
+    args = parser.parse_args(argv)
+    try:
+        out = sweep_rate_distortion(args.sweep_dir)
+    except FileNotFoundError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    sys.stdout.write(f"wrote {out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
