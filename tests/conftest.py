@@ -35,6 +35,7 @@ CLI_TIMEOUT_S = 120
 # phase of a run (train, log, eval, checkpoint, images, resume) in a few seconds on one CPU core.
 TINY_RUN: tuple[str, ...] = (
     "TRAIN_SAMPLES = 8",
+    "Experiment.stages = [@stage1/stages.ul_joint()]",  # stage 2: TINY_STAGE2 below
     "datasets.photos.resolution = 16",
     "datasets.photos.crops_per_epoch = 64",
     "datasets.photos.eval_crops = 8",
@@ -56,6 +57,24 @@ TINY_RUN: tuple[str, ...] = (
     "decoders.uvit.width = 32",
     "decoders.uvit.depth = 1",
     "decoders.uvit.heads = 2",
+)
+
+# Stage 2 (ul_base) of gin/quickstart.gin added to TINY_RUN: a few steps on cached latents.
+TINY_STAGE2: tuple[str, ...] = (
+    "Experiment.stages = [@stage1/stages.ul_joint(), @stage2/stages.ul_base()]",
+    "BASE_TRAIN_SAMPLES = 8",
+    "stage2/TrainSettings.batch_size = 4",
+    "stage2/TrainSettings.warmup_samples = 4",
+    "stage2/TrainSettings.log_every_samples = 4",
+    "stage2/TrainSettings.eval_every_samples = 8",
+    "stage2/TrainSettings.eval_batches = 1",
+    "stage2/TrainSettings.checkpoint_every_samples = 8",
+    "stage2/stages.ul_base.sample_steps = 2",
+    "stage2/stages.ul_base.eval_t_per_example = 1",
+    "stage2/stages.ul_base.eval_images = 2",
+    "base/priors.vit.widths = (16, 32)",
+    "base/priors.vit.depths = (1, 1)",
+    "base/priors.vit.heads = 2",
 )
 
 

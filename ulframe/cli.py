@@ -2,6 +2,9 @@
 
     ulframe run FILE.gin [FILE2.gin ...] [--gin.NAME=VALUE ...] [--gin_param 'a.b = 1' ...] [--workdir DIR]
     ulframe config FILE.gin [...]          parse, validate and print the config; no training
+    ulframe export WORKDIR [--stage NAME] --out FILE.safetensors   EMA weights of a run
+    ulframe sample FILE.gin --workdir DIR -n N [--class C] [--guidance G] [--steps S]
+    ulframe eval FILE.gin --workdir DIR    evaluate a trained run; prints and writes eval.json
     ulframe plugins [--kind KIND] [--markdown]
 
 Errors in the user's input exit with code 2 and one short message (`--debug` shows tracebacks).
@@ -33,11 +36,26 @@ RUN_EXAMPLES = """examples:
   ulframe run gin/quickstart.gin --workdir runs/lf17 --gin.LOSS_FACTOR=1.7
   ulframe run gin/ul_imagenet512.gin --gin.DATA_ROOT="'/data/imagenet'"
   ulframe run gin/quickstart.gin --gin_param 'stage1/TrainSettings.train_samples = 2048'
+  ulframe run gin/quickstart.gin --nproc 2        two processes (one per GPU; gloo on CPU)
 Re-running the same command on the same workdir resumes where it stopped."""
 
 CONFIG_EXAMPLES = """examples:
   ulframe config gin/quickstart.gin
   ulframe config gin/ul_imagenet512.gin --gin.DATA_ROOT="'/data/imagenet'" --operative"""
+
+SAMPLE_EXAMPLES = """examples:
+  ulframe sample gin/quickstart.gin --workdir runs/quickstart -n 16
+  ulframe sample gin/quickstart.gin --workdir runs/quickstart -n 8 --class 3 --guidance 2.0 --steps 64
+Writes WORKDIR/samples/samples.png (a grid) and samples.npz (uint8 images, labels)."""
+
+EVAL_EXAMPLES = """examples:
+  ulframe eval gin/quickstart.gin --workdir runs/quickstart
+Prints one JSON object (bits_per_pixel, psnr, ssim, bits_per_pixel_base, ...) and writes
+WORKDIR/eval.json."""
+
+EXPORT_EXAMPLES = """examples:
+  ulframe export runs/quickstart --stage stage1 --out stage1_ema.safetensors
+The file holds the EMA state dict; its metadata names the stage, samples seen and the gin config."""
 
 PLUGINS_EXAMPLES = """examples:
   ulframe plugins
@@ -96,6 +114,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workdir", type=Path, help="run directory (default: runs/<name of the last gin file>)"
     )
+    run.add_argument(
+        "--allow-config-change", action="store_true",
+        help="resume a workdir although its gin config differs (the diff is logged)",
+    )  # fmt: skip
+    run.add_argument(
+        "--nproc", type=int, default=0, metavar="N",
+        help="train in N processes on this machine (one per GPU; gloo on CPU) under torch's "
+        "elastic agent; same as `torchrun --nproc-per-node N -m ulframe run ...`",
+    )  # fmt: skip
+    run.add_argument(
+        "--max-restarts", type=int, default=0, metavar="K",
+        help="with --nproc: restart all processes up to K times when one fails (they resume "
+        "from the newest checkpoint)",
+    )  # fmt: skip
     cfg = sub.add_parser(
         "config",
         help="parse, validate and print a config without training",
@@ -112,6 +144,52 @@ def _parser() -> argparse.ArgumentParser:
     plg.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
+    exp = sub.add_parser(
+        "export",
+        help="write the EMA weights of a run's newest valid checkpoint to a .safetensors file",
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=fmt,
+    )
+    exp.add_argument("workdir", type=Path, metavar="WORKDIR", help="the run's directory")
+    exp.add_argument("--stage", help="stage to export (needed when several have checkpoints)")
+    exp.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors")
+    exp.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    # -- sample / eval: read a finished (or checkpointed) run ---------------------------------
+    smp = sub.add_parser(
+        "sample",
+        help="draw end-to-end samples from a trained run (PNG grid + .npz)",
+        epilog=SAMPLE_EXAMPLES,
+        formatter_class=fmt,
+    )
+    gin_args(smp)
+    smp.add_argument("--workdir", type=Path, help="the run's directory (default: runs/<name>)")
+    smp.add_argument("-n", "--num", type=int, default=16, help="number of samples (default 16)")
+    smp.add_argument(
+        "--class", dest="label", type=int, default=None,
+        help="class of every sample (default: classes in turn; unconditional without classes)",
+    )  # fmt: skip
+    smp.add_argument("--guidance", type=float, default=None, help="guidance scale (default: gin)")
+    smp.add_argument("--steps", type=int, default=None, help="sampler steps (default: gin)")
+    smp.add_argument("--seed", type=int, default=None, help="seed (default: Experiment.seed)")
+    evl = sub.add_parser(
+        "eval",
+        help="evaluate every stage of a trained run; print and write eval.json",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=fmt,
+    )
+    gin_args(evl)
+    evl.add_argument("--workdir", type=Path, help="the run's directory (default: runs/<name>)")
+    evl.add_argument(
+        "--batches", type=int, default=None,
+        help="eval batches per stage (default: each stage's TrainSettings.eval_batches)",
+    )  # fmt: skip
+    evl.add_argument(
+        "--fd_samples", type=int, default=256,
+        help="end-to-end samples for the Fréchet distance 'fd' (metrics.fd_photos, when "
+        "installed; 0: skip)",
+    )  # fmt: skip
     return p
 
 
@@ -148,24 +226,52 @@ def _build_experiment() -> Any:
     return wiring.call(wiring.configured("ulframe.Experiment"))
 
 
+def _launch(args: argparse.Namespace, bindings: list[str]) -> int:
+    """Re-execute this `ulframe run` in `--nproc` processes under torch's elastic agent."""
+    import os
+
+    from ulframe.train import distributed
+
+    if args.nproc < 1 or args.max_restarts < 0:
+        raise UserError("--nproc must be >= 1 and --max-restarts >= 0")
+    again = ["run", *args.files, *[a for b in bindings for a in ("--gin_param", b)]]
+    again += ["--workdir", str(args.workdir)] if args.workdir else []
+    again += ["--allow-config-change"] if args.allow_config_change else []
+    again += ["--debug"] if args.debug else []
+    argv = distributed.launch_argv(args.nproc, args.max_restarts, again)
+    log.info("launching %d processes: %s", args.nproc, " ".join(argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
 def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
     from ulframe import hookspecs, rundir, wiring
     from ulframe.hookspecs import RunInfo
-    from ulframe.train import distributed
+    from ulframe.train import checkpoint, distributed
     from ulframe.train.loop import RunContext, run_experiment
 
     _configure_logging(is_main=True)
-    registry = _load(args.files, bindings)
+    registry = _load(args.files, bindings)  # config errors: one clean message, before launching
+    if args.nproc and not distributed.launched():
+        return _launch(args, bindings)
     experiment = _build_experiment()
     world = distributed.init(experiment.device)
     workdir = args.workdir or Path("runs") / Path(args.files[-1]).stem
+    config = wiring.full_config()
+    previous = workdir / "config.gin"
+    if previous.is_file() and any((workdir / "stages").glob("*/checkpoints/**/ckpt-*.pt")):
+        checkpoint.check_config(
+            previous.read_text(), config, f"workdir {workdir}", args.allow_config_change
+        )
     if world.is_main:
         rundir.prepare(workdir)
     distributed.barrier(world)
     _configure_logging(world.is_main, workdir / "log.txt" if world.is_main else None)
     dists = {e.distribution for e in registry.all_entries()}
     if world.is_main:
-        rundir.write_run_files(workdir, wiring.full_config(), dists)
+        rundir.write_run_files(workdir, config, dists)
     hooks = hookspecs.plugin_manager(list(experiment.hooks))
     info = RunInfo(
         workdir, [s.name for s in experiment.stages], "", world.is_main, world.world_size
@@ -173,6 +279,7 @@ def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
     ctx = RunContext(
         workdir, world, hooks, info, rundir.MetricsFile(workdir / "metrics.jsonl", world.is_main),
         seed=experiment.seed, num_workers=experiment.num_workers, operative_config=wiring.operative_config,
+        config=config, allow_config_change=args.allow_config_change,
     )  # fmt: skip
     hooks.hook.ulframe_run_start(run=info)
     try:
@@ -185,10 +292,62 @@ def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
         if world.is_main:
             rundir.write_text(workdir / "operative_config.gin", info.operative_config)
     hooks.hook.ulframe_run_end(run=info, results=results)
+    files = " ".join(args.files)
     if world.is_main:
         log.info("done: %s", json.dumps(results))
-        log.info("workdir: %s (tensorboard --logdir %s)", workdir, workdir)
+        log.info(
+            "workdir: %s | images: %s | metrics: %s | tensorboard --logdir %s",
+            workdir, workdir / "stages" / "*" / "images", workdir / "metrics.jsonl", workdir,
+        )  # fmt: skip
+        log.info(
+            "next: ulframe sample %s --workdir %s -n 16 ; ulframe eval %s --workdir %s",
+            files,
+            workdir,
+            files,
+            workdir,
+        )
     distributed.shutdown()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The EMA weights of the newest valid checkpoint of one stage, as safetensors."""
+    from safetensors.torch import save_file
+
+    from ulframe.train import checkpoint
+
+    _configure_logging(is_main=True)
+    stages_dir = args.workdir / "stages"
+    found = {
+        p.parent.parent.name: p.parent
+        for p in sorted(stages_dir.glob("*/checkpoints/**/ckpt-*.pt"))
+        if p.parent.name in ("checkpoints", "rank0")
+    }
+    if not found:
+        raise UserError(f"no checkpoints under {stages_dir}: nothing to export")
+    if args.stage is None and len(found) > 1:
+        raise UserError(
+            f"several stages have checkpoints; pick one with --stage: {', '.join(found)}"
+        )
+    name = args.stage or next(iter(found))
+    if name not in found:
+        raise UserError(f"stage '{name}' has no checkpoints; stages with some: {', '.join(found)}")
+    state = checkpoint.load_latest(found[name])
+    if state is None:
+        raise UserError(f"no valid checkpoint in {found[name]} (see the warnings above)")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state["ema"].items()}
+    metadata = {
+        "stage": name,
+        "samples_seen": str(state["samples_seen"]),
+        "config_sha256": str(state.get("config_sha256", "")),
+        "config": str(state.get("config", "")),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(args.out), metadata=metadata)
+    log.info(
+        "exported %d EMA tensors of stage %s at %d samples to %s",
+        len(tensors), name, state["samples_seen"], args.out,
+    )  # fmt: skip
     return 0
 
 
@@ -220,6 +379,179 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore_stages(args: argparse.Namespace, bindings: list[str]) -> tuple[Any, ...]:
+    """Build every stage of the experiment and load its newest EMA weights from the workdir.
+
+    Returns (experiment, [(stage, model, stage_dir)], device, registry).
+    """
+    import torch
+
+    from ulframe.data.pipeline import first_example
+    from ulframe.protocols import BuildContext
+    from ulframe.train import checkpoint, distributed
+
+    registry = _load(args.files, bindings)
+    experiment = _build_experiment()
+    device = distributed.pick_device(experiment.device, 0)
+    workdir = args.workdir or Path("runs") / Path(args.files[-1]).stem
+    if not (workdir / "stages").is_dir():
+        raise UserError(f"{workdir} holds no run: train it first with `ulframe run`")
+    example = first_example(experiment.dataset.source("train"))
+    previous: dict[str, Path] = {}
+    restored = []
+    for stage in experiment.stages:
+        stage_dir = workdir / "stages" / stage.name
+        directory = stage_dir / "checkpoints"
+        if not checkpoint.list_checkpoints(directory) and (directory / "rank0").is_dir():
+            directory = directory / "rank0"
+        state = checkpoint.load_latest(directory, map_location="cpu")
+        if state is None:
+            raise UserError(
+                f"stage '{stage.name}' has no valid checkpoint under {directory}: train it first with `ulframe run`"
+            )
+        torch.manual_seed(experiment.seed)
+        ctx = BuildContext(
+            example, experiment.dataset.num_classes, device, stage_dir, dict(previous)
+        )
+        try:
+            model = stage.build(ctx)
+            model.load_state_dict(state["ema"])
+        except RuntimeError as err:  # shapes differ: not the config the run was trained with
+            first = str(err).strip().splitlines()[-1].strip()
+            raise UserError(
+                f"stage '{stage.name}': the checkpoint in {directory} does not fit this config "
+                f"({first}); pass the gin files and overrides the run was trained with "
+                f"(see {workdir / 'config.gin'})"
+            ) from err
+        restored.append((stage, model.to(device).eval(), stage_dir))
+        previous[stage.name] = stage_dir
+    return experiment, restored, device, registry
+
+
+def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
+    import numpy as np
+    import torch
+
+    from ulframe.eval.images import save_grid, to_uint8
+
+    _configure_logging(is_main=True)
+    if args.num < 1:
+        raise UserError(f"-n must be >= 1, got {args.num}")
+    experiment, restored, device, _ = _restore_stages(args, bindings)
+    samplers = [(s, m) for s, m, _ in restored if hasattr(m, "sample")]
+    if not samplers:
+        raise UserError("no stage of this experiment draws end-to-end samples (add stages.ul_base)")
+    stage, model = samplers[-1]
+    num_classes = experiment.dataset.num_classes
+    if args.label is not None:
+        if not 0 <= args.label < max(num_classes, 1) or num_classes == 0:
+            raise UserError(f"--class must be in [0, {num_classes}), got {args.label}")
+        labels = torch.full((args.num,), args.label, dtype=torch.long, device=device)
+    else:
+        labels = stage.sample_labels(args.num, device, num_classes)
+    guidance = stage.guidance_scale if args.guidance is None else args.guidance
+    steps = stage.sample_steps if args.steps is None else args.steps
+    decoder_steps = stage.decoder_sample_steps if args.steps is None else args.steps
+    seed = experiment.seed if args.seed is None else args.seed
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        images = model.sample(
+            args.num, generator, labels, stage.sampler, steps, decoder_steps, guidance,
+            stage.guidance_interval,
+        )  # fmt: skip
+    workdir = args.workdir or Path("runs") / Path(args.files[-1]).stem
+    out = workdir / "samples"
+    png = save_grid(images, out / "samples.png")
+    npz = out / "samples.npz"
+    label_array = labels.cpu().numpy() if labels is not None else np.full(args.num, -1)
+    np.savez(npz, images=to_uint8(images), labels=label_array, guidance=guidance, steps=steps)
+    summary = {"png": str(png), "npz": str(npz), "n": args.num, "guidance": guidance}
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+# The Fréchet-distance metric `ulframe eval` reports as "fd", when installed.
+FD_METRIC = "fd_photos"
+
+
+def _eval_images(experiment: Any, n: int) -> Any:
+    """Up to n images of the eval split, (N, C, H, W) on CPU."""
+    import torch
+
+    from ulframe.data.pipeline import build_loader
+
+    loader = build_loader(
+        experiment.dataset.source("eval"), batch_size=min(n, 64), seed=experiment.seed,
+        shuffle=False, repeat=False, drop_last=False,
+    )  # fmt: skip
+    images = []
+    for batch in loader:
+        images.append(batch["x"])
+        if sum(len(x) for x in images) >= n:
+            break
+    return torch.cat(images)[:n]
+
+
+def fd_scalars(
+    metric: Any, stage: Any, model: Any, reference: Any, num_classes: int, device: Any, seed: int
+) -> dict[str, float]:
+    """Fréchet distance between `reference` images and as many end-to-end samples: {"fd": v}."""
+    import torch
+
+    generator = torch.Generator(device).manual_seed(seed)
+    samples = []
+    with torch.no_grad():
+        for start in range(0, len(reference), 64):
+            n = min(64, len(reference) - start)
+            labels = stage.sample_labels(n, device, num_classes)
+            samples.append(
+                model.sample(
+                    n, generator, labels, stage.sampler, stage.sample_steps,
+                    stage.decoder_sample_steps, stage.guidance_scale, stage.guidance_interval,
+                ).cpu()
+            )  # fmt: skip
+    values = metric(reference.cpu(), torch.cat(samples))
+    return {"fd": float(next(iter(values.values())))}
+
+
+def cmd_eval(args: argparse.Namespace, bindings: list[str]) -> int:
+    import torch
+
+    from ulframe.data.pipeline import build_loader
+
+    _configure_logging(is_main=True)
+    experiment, restored, device, registry = _restore_stages(args, bindings)
+    merged: dict[str, Any] = {}
+    per_stage: dict[str, dict[str, float]] = {}
+    for stage, model, _ in restored:
+        count = stage.train.eval_batches if args.batches is None else args.batches
+        loader = build_loader(
+            experiment.dataset.source("eval"), batch_size=stage.train.batch_size,
+            seed=experiment.seed, shuffle=False, repeat=False, drop_last=False,
+        )  # fmt: skip
+        batches = [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(count), loader)]
+        generator = torch.Generator(device).manual_seed(experiment.seed)
+        with torch.no_grad():
+            report = stage.evaluate(model, batches, generator)
+        per_stage[stage.name] = dict(report.scalars)
+        merged.update(report.scalars)  # later stages win on a shared name
+    samplers = [(s, m) for s, m, _ in restored if hasattr(m, "sample")]
+    if samplers and args.fd_samples > 0 and FD_METRIC in registry.names("metrics"):
+        reference = _eval_images(experiment, args.fd_samples)
+        # A UserError (e.g. its weights file is missing) stops the command with its message.
+        metric = registry.get("metrics", FD_METRIC).factory()
+        merged |= fd_scalars(
+            metric, *samplers[-1], reference, experiment.dataset.num_classes, device,
+            experiment.seed,
+        )  # fmt: skip
+        merged["fd_samples"] = len(reference)
+    result = merged | {"stages": per_stage}
+    workdir = args.workdir or Path("runs") / Path(args.files[-1]).stem
+    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(_expand_gin_overrides(argv))
@@ -229,6 +561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, bindings)
         if args.command == "config":
             return cmd_config(args, bindings)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "sample":
+            return cmd_sample(args, bindings)
+        if args.command == "eval":
+            return cmd_eval(args, bindings)
         return cmd_plugins(args)
     except UserError as err:
         if args.debug:

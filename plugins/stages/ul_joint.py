@@ -45,7 +45,7 @@ from ulframe.diffusion import (
     stratified_t,
 )
 from ulframe.errors import ConfigError
-from ulframe.eval.metrics import psnr
+from ulframe.eval.metrics import psnr, ssim
 from ulframe.protocols import BuildContext, EvalReport, check_built
 from ulframe.train.settings import TrainSettings
 
@@ -319,7 +319,7 @@ class ULJoint:
     def evaluate(
         self, model: nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator
     ) -> EvalReport:
-        """Bits/pixel (many t per example), loss terms, and PSNR of sampled reconstructions."""
+        """Bits/pixel (many t per example), loss terms, PSNR and SSIM of sampled reconstructions."""
         assert isinstance(model, ULJointModel)
         sums: dict[str, float] = {}
         n = 0
@@ -334,6 +334,8 @@ class ULJoint:
             )
             x_hat = model.reconstruct(x, generator, self.sampler, self.sample_steps)
             values["psnr"] = float(psnr(x, x_hat).mean())
+            if x.dim() == 4:  # images: structural similarity too
+                values["ssim"] = float(ssim(x, x_hat).mean())
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v * b
             n += b
@@ -362,4 +364,7 @@ class ULJoint:
                 generator=generator,
                 clip_x=1.0,
             )
+            if len(self.latent_shape) == 3:  # (Cz, h, w): latent channels of the inputs shown
+                inputs = images["reconstructions"][0::2]
+                images["latents"] = model.encode(inputs, generator)[1]  # z_0
         return EvalReport(scalars, images)
