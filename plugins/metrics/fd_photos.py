@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ulframe.errors import UserError
-from ulframe.eval.frechet import frechet_distance_features
+from ulframe.eval.frechet import FeatureFrechetMetric
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def load_photo_net(weights_path: str | Path | None, parameter: str) -> tuple[Pho
     return network.eval().requires_grad_(False), meta
 
 
-class FDPhotos:
+class FDPhotos(FeatureFrechetMetric):
     """Fréchet distance on features of a classifier of the 8 ``datasets.photos`` photographs.
 
     Not FID (see the module docstring). ``metric(reference, estimate)`` takes two (N, 3, H, W)
@@ -119,23 +119,11 @@ class FDPhotos:
         self.network, self.meta = load_photo_net(weights_path, "metrics.fd_photos.weights_path")
         self.resolution = int(self.meta.get("resolution", RESOLUTION))
 
-    @torch.no_grad()
-    def features(self, images: Tensor) -> Tensor:
-        """Features (N, FEATURE_DIM), float32, of images (N, 3, H, W) in [-1, 1]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
-        self.network.to(images.device)
-        out = []
-        for chunk in images.split(self.batch_size):
-            x = chunk.float().clamp(-1, 1)
-            if x.shape[-2:] != (self.resolution, self.resolution):
-                x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
-            out.append(self.network.features(x))
-        return torch.cat(out)
-
-    def __call__(self, reference: Tensor, estimate: Tensor) -> dict[str, float]:
-        value = frechet_distance_features(self.features(reference), self.features(estimate))
-        return {self.name: value}
+    def embed(self, x: Tensor) -> Tensor:
+        """Penultimate features of a chunk, resized to the network's resolution if needed."""
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
+        return self.network.features(x)
 
 
 # ---------------------------------------------------------------------------------- training

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ulframe.errors import UserError
-from ulframe.eval.frechet import frechet_distance_features
+from ulframe.eval.frechet import FeatureFrechetMetric
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -274,7 +274,7 @@ def load_fid_weights(network: nn.Module, weights_path: str | Path, parameter: st
     network.load_state_dict(state, strict=False)
 
 
-class FIDInception:
+class FIDInception(FeatureFrechetMetric):
     """Fréchet Inception Distance between reference and estimate images (pool3 features).
 
     Args:
@@ -312,22 +312,9 @@ class FIDInception:
         self.network = FIDInceptionV3().eval().requires_grad_(False)
         load_fid_weights(self.network, weights_path, "metrics.fid_inception.weights_path")
 
-    @torch.no_grad()
-    def features(self, images: Tensor) -> Tensor:
-        """pool3 features (N, 2048), float32, of images (N, 3, H, W) in [-1, 1]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
-        self.network.to(images.device)
-        out = []
-        for chunk in images.split(self.batch_size):
-            x = chunk.float().clamp(-1, 1)
-            if self.quantize:
-                x = torch.round((x + 1) * 127.5) / 127.5 - 1
-            size = (self.input_size, self.input_size)
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            out.append(self.network(x).float())
-        return torch.cat(out)
-
-    def __call__(self, reference: Tensor, estimate: Tensor) -> dict[str, float]:
-        value = frechet_distance_features(self.features(reference), self.features(estimate))
-        return {self.name: value}
+    def embed(self, x: Tensor) -> Tensor:
+        """pool3 features of a chunk: 8-bit quantised (optional), resized bilinearly."""
+        if self.quantize:
+            x = torch.round((x + 1) * 127.5) / 127.5 - 1
+        size = (self.input_size, self.input_size)
+        return self.network(F.interpolate(x, size=size, mode="bilinear", align_corners=False))

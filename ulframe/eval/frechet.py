@@ -186,3 +186,33 @@ class FrechetStats:
         mu1, sigma1 = self.mean_cov()
         mu2, sigma2 = other.mean_cov()
         return frechet_distance(mu1.cpu(), sigma1.cpu(), mu2.cpu(), sigma2.cpu())
+
+
+class FeatureFrechetMetric:
+    """Base of Fréchet-distance metric plugins: a feature network, the distance, one signature.
+
+    A subclass sets `name`, `batch_size` and `network` and defines `embed(x)`: the features of
+    one chunk of images already clamped to [-1, 1] (its own resizing, quantisation...). Calling
+    the metric returns `{name: FD(features(reference), features(estimate))}`.
+    """
+
+    name: str
+    batch_size: int
+    network: torch.nn.Module
+
+    def embed(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Features (N, D), float32, of images (N, 3, H, W) in [-1, 1], in chunks of batch_size."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
+        self.network.to(images.device)
+        return torch.cat(
+            [self.embed(c.float().clamp(-1, 1)).float() for c in images.split(self.batch_size)]
+        )
+
+    def __call__(self, reference: Tensor, estimate: Tensor) -> dict[str, float]:
+        value = frechet_distance_features(self.features(reference), self.features(estimate))
+        return {self.name: value}
