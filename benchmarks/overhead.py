@@ -215,6 +215,9 @@ class TimedStage:
     def build(self, ctx: BuildContext) -> nn.Module:
         return self.inner.build(ctx)
 
+    def train_source(self, source: Any) -> Any:
+        return self.inner.train_source(source)
+
     def evaluate(self, model: nn.Module, batches: Any, generator: torch.Generator) -> EvalReport:
         self.end = Clock.now(self.device)
         return EvalReport({})

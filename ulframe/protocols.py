@@ -108,13 +108,15 @@ class Stage(Protocol):
 
     `build` returns a module whose forward *is* the loss: `model(batch, generator)` returns the
     stage's `LossTerms` record, so the one training loop (`ulframe.train.loop`) can wrap it in
-    DDP/FSDP unchanged. `evaluate` receives the EMA copy of that module.
+    DDP/FSDP unchanged. `train_source`, called after `build`, returns the Source the loop trains
+    on (the dataset's own, or e.g. cached latents). `evaluate` receives the EMA copy of the module.
     """
 
     name: str
     train: Any  # ulframe.train.settings.TrainSettings
 
     def build(self, ctx: BuildContext) -> torch.nn.Module: ...
+    def train_source(self, source: Any) -> Any: ...
     def evaluate(
         self,
         model: torch.nn.Module,

@@ -315,6 +315,10 @@ class ULJoint:
             self.loss_factor, self.latent_logsnr_max, pixels, self.crossing_logsnr(),
         )  # fmt: skip
 
+    def train_source(self, source: Any) -> Any:
+        """Stage 1 trains on the dataset's images as they are."""
+        return source
+
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator

@@ -125,6 +125,9 @@ class HalfStage:
 
     def build(self, ctx):
         return None
+
+    def train_source(self, source):
+        return source
 '''
 
 

@@ -209,7 +209,7 @@ def train_stage(
     build_ctx = BuildContext(example, dataset.num_classes, world.device, stage_dir, dict(previous))
     model = stage.build(build_ctx).to(world.device)
     # A stage may train on another Source built from the data (ul_base: cached latents).
-    train_source = getattr(stage, "train_source", lambda source: source)(train_source)
+    train_source = stage.train_source(train_source)
     ema = EMA(model, settings.ema_halflife_samples)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = settings.build_optimizer(params)
