@@ -43,3 +43,10 @@ def save_grid(x: torch.Tensor, path: Path, ncols: int | None = None, scale: int 
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     img.save(path)
     return path
+
+
+def save_media(x: torch.Tensor, stem: Path) -> Path:
+    """Images (N, C, H, W) -> `stem`.png grid; videos (N, C, T, H, W) -> `stem`.gif."""
+    if x.dim() == 4:
+        return save_grid(x, stem.with_name(stem.name + ".png"))
+    raise ValueError(f"expected (N, C, H, W) images or (N, C, T, H, W) videos, got {tuple(x.shape)}")

@@ -22,7 +22,7 @@ import torch
 
 from ulframe.data.pipeline import build_loader, first_example
 from ulframe.errors import ConfigError
-from ulframe.eval.images import save_grid
+from ulframe.eval.images import save_media
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
 from ulframe.protocols import BuildContext, EvalReport
 from ulframe.rundir import MetricsFile
@@ -119,7 +119,7 @@ class _Evaluator:
         scalars = distributed.mean_over_ranks(report.scalars, self.ctx.world)
         if self.ctx.world.is_main:
             for name, images in report.images.items():
-                save_grid(images, self.info.stage_dir / "images" / f"{name}-{samples_seen:09d}.png")
+                save_media(images, self.info.stage_dir / "images" / f"{name}-{samples_seen:09d}")
             self.ctx.metrics.write(
                 {
                     "stage": self.info.name,
