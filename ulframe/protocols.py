@@ -106,8 +106,9 @@ class EvalReport:
 class Stage(Protocol):
     """One stage of an experiment: builds its networks and defines its loss and evaluation.
 
-    `build` returns a module whose forward *is* the loss: `model(batch, generator)` returns the
-    stage's `LossTerms` record, so the one training loop (`ulframe.train.loop`) can wrap it in
+    `build` returns a module whose forward *is* the loss: `model(batch, noise)` returns the
+    stage's `LossTerms` record (`noise`: a `ulframe.diffusion.BatchNoise`, this rank's rows of
+    draws made for the global batch; `BatchNoise.of(generator)` outside the loop), so the one training loop (`ulframe.train.loop`) can wrap it in
     DDP/FSDP unchanged. `train_source`, called after `build`, returns the Source the loop trains
     on (the dataset's own, or e.g. cached latents). `evaluate` receives the EMA copy of the module.
     """

@@ -57,9 +57,9 @@ import torch
 from torch import Tensor, nn
 
 from ulframe.diffusion import (
+    BatchNoise,
     CosineSchedule,
     SigmoidWeighting,
-    antithetic_t,
     diffuse,
     elbo_term_nats,
     eps_from_v,
@@ -153,25 +153,25 @@ class ULBaseModel(nn.Module):
     def _latents(self, batch: dict[str, Tensor]) -> Tensor:
         return batch["z"].float() if "z" in batch else self.encode_clean(batch["x"])
 
-    def _labels(self, batch: dict[str, Tensor], b: int, generator: torch.Generator) -> Tensor:
+    def _labels(
+        self, batch: dict[str, Tensor], b: int, noise: BatchNoise | torch.Generator
+    ) -> Tensor:
         device = next(iter(batch.values())).device
         label = batch.get("label")
         if label is None or self.num_classes == 0:
             return self.null_labels(b, device)
         label = label.long()
         if self.training and self.label_dropout > 0:
-            drop = torch.rand(b, generator=generator, device=device) < self.label_dropout
+            drop = BatchNoise.of(noise).rand((b,), device) < self.label_dropout
             label = torch.where(drop, self.null_labels(b, device), label)
         return label
 
     def terms(
-        self, z_clean: Tensor, label: Tensor, t: Tensor, generator: torch.Generator
+        self, z_clean: Tensor, label: Tensor, t: Tensor, noise: BatchNoise | torch.Generator
     ) -> tuple[Tensor, Tensor]:
         """(weighted loss, unweighted diffusion ELBO term) at times t (B,); both (B,) nats."""
         logsnr = self.schedule.logsnr(t)  # (B,)
-        eps = torch.randn(
-            z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype
-        )
+        eps = BatchNoise.of(noise).randn(z_clean.shape, z_clean.device, z_clean.dtype)
         z_t = diffuse(z_clean, logsnr, eps)
         eps_hat = self.base_eps(z_t, logsnr, label)
         rate = self.schedule.neg_dlogsnr_dt(t)  # (B,)
@@ -184,12 +184,16 @@ class ULBaseModel(nn.Module):
         logsnr_1 = self.schedule.logsnr(t_1).to(z_clean.device, torch.float32)  # λ_min, (B,)
         return kl_standard_normal_nats(z_clean, logsnr_1)
 
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> ULBaseTerms:
+    def forward(
+        self, batch: dict[str, Tensor], noise: BatchNoise | torch.Generator
+    ) -> ULBaseTerms:
+        """The stage-2 loss terms of `batch`; `noise` draws this rank's rows (BatchNoise)."""
+        noise = BatchNoise.of(noise)
         z_clean = self._latents(batch)  # (B, Cz, *s)
         b = z_clean.shape[0]
-        label = self._labels(batch, b, generator)
-        t = antithetic_t(b, generator, z_clean.device)
-        weighted, unweighted = self.terms(z_clean, label, t, generator)
+        label = self._labels(batch, b, noise)
+        t = noise.antithetic_t(b, z_clean.device)
+        weighted, unweighted = self.terms(z_clean, label, t, noise)
         return ULBaseTerms(weighted, unweighted + self.kl1(z_clean), self.pixels)
 
     @torch.no_grad()

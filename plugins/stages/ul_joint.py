@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from ulframe.diffusion import (
+    BatchNoise,
     CosineSchedule,
     ELBOWeighting,
     ShiftedCosineSchedule,
     SigmoidWeighting,
-    antithetic_t,
     diffuse,
     elbo_term_nats,
     eps_from_v,
@@ -85,7 +85,7 @@ class ULJointTerms:
 
 
 class ULJointModel(nn.Module):
-    """Encoder, prior and decoder; `forward(batch, generator)` is the stage-1 loss."""
+    """Encoder, prior and decoder; `forward(batch, noise)` is the stage-1 loss."""
 
     def __init__(
         self,
@@ -120,47 +120,51 @@ class ULJointModel(nn.Module):
         """eps_hat of the decoder: its network predicts v."""
         return eps_from_v(x_t, self.decoder(x_t, logsnr, z_0).float(), logsnr)  # (B, C, *S)
 
-    def encode(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def encode(
+        self, x: Tensor, noise: BatchNoise | torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """z_clean = E(x) and z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps_z."""
         z_clean = self.encoder(x)  # (B, Cz, *s)
-        eps_z = torch.randn(
-            z_clean.shape, generator=generator, device=x.device, dtype=z_clean.dtype
-        )
+        eps_z = BatchNoise.of(noise).randn(z_clean.shape, x.device, z_clean.dtype)
         logsnr_0 = torch.full((x.shape[0],), self.latent_logsnr_max, device=x.device)
         return z_clean, diffuse(z_clean, logsnr_0, eps_z)
 
     def prior_terms(
-        self, z_clean: Tensor, t: Tensor, generator: torch.Generator
+        self, z_clean: Tensor, t: Tensor, noise: BatchNoise | torch.Generator
     ) -> tuple[Tensor, Tensor]:
         """Diffusion part of L_z at times t (B,), and KL_1; both (B,) nats."""
         logsnr = self.prior_schedule.logsnr(t)  # (B,)
-        eps = torch.randn(
-            z_clean.shape, generator=generator, device=z_clean.device, dtype=z_clean.dtype
-        )
+        eps = BatchNoise.of(noise).randn(z_clean.shape, z_clean.device, z_clean.dtype)
         z_t = diffuse(z_clean, logsnr, eps)  # (B, Cz, *s)
         eps_hat = self.prior_eps(z_t, logsnr)  # (B, Cz, *s)
         diffusion = elbo_term_nats(eps, eps_hat, self.prior_schedule.neg_dlogsnr_dt(t))  # (B,)
         logsnr_1 = torch.full_like(t, self.prior_schedule.logsnr_min)
         return diffusion, kl_standard_normal_nats(z_clean, logsnr_1)
 
-    def decoder_term(self, x: Tensor, z_0: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+    def decoder_term(
+        self, x: Tensor, z_0: Tensor, t: Tensor, noise: BatchNoise | torch.Generator
+    ) -> Tensor:
         """L_x at times t: loss factor × sigmoid-weighted ELBO term, (B,) nats."""
         logsnr = self.decoder_schedule.logsnr(t)  # (B,)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = BatchNoise.of(noise).randn(x.shape, x.device, x.dtype)
         x_t = diffuse(x, logsnr, eps)  # (B, C, *S)
         eps_hat = self.decoder_eps(x_t, logsnr, z_0)  # (B, C, *S)
         weight = self.decoder_weighting(logsnr)  # (B,)
         neg_dlogsnr_dt = self.decoder_schedule.neg_dlogsnr_dt(t)  # (B,)
         return self.loss_factor * elbo_term_nats(eps, eps_hat, neg_dlogsnr_dt, weight)
 
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> ULJointTerms:
+    def forward(
+        self, batch: dict[str, Tensor], noise: BatchNoise | torch.Generator
+    ) -> ULJointTerms:
+        """The stage-1 loss terms of `batch`; `noise` draws this rank's rows (BatchNoise)."""
+        noise = BatchNoise.of(noise)
         x = batch["x"]  # (B, C, *S)
         b = x.shape[0]
-        z_clean, z_0 = self.encode(x, generator)
-        t_z = antithetic_t(b, generator, x.device)  # independent times for the two terms
-        t_x = antithetic_t(b, generator, x.device)  # (Algorithm 1)
-        prior_diffusion, kl1 = self.prior_terms(z_clean.float(), t_z, generator)
-        decoder = self.decoder_term(x, z_0, t_x, generator)
+        z_clean, z_0 = self.encode(x, noise)
+        t_z = noise.antithetic_t(b, x.device)  # independent times for the two terms
+        t_x = noise.antithetic_t(b, x.device)  # (Algorithm 1)
+        prior_diffusion, kl1 = self.prior_terms(z_clean.float(), t_z, noise)
+        decoder = self.decoder_term(x, z_0, t_x, noise)
         return ULJointTerms(prior_diffusion, kl1, decoder, self.pixels, self.crossing_logsnr)
 
     @torch.no_grad()

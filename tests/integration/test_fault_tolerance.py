@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -199,3 +200,83 @@ def test_nan_guard_skips_non_finite_steps_and_stops_after_k_in_a_row(
     for part in ("model", "ema"):
         assert all(torch.equal(good[part][k], stop[part][k]) for k in good[part])
         assert all(t.isfinite().all() for t in stop[part].values() if t.is_floating_point())
+
+
+def _worker_pid(agent: int, rank: int, deadline_s: float = 120) -> int:
+    """The pid of the torchrun worker of `rank` under the elastic agent `agent` (Linux /proc)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                environ = (stat.parent / "environ").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == agent and f"RANK={rank}".encode() in environ:
+                return int(stat.parent.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} under pid {agent}")
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ulframe", *args],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.is_file(), f"{path} never appeared"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
+def test_two_processes_a_killed_worker_is_restarted(
+    cli_env: Any, tmp_path: Path, tiny_run: list[str]
+) -> None:
+    # A worker SIGKILLed mid-run: the elastic agent restarts both processes, which agree on the
+    # newest checkpoint every rank has, resume from it and finish. (--max-restarts 2: on a busy
+    # machine a restarted gloo group can fail to connect once; the agent then tries again.)
+    workdir = tmp_path / "restarted"
+    proc = _start([*_args(workdir, tiny_run), "--nproc", "2", "--max-restarts", "2"], cli_env())
+    _wait_for(_ckpts(workdir) / "rank1" / f"ckpt-{8:012d}.json", proc)
+    victim = _worker_pid(proc.pid, rank=1)
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed at" in err, err[-3000:]
+    assert (workdir / "stages" / "stage1" / "DONE.json").is_file()
+    ranks = [checkpoint.load(_ckpts(workdir) / f"rank{r}" / f"ckpt-{SAMPLES:012d}.pt") for r in (0, 1)]
+    for part in ("model", "ema"):
+        assert all(torch.equal(ranks[0][part][k], ranks[1][part][k]) for k in ranks[0][part])
+
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_checkpoints_every_rank_at_the_same_step(
+    cli_env: Any, tmp_path: Path, tiny_run: list[str]
+) -> None:
+    # SIGTERM to the launcher (a scheduler's pre-emption): the agent forwards it, every rank
+    # writes its checkpoint at the same step, the run stops; the same command resumes.
+    workdir = tmp_path / "preempted"
+    proc = _start([*_args(workdir, tiny_run), "--nproc", "2"], cli_env())
+    _wait_for(_ckpts(workdir) / "rank1" / f"ckpt-{4:012d}.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "checkpoint saved, re-run to resume" in err, err[-3000:]
+    newest = [checkpoint.list_checkpoints(_ckpts(workdir) / f"rank{r}")[-1].name for r in (0, 1)]
+    assert newest[0] == newest[1], newest
+    assert not (workdir / "stages" / "stage1" / "DONE.json").exists()
+    resumed = _start([*_args(workdir, tiny_run), "--nproc", "2"], cli_env())
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed at" in err
+    assert (workdir / "stages" / "stage1" / "DONE.json").is_file()

@@ -19,6 +19,7 @@ from ulframe.diffusion.logsnr import (
     x_from_eps,
     x_from_v,
 )
+from ulframe.diffusion.noise import BatchNoise
 from ulframe.diffusion.samplers import (
     EpsFn,
     Sampler,
@@ -43,6 +44,7 @@ from ulframe.diffusion.weighting import (
 )
 
 __all__ = [
+    "BatchNoise",
     "CosineSchedule",
     "ELBOWeighting",
     "EpsFn",

@@ -1,6 +1,6 @@
 """The training loop: one loop for every stage of every experiment.
 
-A stage gives a module whose forward is its loss (`model(batch, generator) -> LossTerms`) and an
+A stage gives a module whose forward is its loss (`model(batch, noise) -> LossTerms`) and an
 evaluation; this loop does the rest: data, optimizer, EMA, seeding, logging, evaluation,
 checkpoints, resume. Progress is counted in samples seen. Every random stream of a step is seeded
 from (seed, rank, samples seen), so a resumed run repeats an uninterrupted one exactly.
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ulframe.data.pipeline import build_loader, first_example
+from ulframe.diffusion import BatchNoise
 from ulframe.errors import ConfigError
 from ulframe.eval.images import save_media
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
@@ -273,13 +274,17 @@ def train_stage(
                 t0 = time.perf_counter()
                 batch = _to_device(next(batches), world.device)
                 t_data = time.perf_counter() - t0
-                seed = seed_for(ctx.seed, world.rank, samples_seen)
-                torch.manual_seed(seed)  # dropout and any other global-RNG use
-                generator = torch.Generator(world.device).manual_seed(seed)
+                # The loss's noise: drawn for the global batch from a seed every rank shares,
+                # each rank keeping its rows (BatchNoise), so W processes compute what one would.
+                generator = torch.Generator(world.device).manual_seed(
+                    seed_for(ctx.seed, 0, samples_seen)
+                )
+                noise = BatchNoise(generator, world.rank, world.world_size)
+                torch.manual_seed(seed_for(ctx.seed, world.rank, samples_seen))  # dropout etc.
                 for group in opt.param_groups:
                     group["lr"] = settings.lr_at(samples_seen)
                 with autocast:
-                    terms = train_model(batch, generator)
+                    terms = train_model(batch, noise)
                 loss = terms.total_nats().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
