@@ -187,8 +187,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     evl.add_argument(
         "--fd_samples", type=int, default=256,
-        help="end-to-end samples for the Fréchet distance 'fd' (metrics.fd_photos, when "
-        "installed; 0: skip)",
+        help="end-to-end samples for the Fréchet distance: 'fd' for images (Experiment."
+        "sample_metric, default metrics.fd_photos), 'fvd' for videos (e.g. metrics.fvd_i3d "
+        "with its weights file); 0: skip",
     )  # fmt: skip
     return p
 
@@ -431,8 +432,10 @@ def _restore_stages(args: argparse.Namespace, bindings: list[str]) -> tuple[Any,
 def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
     import numpy as np
     import torch
+    from einops import rearrange
 
     from ulframe.eval.images import save_grid, to_uint8
+    from ulframe.eval.video import save_gif, save_mp4
 
     _configure_logging(is_main=True)
     if args.num < 1:
@@ -443,6 +446,11 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
         raise UserError("no stage of this experiment draws end-to-end samples (add stages.ul_base)")
     stage, model = samplers[-1]
     num_classes = experiment.dataset.num_classes
+    context = None
+    if getattr(model, "context_frames", 0):  # video continuation: real clips give the context
+        context = _eval_images(experiment, args.num)
+        if len(context) < args.num:
+            raise UserError(f"-n {args.num}: the eval split has only {len(context)} clips")
     if args.label is not None:
         if not 0 <= args.label < max(num_classes, 1) or num_classes == 0:
             raise UserError(f"--class must be in [0, {num_classes}), got {args.label}")
@@ -455,17 +463,29 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
     seed = experiment.seed if args.seed is None else args.seed
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
-        images = model.sample(
+        samples = model.sample(
             args.num, generator, labels, stage.sampler, steps, decoder_steps, guidance,
-            stage.guidance_interval,
-        )  # fmt: skip
+            stage.guidance_interval, **({"context": context} if context is not None else {}),
+        ).cpu()  # fmt: skip
     workdir = args.workdir or Path("runs") / Path(args.files[-1]).stem
     out = workdir / "samples"
-    png = save_grid(images, out / "samples.png")
     npz = out / "samples.npz"
     label_array = labels.cpu().numpy() if labels is not None else np.full(args.num, -1)
-    np.savez(npz, images=to_uint8(images), labels=label_array, guidance=guidance, steps=steps)
-    summary = {"png": str(png), "npz": str(npz), "n": args.num, "guidance": guidance}
+    summary: dict[str, Any] = {"npz": str(npz), "n": args.num, "guidance": guidance}
+    if samples.dim() == 5:  # videos: (N, C, T, H, W)
+        shown = samples if context is None else torch.stack([context, samples], 1).flatten(0, 1)
+        ncols = 2 if context is not None else None
+        summary["gif"] = str(save_gif(shown, out / "samples.gif", ncols=ncols))
+        summary["mp4"] = str(save_mp4(shown, out / "samples.mp4", ncols=ncols))
+        frames = rearrange(to_uint8(rearrange(samples, "n c t h w -> (n t) c h w")),
+                           "(n t) h w c -> n t h w c", n=args.num)  # fmt: skip
+        if context is not None:
+            summary["context_frames"] = model.context_frames
+    else:
+        summary["png"] = str(save_grid(samples, out / "samples.png"))
+        frames = to_uint8(samples)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(npz, images=frames, labels=label_array, guidance=guidance, steps=steps)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 
@@ -495,28 +515,34 @@ def _eval_images(experiment: Any, n: int) -> Any:
 def fd_scalars(
     metric: Any, stage: Any, model: Any, reference: Any, num_classes: int, device: Any, seed: int
 ) -> dict[str, float]:
-    """Fréchet distance between `reference` images and as many end-to-end samples: {"fd": v}."""
+    """Fréchet distance between `reference` images (or clips) and as many end-to-end samples:
+    {"fd": v} for images, {"fvd": v} for videos. A model that continues clips
+    (`context_frames`) continues the reference clips themselves."""
     import torch
 
     generator = torch.Generator(device).manual_seed(seed)
     samples = []
+    continues = bool(getattr(model, "context_frames", 0))
     with torch.no_grad():
         for start in range(0, len(reference), 64):
             n = min(64, len(reference) - start)
             labels = stage.sample_labels(n, device, num_classes)
+            extra = {"context": reference[start : start + n]} if continues else {}
             samples.append(
                 model.sample(
                     n, generator, labels, stage.sampler, stage.sample_steps,
                     stage.decoder_sample_steps, stage.guidance_scale, stage.guidance_interval,
+                    **extra,
                 ).cpu()
             )  # fmt: skip
     values = metric(reference.cpu(), torch.cat(samples))
-    return {"fd": float(next(iter(values.values())))}
+    return {"fvd" if reference.dim() == 5 else "fd": float(next(iter(values.values())))}
 
 
 def cmd_eval(args: argparse.Namespace, bindings: list[str]) -> int:
     import torch
 
+    from ulframe import wiring
     from ulframe.data.pipeline import build_loader
 
     _configure_logging(is_main=True)
@@ -536,10 +562,16 @@ def cmd_eval(args: argparse.Namespace, bindings: list[str]) -> int:
         per_stage[stage.name] = dict(report.scalars)
         merged.update(report.scalars)  # later stages win on a shared name
     samplers = [(s, m) for s, m, _ in restored if hasattr(m, "sample")]
-    if samplers and args.fd_samples > 0 and FD_METRIC in registry.names("metrics"):
+    factory = experiment.sample_metric
+    if factory is None and FD_METRIC in registry.names("metrics"):
+        factory = wiring.configured(f"metrics.{FD_METRIC}")
+    if samplers and args.fd_samples > 0 and factory is not None:
         reference = _eval_images(experiment, args.fd_samples)
+        if factory is not experiment.sample_metric and reference.dim() != 4:
+            factory = None  # fd_photos compares images; name a video metric for clips
+    if samplers and args.fd_samples > 0 and factory is not None:
         # A UserError (e.g. its weights file is missing) stops the command with its message.
-        metric = registry.get("metrics", FD_METRIC).factory()
+        metric = wiring.call(factory)
         merged |= fd_scalars(
             metric, *samplers[-1], reference, experiment.dataset.num_classes, device,
             experiment.seed,

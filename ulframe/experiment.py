@@ -24,6 +24,9 @@ class Experiment:
         seed: base seed; every random stream derives from (seed, rank, samples seen).
         device: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
         num_workers: data-loader worker processes per rank (0 decodes in the main process).
+        sample_metric: the Fréchet-distance metric *factory* `ulframe eval` compares end-to-end
+            samples with (`@metrics.fvd_i3d`, no parentheses: it is built only when evaluating,
+            so a run does not need its weights file); None: `metrics.fd_photos` for images.
     """
 
     stages: Sequence[Any]
@@ -32,6 +35,7 @@ class Experiment:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
+    sample_metric: Any = None
 
     def __post_init__(self) -> None:
         from ulframe.protocols import check_built

@@ -98,6 +98,9 @@ class ViT(nn.Module):
     ``num_classes > 0``, a class embedding with ``num_classes + 1`` rows; row ``num_classes``
     is the null label for classifier-free guidance (``label=None`` means all-null). An
     unconditional ViT (``num_classes=0``) has no class embedding and ignores ``label``.
+    With ``context_channels > 0`` a context tensor of the latent's grid (e.g. the latent of a
+    video's first frames, stages.ul_base ``context_frames``) is concatenated to ``z_t`` along
+    the channels before the patch embedding; the output keeps ``z_t``'s channels.
     The output layer is zero-initialised: an untrained ViT returns eps_hat = 0.
 
     Paper presets: stage-1 prior ``widths=(1024,), depths=(8,)``; stage-2 base model
@@ -118,6 +121,7 @@ class ViT(nn.Module):
         dropout: float = 0.0,
         mlp_ratio: float = 4.0,
         level_downsample: int | tuple[int, ...] = 2,
+        context_channels: int = 0,
     ) -> None:
         """
         Args:
@@ -130,6 +134,8 @@ class ViT(nn.Module):
             dropout: dropout probability inside the MLPs.
             mlp_ratio: MLP hidden width as a multiple of the token width.
             level_downsample: per-axis token-merging factor between levels (int or tuple).
+            context_channels: channels of the context concatenated to the input (0: none);
+                supplied by the stage that conditions on one.
         """
         super().__init__()
         in_channels, *spatial = shape
@@ -137,6 +143,7 @@ class ViT(nn.Module):
         if len(widths) != len(depths):
             raise ValueError(f"widths {widths} and depths {depths} must have the same length")
         self.num_classes = num_classes
+        self.context_channels = context_channels
         self.patch = as_tuple(patch_size, ndim)
         factor = as_tuple(level_downsample, ndim)
         grid = divided_grid(tuple(spatial), self.patch, "ViT patching")
@@ -146,7 +153,7 @@ class ViT(nn.Module):
         cond_dim = max(widths)
         self.logsnr_emb = LogSNREmbedding(cond_dim)
         self.class_emb = nn.Embedding(num_classes + 1, cond_dim) if num_classes > 0 else None
-        self.embed = PatchEmbed(ndim, in_channels, widths[0], self.patch)
+        self.embed = PatchEmbed(ndim, in_channels + context_channels, widths[0], self.patch)
         self.levels = _Level(ndim, widths, depths, heads, cond_dim, mlp_ratio, dropout, factor)
         self.final = FinalLayer(ndim, widths[0], cond_dim, in_channels, self.patch)
 
@@ -155,13 +162,19 @@ class ViT(nn.Module):
         z_t: torch.Tensor,
         logsnr: torch.Tensor,
         label: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if (context is None) != (self.context_channels == 0):
+            raise ValueError(
+                f"ViT built with context_channels={self.context_channels} got "
+                f"{'no context' if context is None else 'a context'}"
+            )
         cond = self.logsnr_emb(logsnr)  # (B, E)
         if self.class_emb is not None:
             if label is None:
                 label = torch.full_like(logsnr, self.num_classes, dtype=torch.long)  # (B,)
             cond = cond + self.class_emb(label)  # (B, E)
         grid = tuple(s // p for s, p in zip(z_t.shape[2:], self.patch, strict=True))
-        x = self.embed(z_t)  # (B, N, D)
+        x = self.embed(z_t if context is None else torch.cat([z_t, context], 1))  # (B, N, D)
         x = self.levels(x, cond, grid)  # (B, N, D)
         return self.final(x, cond, grid)  # (B, C, *spatial)

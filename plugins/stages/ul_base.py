@@ -77,7 +77,7 @@ from .sampling import noisy_latent, sample_latents
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "latent_cache"
-CACHE_FORMAT = 1  # bump when the cache layout changes: old caches get another key
+CACHE_FORMAT = 2  # bump when the cache layout changes: old caches get another key
 STALE_TMP_S = 600.0  # a temporary cache file this old was left by a killed run
 
 
@@ -117,6 +117,7 @@ class ULBaseModel(nn.Module):
         num_classes: int,
         latent_shape: Sequence[int],
         image_shape: Sequence[int],
+        context_frames: int = 0,
     ) -> None:
         super().__init__()
         self.stage1 = stage1.eval().requires_grad_(False)
@@ -129,6 +130,7 @@ class ULBaseModel(nn.Module):
         self.image_shape = tuple(image_shape)
         self.latent_logsnr_max = float(stage1.latent_logsnr_max)
         self.pixels = math.prod(self.image_shape[1:])
+        self.context_frames = context_frames
 
     def train(self, mode: bool = True) -> ULBaseModel:
         """Only the base model changes mode: the frozen stage-1 networks stay in eval mode."""
@@ -139,11 +141,29 @@ class ULBaseModel(nn.Module):
     def null_labels(self, n: int, device: torch.device) -> Tensor:
         return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
 
-    def base_eps(self, z_t: Tensor, logsnr: Tensor, label: Tensor | None) -> Tensor:
+    def base_eps(
+        self, z_t: Tensor, logsnr: Tensor, label: Tensor | None, context: Tensor | None = None
+    ) -> Tensor:
         """eps_hat of the base model (its network predicts v); label None = null label."""
         if self.num_classes == 0:
             label = None
-        return eps_from_v(z_t, self.base(z_t, logsnr, label).float(), logsnr)
+        if context is None:
+            v = self.base(z_t, logsnr, label)
+        else:
+            v = self.base(z_t, logsnr, label, context=context)
+        return eps_from_v(z_t, v.float(), logsnr)
+
+    @torch.no_grad()
+    def encode_context(self, x: Tensor) -> Tensor:
+        """Latent of the clip's first `context_frames` frames (the last one repeated to T)."""
+        return self.encode_clean(context_clip(x, self.context_frames))
+
+    def _context(self, batch: dict[str, Tensor]) -> Tensor | None:
+        if self.context_frames == 0:
+            return None
+        if "context" in batch:
+            return batch["context"].float()
+        return self.encode_context(batch["x"])
 
     @torch.no_grad()
     def encode_clean(self, x: Tensor) -> Tensor:
@@ -167,13 +187,18 @@ class ULBaseModel(nn.Module):
         return label
 
     def terms(
-        self, z_clean: Tensor, label: Tensor, t: Tensor, noise: BatchNoise | torch.Generator
+        self,
+        z_clean: Tensor,
+        label: Tensor,
+        t: Tensor,
+        noise: BatchNoise | torch.Generator,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(weighted loss, unweighted diffusion ELBO term) at times t (B,); both (B,) nats."""
         logsnr = self.schedule.logsnr(t)  # (B,)
         eps = BatchNoise.of(noise).randn(z_clean.shape, z_clean.device, z_clean.dtype)
         z_t = diffuse(z_clean, logsnr, eps)
-        eps_hat = self.base_eps(z_t, logsnr, label)
+        eps_hat = self.base_eps(z_t, logsnr, label, context)
         rate = self.schedule.neg_dlogsnr_dt(t)  # (B,)
         weighted = elbo_term_nats(eps, eps_hat, rate, self.weighting(logsnr))
         unweighted = elbo_term_nats(eps.detach(), eps_hat.detach(), rate)
@@ -184,16 +209,14 @@ class ULBaseModel(nn.Module):
         logsnr_1 = self.schedule.logsnr(t_1).to(z_clean.device, torch.float32)  # λ_min, (B,)
         return kl_standard_normal_nats(z_clean, logsnr_1)
 
-    def forward(
-        self, batch: dict[str, Tensor], noise: BatchNoise | torch.Generator
-    ) -> ULBaseTerms:
+    def forward(self, batch: dict[str, Tensor], noise: BatchNoise | torch.Generator) -> ULBaseTerms:
         """The stage-2 loss terms of `batch`; `noise` draws this rank's rows (BatchNoise)."""
         noise = BatchNoise.of(noise)
         z_clean = self._latents(batch)  # (B, Cz, *s)
         b = z_clean.shape[0]
         label = self._labels(batch, b, noise)
         t = noise.antithetic_t(b, z_clean.device)
-        weighted, unweighted = self.terms(z_clean, label, t, noise)
+        weighted, unweighted = self.terms(z_clean, label, t, noise, self._context(batch))
         return ULBaseTerms(weighted, unweighted + self.kl1(z_clean), self.pixels)
 
     @torch.no_grad()
@@ -204,10 +227,11 @@ class ULBaseModel(nn.Module):
         z_clean = self._latents(batch)
         b = z_clean.shape[0]
         label = self._labels(batch, b, generator)
+        context = self._context(batch)
         t = stratified_t(b, num_t, generator, z_clean.device)  # (B, K)
         total = torch.zeros(b, device=z_clean.device)
         for k in range(num_t):
-            total += self.terms(z_clean, label, t[:, k], generator)[1] / num_t
+            total += self.terms(z_clean, label, t[:, k], generator, context)[1] / num_t
         return (total + self.kl1(z_clean)) / (math.log(2) * self.pixels)
 
     @torch.no_grad()
@@ -221,21 +245,32 @@ class ULBaseModel(nn.Module):
         decoder_steps: int | None = None,
         guidance: float = 1.0,
         interval: tuple[float, float] | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """End-to-end samples (Algorithm 2): base model -> z_clean -> z_0 -> decoder; (n, C, *S).
 
         `labels` (n,) condition the base model (None: unconditional = null label); guidance
         `eps_u + w (eps_c - eps_u)` applies where λ lies in `interval` (None: everywhere).
+        With `context_frames` k > 0, `context` (n, C, T, H, W) are real clips: the base model is
+        conditioned on the latent of their first k frames, and the result is the continuation:
+        the k given frames followed by T - k generated ones.
         """
         device = next(self.parameters()).device
         cond_labels = labels.to(device).long() if labels is not None else None
         null = self.null_labels(n, device)
+        z_context = None
+        if self.context_frames:
+            if context is None or context.shape[0] != n:
+                raise ValueError(f"this model continues clips: pass `context` with {n} clips")
+            context = context.to(device)
+            z_context = self.encode_context(context)
 
         def eps_cond(z_t: Tensor, logsnr: Tensor) -> Tensor:
-            return self.base_eps(z_t, logsnr, cond_labels if cond_labels is not None else null)
+            label = cond_labels if cond_labels is not None else null
+            return self.base_eps(z_t, logsnr, label, z_context)
 
         def eps_uncond(z_t: Tensor, logsnr: Tensor) -> Tensor:
-            return self.base_eps(z_t, logsnr, null)
+            return self.base_eps(z_t, logsnr, null, z_context)
 
         z_1 = torch.randn((n, *self.latent_shape), generator=generator, device=device)
         z_clean = sample_latents(
@@ -246,13 +281,24 @@ class ULBaseModel(nn.Module):
         grid = logsnr_grid(self.stage1.decoder_schedule, decoder_steps or steps).to(
             device, torch.float32
         )
-        return sampler(
+        x = sampler(
             lambda x_t, logsnr: self.stage1.decoder_eps(x_t, logsnr, z_0),
             x_1,
             grid,
             generator=generator,
             clip_x=1.0,
         )
+        if context is not None and self.context_frames:
+            x[:, :, : self.context_frames] = context[:, :, : self.context_frames].to(x.dtype)
+        return x
+
+
+def context_clip(x: Tensor, frames: int) -> Tensor:
+    """Clips (B, C, T, H, W) cut to their first `frames` frames, the last repeated to T."""
+    if x.dim() != 5 or not 0 < frames < x.shape[2]:
+        raise ValueError(f"context of {frames} frames needs clips (B, C, T > {frames}, H, W)")
+    last = x[:, :, frames - 1 : frames].expand(-1, -1, x.shape[2] - frames, -1, -1)
+    return torch.cat([x[:, :, :frames], last], 2)
 
 
 # ------------------------------------------------------------------------------ stage 1 weights
@@ -279,20 +325,26 @@ def load_stage_ema(stage: Any, ctx: BuildContext, stage_dir: Path) -> nn.Module:
 
 # ------------------------------------------------------------------------------ latent cache
 class LatentSource:
-    """In-memory Source of cached latents: items are indices, decode gives {"z", "label"}."""
+    """In-memory Source of cached latents: items are indices, decode gives {"z", "label"}
+    (and "context", the latent of the clip's first frames, when the stage conditions on them)."""
 
-    def __init__(self, z: Tensor, labels: Tensor) -> None:
+    def __init__(self, z: Tensor, labels: Tensor, context: Tensor | None = None) -> None:
         self.z = z
         self.labels = labels
+        self.context = context
         self.items = list(range(z.shape[0]))
 
     def decode(self, item: int) -> dict[str, Any]:
-        return {"z": self.z[item], "label": int(self.labels[item])}
+        example = {"z": self.z[item], "label": int(self.labels[item])}
+        if self.context is not None:
+            example["context"] = self.context[item]
+        return example
 
 
-def cache_key(encoder: nn.Module, source: Any) -> str:
-    """SHA-256 of the encoder's weights and of the Source (pickled; repr if unpicklable)."""
-    h = hashlib.sha256(f"ulframe-latent-cache-{CACHE_FORMAT}".encode())
+def cache_key(encoder: nn.Module, source: Any, context_frames: int = 0) -> str:
+    """SHA-256 of the encoder's weights, the context length and the Source (pickled; repr if
+    unpicklable)."""
+    h = hashlib.sha256(f"ulframe-latent-cache-{CACHE_FORMAT}-{context_frames}".encode())
     for name, value in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
@@ -313,8 +365,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_cache(directory: Path, key: str) -> tuple[Tensor, Tensor] | None:
-    """The cached (z, labels) for `key`, or None when absent, unfinished or corrupt."""
+def read_cache(directory: Path, key: str) -> dict[str, Tensor] | None:
+    """The cached {"z", "label"[, "context"]} for `key`, or None when absent, unfinished or
+    corrupt."""
     data_path, marker = directory / f"latents-{key}.pt", directory / f"latents-{key}.json"
     if not (data_path.is_file() and marker.is_file()):
         return None
@@ -324,12 +377,14 @@ def read_cache(directory: Path, key: str) -> tuple[Tensor, Tensor] | None:
         if meta.get("key") != key or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
             return None
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return state["z"], state["label"]
+        if not {"z", "label"} <= state.keys():
+            return None
+        return dict(state)
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError):
         return None
 
 
-def write_cache(directory: Path, key: str, z: Tensor, labels: Tensor) -> Path:
+def write_cache(directory: Path, key: str, latents: dict[str, Tensor]) -> Path:
     """Write the cache atomically: data (temp + rename), then the completion marker."""
     directory.mkdir(parents=True, exist_ok=True)
     now = time.time()
@@ -340,27 +395,37 @@ def write_cache(directory: Path, key: str, z: Tensor, labels: Tensor) -> Path:
         elif not old.name.startswith(f"latents-{key}."):  # another key: stale
             old.unlink(missing_ok=True)
     buf = io.BytesIO()
-    torch.save({"z": z, "label": labels}, buf)
+    torch.save(latents, buf)
     data = buf.getvalue()
     path = directory / f"latents-{key}.pt"
     _atomic_write(path, data)
-    meta = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "count": int(z.shape[0])}
+    count = int(latents["z"].shape[0])
+    meta = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "count": count}
     _atomic_write(directory / f"latents-{key}.json", json.dumps(meta).encode())
     return path
 
 
 @torch.no_grad()
 def encode_source(
-    encoder: nn.Module, source: Any, device: torch.device, batch_size: int = 64
-) -> tuple[Tensor, Tensor]:
-    """z_clean (N, Cz, *s) float32 and labels (N,) of every readable item of `source`, on CPU."""
+    encoder: nn.Module,
+    source: Any,
+    device: torch.device,
+    batch_size: int = 64,
+    context_frames: int = 0,
+) -> dict[str, Tensor]:
+    """{"z": z_clean (N, Cz, *s) float32, "label": (N,)} of every readable item of `source`, on
+    CPU; with `context_frames` also "context", the latents of the clips' first frames."""
     zs: list[Tensor] = []
+    contexts: list[Tensor] = []
     labels: list[int] = []
     pending: list[Tensor] = []
 
     def flush() -> None:
         if pending:
-            zs.append(encoder(torch.stack(pending).to(device)).float().cpu())
+            x = torch.stack(pending).to(device)
+            zs.append(encoder(x).float().cpu())
+            if context_frames:
+                contexts.append(encoder(context_clip(x, context_frames)).float().cpu())
             pending.clear()
 
     for item in source.items:
@@ -372,7 +437,10 @@ def encode_source(
         if len(pending) == batch_size:
             flush()
     flush()
-    return torch.cat(zs), torch.tensor(labels, dtype=torch.long)
+    out = {"z": torch.cat(zs), "label": torch.tensor(labels, dtype=torch.long)}
+    if context_frames:
+        out["context"] = torch.cat(contexts)
+    return out
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -397,6 +465,7 @@ class ULBase:
         guidance_interval: tuple[float, float] | None = None,
         eval_t_per_example: int = 8,
         eval_images: int = 8,
+        context_frames: int = 0,
         name: str = "stage2",
     ) -> None:
         """
@@ -418,8 +487,13 @@ class ULBase:
             guidance_interval: (λ_lo, λ_hi) where guidance applies; None: everywhere.
             eval_t_per_example: t values per example in the evaluation's bitrate estimate.
             eval_images: end-to-end samples shown per evaluation.
+            context_frames: video only: condition the base model on the latent of each clip's
+                first k frames (the paper's Kinetics-600 protocol: 5 of 16) and generate the
+                continuation; 0: unconditional on frames. See docs/method.md, "Video".
             name: the stage's folder name under `workdir/stages/`.
         """
+        if context_frames < 0:
+            raise ConfigError(f"ul_base.context_frames must be >= 0, got {context_frames}")
         if not 0.0 <= label_dropout < 1.0:
             raise ConfigError(f"ul_base.label_dropout must be in [0, 1), got {label_dropout}")
         if eval_t_per_example < 1:
@@ -444,6 +518,7 @@ class ULBase:
         self.guidance_interval = tuple(guidance_interval) if guidance_interval else None
         self.eval_t_per_example = eval_t_per_example
         self.eval_images = eval_images
+        self.context_frames = context_frames
         self.name = name
         self._model: ULBaseModel | None = None
         self._stage_dir: Path | None = None
@@ -456,11 +531,19 @@ class ULBase:
             )
         stage1 = load_stage_ema(self.stage1, ctx, ctx.previous[self.source_stage])
         image_shape = tuple(ctx.example["x"].shape)
+        if self.context_frames and not (
+            len(image_shape) == 4 and self.context_frames < image_shape[1]
+        ):
+            raise ConfigError(
+                f"ul_base.context_frames={self.context_frames} needs video clips (C, T, H, W) "
+                f"with more than {self.context_frames} frames; the data gives {image_shape}"
+            )
         with torch.no_grad():
             latent_shape = tuple(stage1.encoder(ctx.example["x"][None].float()).shape[1:])
+        extra = {"context_channels": latent_shape[0]} if self.context_frames else {}
         base = check_built(
             "priors",
-            self.base_factory(shape=latent_shape, num_classes=ctx.num_classes),
+            self.base_factory(shape=latent_shape, num_classes=ctx.num_classes, **extra),
             "ul_base.base",
         )
         schedule = self.schedule_factory(
@@ -468,7 +551,7 @@ class ULBase:
         )
         model = ULBaseModel(
             stage1, base, schedule, self.weighting, self.label_dropout, ctx.num_classes,
-            latent_shape, image_shape,
+            latent_shape, image_shape, self.context_frames,
         )  # fmt: skip
         self._model, self._stage_dir = model, ctx.stage_dir
         return model
@@ -480,18 +563,17 @@ class ULBase:
         if self._model is None or self._stage_dir is None:
             raise RuntimeError("ul_base.train_source is called after build")
         encoder = self._model.stage1.encoder
-        key = cache_key(encoder, source)
+        key = cache_key(encoder, source, self.context_frames)
         directory = self._stage_dir / CACHE_DIR
         cached = read_cache(directory, key)
         if cached is None:
             device = next(encoder.parameters()).device
             log.info("stage %s: encoding the train split into %s", self.name, directory)
-            z, labels = encode_source(encoder, source, device)
-            write_cache(directory, key, z, labels)
+            cached = encode_source(encoder, source, device, context_frames=self.context_frames)
+            write_cache(directory, key, cached)
         else:
-            z, labels = cached
-            log.info("stage %s: %d cached latents from %s", self.name, len(labels), directory)
-        return LatentSource(z, labels)
+            log.info("stage %s: %d cached latents from %s", self.name, len(cached["z"]), directory)
+        return LatentSource(cached["z"], cached["label"], cached.get("context"))
 
     def sample_labels(self, n: int, device: torch.device, num_classes: int) -> Tensor | None:
         return torch.arange(n, device=device) % num_classes if num_classes > 0 else None
@@ -516,11 +598,22 @@ class ULBase:
             n += b
         scalars = {k: v / max(n, 1) for k, v in sums.items()}
         images: dict[str, Tensor] = {}
-        if self.eval_images > 0 and len(model.image_shape) == 3:  # images (not video)
+        if self.eval_images > 0:
             device = next(model.parameters()).device
-            labels = self.sample_labels(self.eval_images, device, model.num_classes)
-            images["samples"] = model.sample(
-                self.eval_images, generator, labels, self.sampler, self.sample_steps,
-                self.decoder_sample_steps, self.guidance_scale, self.guidance_interval,
+            context = None
+            if model.context_frames:  # continue real clips of the eval split
+                clips = torch.cat([b["x"] for b in batches if "x" in b])[: self.eval_images]
+                context = clips
+            count = self.eval_images if context is None else len(context)
+            labels = self.sample_labels(count, device, model.num_classes)
+            if context is not None and "label" in batches[0]:
+                labels = torch.cat([b["label"] for b in batches])[:count].to(device)
+            samples = model.sample(
+                count, generator, labels, self.sampler, self.sample_steps,
+                self.decoder_sample_steps, self.guidance_scale, self.guidance_interval, context,
             )  # fmt: skip
+            if context is None:
+                images["samples"] = samples
+            else:  # each real clip, then its continuation
+                images["continuations"] = torch.stack([context, samples], 1).flatten(0, 1)
         return EvalReport(scalars, images)

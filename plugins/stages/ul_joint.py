@@ -120,9 +120,7 @@ class ULJointModel(nn.Module):
         """eps_hat of the decoder: its network predicts v."""
         return eps_from_v(x_t, self.decoder(x_t, logsnr, z_0).float(), logsnr)  # (B, C, *S)
 
-    def encode(
-        self, x: Tensor, noise: BatchNoise | torch.Generator
-    ) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor, noise: BatchNoise | torch.Generator) -> tuple[Tensor, Tensor]:
         """z_clean = E(x) and z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps_z."""
         z_clean = self.encoder(x)  # (B, Cz, *s)
         eps_z = BatchNoise.of(noise).randn(z_clean.shape, x.device, z_clean.dtype)
@@ -354,7 +352,7 @@ class ULJoint:
                 )  # input, recon, ...
         scalars = {k: v / max(n, 1) for k, v in sums.items()}
         images: dict[str, Tensor] = {}
-        if shown and shown[0].dim() == 4:  # images (videos are shown by their own hooks)
+        if shown:  # (N, C, H, W) images or (N, C, T, H, W) videos
             images["reconstructions"] = torch.cat(shown)[: 2 * self.eval_images]
             z_0 = model.sample_latents(
                 self.eval_images, self.latent_shape, generator, self.sampler, self.sample_steps

@@ -142,7 +142,6 @@ def test_two_process_gloo_run(run_cli: RunCli, tmp_path: Path, tiny_run: list[st
     one = checkpoint.load(single / "stages" / "stage1" / "checkpoints" / "ckpt-000000000008.pt")
     for part in ("model", "ema"):
         worst = max(
-            float((one[part][k].float() - ranks[0][part][k].float()).abs().max())
-            for k in one[part]
+            float((one[part][k].float() - ranks[0][part][k].float()).abs().max()) for k in one[part]
         )
         assert worst < 1e-6, (part, worst)

@@ -249,34 +249,53 @@ def test_two_processes_a_killed_worker_is_restarted(
     _wait_for(_ckpts(workdir) / "rank1" / f"ckpt-{8:012d}.json", proc)
     victim = _worker_pid(proc.pid, rank=1)
     os.kill(victim, signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed at" in err, err[-3000:]
     assert (workdir / "stages" / "stage1" / "DONE.json").is_file()
-    ranks = [checkpoint.load(_ckpts(workdir) / f"rank{r}" / f"ckpt-{SAMPLES:012d}.pt") for r in (0, 1)]
+    ranks = [
+        checkpoint.load(_ckpts(workdir) / f"rank{r}" / f"ckpt-{SAMPLES:012d}.pt") for r in (0, 1)
+    ]
     for part in ("model", "ema"):
         assert all(torch.equal(ranks[0][part][k], ranks[1][part][k]) for k in ranks[0][part])
 
 
-
 @pytest.mark.slow
-def test_two_processes_sigterm_checkpoints_every_rank_at_the_same_step(
+def test_two_processes_sigterm_checkpoints_every_rank_ddp_and_fsdp_alike(
     cli_env: Any, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     # SIGTERM to the launcher (a scheduler's pre-emption): the agent forwards it, every rank
-    # writes its checkpoint at the same step, the run stops; the same command resumes.
-    workdir = tmp_path / "preempted"
-    proc = _start([*_args(workdir, tiny_run), "--nproc", "2"], cli_env())
+    # writes its checkpoint at the same step, the run stops; the same command resumes. Once
+    # with DDP, once with FSDP2 (the sharded model and optimizer state gathered into the
+    # checkpoint and sharded again on resume): both end with the same weights.
+    eps = ["--gin_param", "optimizers.AdamW.eps = 1e-4"]  # see test_two_process_gloo_run
+    finals = [
+        _preempt_and_resume(tmp_path / name, [*tiny_run, *eps, *extra], cli_env())
+        for name, extra in (
+            ("ddp", []),
+            ("fsdp", ["--gin_param", "stage1/TrainSettings.parallelism = 'fsdp'"]),
+        )
+    ]
+    for part in ("model", "ema"):
+        worst = max(
+            float((finals[0][part][k] - finals[1][part][k]).abs().max()) for k in finals[0][part]
+        )
+        assert worst < 1e-6, (part, worst)
+
+
+def _preempt_and_resume(workdir: Path, tiny_run: list[str], env: dict[str, str]) -> dict[str, Any]:
+    proc = _start([*_args(workdir, tiny_run), "--nproc", "2"], env)
     _wait_for(_ckpts(workdir) / "rank1" / f"ckpt-{4:012d}.json", proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "checkpoint saved, re-run to resume" in err, err[-3000:]
     newest = [checkpoint.list_checkpoints(_ckpts(workdir) / f"rank{r}")[-1].name for r in (0, 1)]
     assert newest[0] == newest[1], newest
     assert not (workdir / "stages" / "stage1" / "DONE.json").exists()
-    resumed = _start([*_args(workdir, tiny_run), "--nproc", "2"], cli_env())
-    out, err = resumed.communicate(timeout=300)
+    resumed = _start([*_args(workdir, tiny_run), "--nproc", "2"], env)
+    _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert "resumed at" in err
     assert (workdir / "stages" / "stage1" / "DONE.json").is_file()
+    return checkpoint.load(_ckpts(workdir) / "rank0" / f"ckpt-{SAMPLES:012d}.pt")

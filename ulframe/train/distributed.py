@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,12 +52,104 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
-    """DDP-wrap the model when the world has more than one process."""
+PARALLELISMS = ("ddp", "fsdp")
+
+
+def wrap(model: torch.nn.Module, world: World, parallelism: str = "ddp") -> torch.nn.Module:
+    """The module to train: `model` itself (one process), DDP around it ("ddp"), or `model`
+    sharded in place with FSDP2 ("fsdp", see `shard`)."""
     if world.world_size == 1:
+        return model
+    if parallelism == "fsdp":
+        shard(model)
         return model
     ids = [world.device.index] if world.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def shard(model: torch.nn.Module) -> None:
+    """Shard `model`'s parameters, gradients and optimizer state over the ranks (FSDP2).
+
+    The unit of sharding is every block held in an `nn.ModuleList` (ResNet blocks, transformer
+    blocks: what the networks repeat), innermost first, then the root for the rest. A block's
+    parameters are all-gathered just before its forward and freed after it, so a rank holds the
+    full weights of one block at a time. The engine knows no network class: any plugin that
+    keeps its repeated blocks in ModuleLists gets this plan.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for module in reversed(list(model.modules())):  # children before their parents
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                if not isinstance(block, torch.nn.ModuleList | torch.nn.ModuleDict):
+                    fully_shard(block)
+    fully_shard(model)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full (unsharded) model and optimizer state dicts on every rank; every rank must call it
+    when the model is sharded (it all-gathers)."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
+
+
+def load_training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """The inverse of `training_state` (full state dicts, on every rank)."""
+    if not is_sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def module_grad_norms(model: torch.nn.Module, world: World) -> dict[str, float]:
+    """L2 norm of the gradient of each top-level child module (encoder, prior, decoder...).
+
+    Every rank must call it: sharded gradients are summed (as squares) over the ranks.
+    """
+    names, squares = [], []
+    for name, child in model.named_children():
+        grads = [p.grad for p in child.parameters() if p.grad is not None]
+        if grads:
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            names.append(name)
+            squares.append(torch.stack([g.detach().float().pow(2).sum() for g in local]).sum())
+    if not names:
+        return {}
+    total = torch.stack(squares)
+    if world.world_size > 1 and is_sharded(model):
+        dist.all_reduce(total)
+    return {f"grad_norm/{n}": float(v) for n, v in zip(names, total.sqrt().tolist(), strict=True)}
 
 
 def mean_over_ranks(scalars: dict[str, float], world: World) -> dict[str, float]:

@@ -86,16 +86,6 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient of each top-level child module (encoder, prior, decoder...)."""
-    out = {}
-    for name, child in model.named_children():
-        grads = [p.grad.detach().float().norm() for p in child.parameters() if p.grad is not None]
-        if grads:
-            out[f"grad_norm/{name}"] = float(torch.stack(grads).norm())
-    return out
-
-
 def _crossed(before: int, after: int, period: int) -> bool:
     return period > 0 and before // period != after // period
 
@@ -150,10 +140,12 @@ def _checkpoint(
     samples_seen: int,
     keep: int,
 ) -> None:
+    ema.sync()  # a sharded average is gathered (every rank takes part)
+    model_state, opt_state = distributed.training_state(model, opt)
     state = {
-        "model": model.state_dict(),
+        "model": model_state,
         "ema": ema.model.state_dict(),
-        "optimizer": opt.state_dict(),
+        "optimizer": opt_state,
         "loader": loader.state_dict(),
         "samples_seen": samples_seen,
         "stage": info.name,
@@ -212,7 +204,10 @@ def train_stage(
     # A stage may train on another Source built from the data (ul_base: cached latents).
     train_source = stage.train_source(train_source)
     ema = EMA(model, settings.ema_halflife_samples)
-    params = [p for p in model.parameters() if p.requires_grad]
+    train_model = distributed.wrap(model, world, settings.parallelism)  # evaluation: the EMA
+    if distributed.is_sharded(model):
+        ema.track_sharded(model)
+    params = [p for p in model.parameters() if p.requires_grad]  # (sharded ones under FSDP)
     opt = settings.build_optimizer(params)
     loader = build_loader(
         train_source,
@@ -238,9 +233,9 @@ def train_stage(
         checkpoint.check_config(
             state.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
         )
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+        distributed.load_training_state(model, opt, state["model"], state["optimizer"])
+        ema.load_full(state["ema"])
+        ema.model.load_state_dict(state["ema"])  # buffers too
         loader.load_state_dict(state["loader"])
         samples_seen = int(state["samples_seen"])
         log.info("stage %s: resumed at %d samples", stage.name, samples_seen)
@@ -257,7 +252,7 @@ def train_stage(
     )
     ctx.hooks.hook.ulframe_stage_start(run=ctx.info, stage=info)
     ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=model)
-    train_model = distributed.wrap(model, world).train()  # evaluation uses the EMA copy
+    train_model.train()
     evaluate = _Evaluator(stage, eval_batches, info, ctx)
     autocast = torch.autocast(
         world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
@@ -291,10 +286,12 @@ def train_stage(
                 log_now = _crossed(
                     samples_seen, samples_seen + settings.batch_size, settings.log_every_samples
                 )
-                module_norms = _grad_norms(model) if log_now and world.is_main else {}
+                module_norms = distributed.module_grad_norms(model, world) if log_now else {}
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, settings.grad_clip if settings.grad_clip > 0 else float("inf")
                 )
+                if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a replicated DTensor
+                    grad_norm = grad_norm.full_tensor()
                 step_scalars = terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}
                 step_scalars = {k: v.detach() for k, v in step_scalars.items()}
                 skip = ctx.hooks.hook.ulframe_check_step(
@@ -349,6 +346,7 @@ def train_stage(
                     _crossed(before, samples_seen, settings.eval_every_samples)
                     and samples_seen < settings.train_samples
                 ):
+                    ema.sync()
                     evaluate(ema.model, samples_seen)
                 if (
                     _crossed(before, samples_seen, settings.checkpoint_every_samples)
@@ -373,6 +371,7 @@ def train_stage(
         ) from err
 
     # -- finish: final evaluation, checkpoint, DONE ----------------------------------------------
+    ema.sync()
     final = evaluate(ema.model, samples_seen)
     _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
     distributed.barrier(world)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -30,31 +32,77 @@ def warmup_cosine(samples_seen: int, total_samples: int, warmup_samples: int) ->
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor's local shard (a view: in-place ops update the DTensor); else `t`."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 class EMA(torch.nn.Module):
     """Exponential moving average of a model's weights, with a half-life counted in samples.
 
     Per update of `batch_size` samples: beta = 0.5 ** (batch_size / halflife_samples)
     (EDM2's parameterisation by half-life, so the average does not depend on the batch size).
     Buffers (e.g. norm statistics) are copied, not averaged.
+
+    `self.model` is a full, unsharded copy: evaluation and checkpoints use it. When the training
+    model is sharded (FSDP2, `track_sharded`), the average is kept per local shard (no
+    communication per step) and `sync()` all-gathers it into `self.model` when it is needed.
     """
 
     def __init__(self, model: torch.nn.Module, halflife_samples: int) -> None:
         super().__init__()
         self.halflife_samples = halflife_samples
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._ema_params: list[torch.Tensor] = [
-            p for p in self.model.parameters() if p.is_floating_point()
-        ]
-        self._ema_buffers = list(self.model.buffers())
+        self._shards: dict[str, Any] | None = None  # name -> DTensor
+
+    def track_sharded(self, model: torch.nn.Module) -> None:
+        """Average the local shards of `model`'s (sharded) parameters from now on."""
+        full = dict(self.model.named_parameters())
+        self._shards = {}
+        for name, p in model.named_parameters():
+            if p.is_floating_point():
+                shard = p.detach().clone()
+                self._shards[name] = shard
+        self.load_full(full)
+
+    def load_full(self, full: Mapping[str, torch.Tensor]) -> None:
+        """Set the average (and its shards) from full tensors by name (after a restore)."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(full[name])
+            if self._shards is not None:
+                from torch.distributed.tensor import distribute_tensor
+
+                for name, shard in self._shards.items():
+                    value = distribute_tensor(
+                        full[name].detach().to(shard.device), shard.device_mesh, shard.placements
+                    )
+                    _local(shard).copy_(_local(value))
+
+    def _targets(self) -> list[torch.Tensor]:
+        if self._shards is not None:
+            return [_local(t) for t in self._shards.values()]
+        return [p for p in self.model.parameters() if p.is_floating_point()]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, batch_size: int) -> None:
-        params = [p.detach() for p in model.parameters() if p.is_floating_point()]
-        buffers = list(model.buffers())
+        targets = self._targets()
+        params = [_local(p.detach()) for p in model.parameters() if p.is_floating_point()]
         if self.halflife_samples <= 0:
-            torch._foreach_copy_(self._ema_params, params)
+            torch._foreach_copy_(targets, params)
         else:
             beta = 0.5 ** (batch_size / self.halflife_samples)
-            torch._foreach_lerp_(self._ema_params, params, 1.0 - beta)
+            torch._foreach_lerp_(targets, params, 1.0 - beta)
+        buffers = list(model.buffers())
         if buffers:
-            torch._foreach_copy_(self._ema_buffers, buffers)
+            torch._foreach_copy_(list(self.model.buffers()), [_local(b) for b in buffers])
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Gather the sharded average into `self.model` (every rank must call it); no-op when
+        the training model is not sharded."""
+        if self._shards is None:
+            return
+        for name, p in self.model.named_parameters():
+            p.copy_(self._shards[name].full_tensor())

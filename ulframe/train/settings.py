@@ -37,6 +37,10 @@ class TrainSettings:
         eval_batches: batches of held-out data per evaluation.
         checkpoint_every_samples: period of checkpoints (0: only at the end).
         keep_checkpoints: the newest K checkpoints are kept.
+        parallelism: how several processes share the model: "ddp" replicates it and averages
+            gradients (DistributedDataParallel); "fsdp" shards parameters, gradients and
+            optimizer state over the ranks (FSDP2 `fully_shard`), for models that do not fit one
+            device. Ignored with one process.
     """
 
     batch_size: int = 32
@@ -53,11 +57,16 @@ class TrainSettings:
     eval_batches: int = 4
     checkpoint_every_samples: int = 0
     keep_checkpoints: int = 3
+    parallelism: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"TrainSettings.precision must be one of {PRECISIONS}, got {self.precision!r}"
+            )
+        if self.parallelism not in ("ddp", "fsdp"):
+            raise ConfigError(
+                f"TrainSettings.parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}"
             )
         for name in ("batch_size", "train_samples", "log_every_samples"):
             if getattr(self, name) <= 0:
