@@ -1,5 +1,10 @@
-"""TensorBoard logger (rank 0 only): scalars, evaluation images, the operative config, hparams
-and a rate–distortion figure (bits/pixel against PSNR).
+"""TensorBoard logger (rank 0 only): scalars, evaluation images and videos, the operative config,
+hparams and a rate–distortion figure (bits/pixel against PSNR).
+
+Videos (N, C, T, H, W) are logged as animated GIFs in image summaries (:func:`gif_summary`), which
+TensorBoard shows, playing, in its Images tab. ``SummaryWriter.add_video`` is not used: it encodes
+through ``moviepy.editor``, which moviepy 2 removed, and without it writes an empty summary and
+only prints a message.
 
 The figure is drawn with Pillow (no matplotlib needed). For a sweep, one point per run::
 
@@ -24,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ulframe.eval.images import grid
+from ulframe.eval.video import DEFAULT_FPS, encode_gif, video_grid_frames
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, hookimpl
 
 DEFAULT_HPARAMS = ("loss_factor", "bias", "latent_logsnr_max", "lr", "batch_size")
@@ -42,6 +48,47 @@ def latent_channels(z: torch.Tensor) -> np.ndarray:
     hi = z.amax(dim=(0, 2, 3), keepdim=True)
     z = 2 * (z - lo) / (hi - lo).clamp_min(1e-8) - 1
     return grid(z.reshape(n * c, 1, *z.shape[2:]), ncols=c)
+
+
+def latent_video_channels(z: torch.Tensor) -> np.ndarray:
+    """(N, C, T, h, w) latent videos -> (T, H', W', 3) frames laid out like `latent_channels`.
+
+    A row per example, a grayscale tile per channel; each channel is normalised to [-1, 1] by its
+    own min and max over the examples *and all frames* shown, so brightness is comparable over
+    time (a frame-wise normalisation would hide a channel fading in or out).
+    """
+    z = z.detach().float().cpu()
+    n, c, t = z.shape[:3]
+    lo = z.amin(dim=(0, 2, 3, 4), keepdim=True)
+    hi = z.amax(dim=(0, 2, 3, 4), keepdim=True)
+    z = 2 * (z - lo) / (hi - lo).clamp_min(1e-8) - 1
+    tiles = z.reshape(n * c, 1, t, *z.shape[3:])
+    return video_grid_frames(tiles, ncols=c)
+
+
+# ---- videos as GIF image summaries -------------------------------------------------------------
+def gif_summary(tag: str, frames: np.ndarray, fps: float = DEFAULT_FPS) -> Any:
+    """A ``Summary`` holding frames (T, H, W, 3) uint8 as one animated GIF image.
+
+    The same proto ``add_video`` would write (``Summary.Image``: height, width, colorspace 3 =
+    RGB, ``encoded_image_string`` = the GIF bytes), encoded with Pillow instead of moviepy.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    h, w, c = frames.shape[1:]
+    image = Summary.Image(
+        height=h, width=w, colorspace=c, encoded_image_string=encode_gif(frames, fps)
+    )
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+def add_gif(writer: Any, tag: str, frames: np.ndarray, step: int, fps: float = DEFAULT_FPS) -> None:
+    """Log frames (T, H, W, 3) uint8 to a ``SummaryWriter`` as an animated GIF image summary.
+
+    Written through the writer's file writer, as ``SummaryWriter.add_video`` itself does (the
+    writer has no public method that takes a ready ``Summary``).
+    """
+    writer._get_file_writer().add_summary(gif_summary(tag, frames, fps), step)
 
 
 # ---- hparams from the operative config ---------------------------------------------------------
@@ -209,21 +256,28 @@ def sweep_rate_distortion(sweep_dir: Path) -> Path:
 
 # ---- the hook ----------------------------------------------------------------------------------
 class TensorBoardLogger:
-    """Writes `workdir/tb/<stage>` event files: scalars, eval images, config, hparams, R-D.
+    """Writes `workdir/tb/<stage>` event files: scalars, eval images/videos, config, hparams, R-D.
 
-    Latents (the "latents" image, or any image whose channel count is not 1 or 3) are shown
-    channel by channel as grayscale tiles. After each evaluation with bits/pixel and PSNR the
+    Images (N, C, H, W) are logged as grids; videos (N, C, T, H, W) as looping GIFs of their grid,
+    `fps` frames per second (Images tab). Latents (the "latents" entry, or any entry whose channel
+    count is not 1 or 3) are shown channel by channel as grayscale tiles, for videos with each
+    channel normalised over all its frames. After each evaluation with bits/pixel and PSNR the
     rate-distortion trajectory is logged (`eval/rate_distortion`) and written to
     `workdir/rate_distortion.png`. At the end of a stage, hparams: the stage name and the
     operative-config parameters named in `hparams` (matched by suffix) against its final eval.
     """
 
     def __init__(
-        self, subdir: str = "tb", flush_secs: int = 30, hparams: Sequence[str] = DEFAULT_HPARAMS
+        self,
+        subdir: str = "tb",
+        flush_secs: int = 30,
+        hparams: Sequence[str] = DEFAULT_HPARAMS,
+        fps: float = DEFAULT_FPS,
     ) -> None:
         self.subdir = subdir
         self.flush_secs = flush_secs
         self.hparams = tuple(hparams)
+        self.fps = fps
         self._writers: dict[str, Any] = {}
         self._config_logged = False
         self._rd: dict[str, list[tuple[float, float, str]]] = {}
@@ -273,13 +327,16 @@ class TensorBoardLogger:
         for k, v in scalars.items():
             w.add_scalar(f"eval/{k}", v, samples_seen)
         for name, x in images.items():
-            if x.dim() != 4:
+            if x.dim() not in (4, 5):
                 continue
-            if name == "latents" or x.shape[1] not in (1, 3):
-                w.add_image(f"eval/{name}", latent_channels(x), samples_seen, dataformats="HWC")
-                continue
+            latent = name == "latents" or x.shape[1] not in (1, 3)
             ncols = 2 * 4 if name == "reconstructions" else None
-            w.add_image(f"eval/{name}", grid(x, ncols), samples_seen, dataformats="HWC")
+            if x.dim() == 4:
+                img = latent_channels(x) if latent else grid(x, ncols)
+                w.add_image(f"eval/{name}", img, samples_seen, dataformats="HWC")
+            else:
+                frames = latent_video_channels(x) if latent else video_grid_frames(x, ncols)
+                add_gif(w, f"eval/{name}", frames, samples_seen, self.fps)
         if "bits_per_pixel" in scalars and "psnr" in scalars:
             if stage.name not in self._rd:  # resumed: earlier points from metrics.jsonl
                 self._rd[stage.name] = _earlier_points(run.workdir, stage.name, samples_seen)

@@ -12,15 +12,16 @@ Checks, per kind:
 - every kind: the product provides the protocol (``check_built``) and the entry is bindable from
   gin (``ulframe.wiring.register``; ``f.x = @kind.name`` resolves and building through gin gives
   what building directly gives);
-- networks (encoders, priors, decoders): shapes and float32 dtype on 2-D (image) inputs, seeded
+- networks (encoders, priors, decoders, ae_decoders): shapes and float32 dtype on 2-D (image) inputs, seeded
   determinism, state-dict round trip into a fresh instance (and through ``torch.save`` with
   ``weights_only=True``);
 - weightings: same shape out as in, finite and non-negative on λ ∈ [-20, 20];
 - schedules: exact endpoints, strictly decreasing, ``-dλ/dt > 0`` and equal to a finite
   difference, ``t_from_logsnr`` inverts ``logsnr``;
 - samplers: with the eps-predictor of a point mass they return the point; seeded determinism;
-- datasets: each split's Source decodes to ``float32 (3, H, W)`` in [-1, 1] with a valid label,
-  is picklable and deterministic (``image_folder`` runs on a temporary tree of 3 PNGs);
+- datasets: each split's Source decodes to ``float32 (3, H, W)`` (video: ``(3, T, H, W)``) in
+  [-1, 1] with a valid label, is picklable and deterministic (``image_folder`` runs on a
+  temporary tree of 3 PNGs, ``kinetics`` on one of 3 MPEG-4 videos);
 - metrics: a dict of finite floats, deterministic (``fid_inception`` on a random-init state dict
   at 75 px: the real weights are never downloaded).
 """
@@ -49,7 +50,7 @@ from ulframe.registry import KINDS, Entry, Registry
 
 REGISTRY = Registry()  # real discovery through the installed entry points
 
-NETWORK_KINDS = ("encoders", "priors", "decoders")
+NETWORK_KINDS = ("encoders", "priors", "decoders", "ae_decoders")
 CONTRACT_KINDS = (*NETWORK_KINDS, "weightings", "schedules", "samplers", "datasets", "metrics")
 CORE_DISTRIBUTION = "ulframe"
 
@@ -74,6 +75,7 @@ TINY_KWARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("decoders", "uvit"): dict(
         channels=(16,), blocks_per_stage=1, width=32, depth=1, heads=2, patch_size=2, dropout=0.1
     ),
+    ("ae_decoders", "conv"): dict(channels=(8, 16), blocks_per_stage=(1, 1), patch_size=2),
     ("weightings", "elbo"): {},
     ("weightings", "sigmoid"): dict(bias=0.5),
     ("schedules", "cosine"): {},
@@ -83,9 +85,14 @@ TINY_KWARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("samplers", "ddim"): {},
     ("datasets", "photos"): dict(resolution=16, crops_per_epoch=4, eval_crops=2, seed=3),
     ("datasets", "image_folder"): dict(resolution=16),  # + root: a temporary tree, see below
+    ("datasets", "kinetics"): dict(resolution=16, num_frames=4),  # + root: temporary videos
+    ("datasets", "moving_photos"): dict(
+        resolution=16, num_frames=4, clips_per_epoch=4, eval_clips=2, seed=3
+    ),
     ("metrics", "psnr"): {},
     ("metrics", "fd_photos"): {},  # the shipped weights
     ("metrics", "fid_inception"): dict(input_size=75),  # + weights_path: random init, see below
+    ("metrics", "fvd_i3d"): dict(input_size=16),  # + weights: a tiny TorchScript net, see below
 }
 NEEDS_TINY_KWARGS = {*NETWORK_KINDS, "datasets"}  # kinds whose defaults are not tiny / not usable
 
@@ -131,6 +138,28 @@ def photo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def video_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<root>/train/<class>/<video>.mp4: 3 MPEG-4 videos of 8 random frames in 2 classes (no
+    val: 1 video is held out)."""
+    import av
+
+    root = tmp_path_factory.mktemp("kinetics")
+    rng = np.random.default_rng(0)
+    for i, cls in enumerate(("cats", "cats", "dogs")):
+        folder = root / "train" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        with av.open(str(folder / f"{i}.mp4"), mode="w") as container:
+            stream = container.add_stream("mpeg4", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 24, 20 + 4 * i, "yuv420p"
+            for _ in range(8):
+                pixels = rng.integers(0, 256, size=(stream.height, 24, 3), dtype=np.uint8)
+                frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+    return root
+
+
+@pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init FID Inception-v3 state dict (the real weights are never downloaded)."""
     from ulframe_plugins.metrics.fid_inception import FIDInceptionV3
@@ -138,6 +167,31 @@ def fid_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("fid_inception") / "random_init.pt"
     torch.manual_seed(0)
     torch.save(FIDInceptionV3().state_dict(), path)
+    return path
+
+
+class _TinyI3D(torch.nn.Module):
+    """A TorchScript module with the I3D detector's call (the real weights are never
+    downloaded): per-channel mean and deviation of the clip as its 6 features."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rescale: bool = False,
+        resize: bool = False,
+        return_features: bool = False,
+    ) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+
+
+@pytest.fixture(scope="module")
+def i3d_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import warnings
+
+    path = tmp_path_factory.mktemp("fvd_i3d") / "tiny_i3d.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
+        torch.jit.script(_TinyI3D()).save(str(path))
     return path
 
 
@@ -157,8 +211,12 @@ def tiny(request: pytest.FixtureRequest, photo_tree: Path) -> Callable[[Entry], 
         kwargs = dict(TINY_KWARGS[key])
         if key == ("datasets", "image_folder"):
             kwargs["root"] = str(photo_tree)
+        if key == ("datasets", "kinetics"):
+            kwargs["root"] = str(request.getfixturevalue("video_tree"))
         if key == ("metrics", "fid_inception"):
             kwargs["weights_path"] = str(request.getfixturevalue("fid_weights"))
+        if key == ("metrics", "fvd_i3d"):
+            kwargs["weights"] = str(request.getfixturevalue("i3d_weights"))
         return kwargs
 
     return get
@@ -183,6 +241,7 @@ def supplied(kind: str) -> dict[str, Any]:
         "encoders": {"shape": IMAGE_SHAPE},
         "priors": {"shape": LATENT_SHAPE, "num_classes": 0},
         "decoders": {"shape": IMAGE_SHAPE, "latent_shape": LATENT_SHAPE},
+        "ae_decoders": {"shape": IMAGE_SHAPE, "latent_shape": LATENT_SHAPE},
         "schedules": {
             "logsnr_min": SCHEDULE_ENDPOINTS[0][0],
             "logsnr_max": SCHEDULE_ENDPOINTS[0][1],
@@ -219,7 +278,21 @@ def network_inputs(kind: str, seed: int = 2) -> tuple[torch.Tensor, ...]:
     low, high = LOGSNR_RANGE
     logsnr = low + (high - low) * torch.rand(BATCH, generator=gen)  # (B,)
     z = torch.randn((BATCH, *LATENT_SHAPE), generator=gen)  # (B, Cz, h, w)
-    return {"encoders": (x,), "priors": (z, logsnr), "decoders": (x, logsnr, z)}[kind]
+    return {
+        "encoders": (x,),
+        "priors": (z, logsnr),
+        "decoders": (x, logsnr, z),
+        "ae_decoders": (z,),  # a deterministic decoder: the latent alone
+    }[kind]
+
+
+def metric_inputs(metric: Any, seed: int = 2) -> torch.Tensor:
+    """Images (B, C, H, W) for an image metric; clips (B, 3, 10, H, W) for a video metric
+    (`metric.inputs == "videos"`), the images moving one pixel per frame."""
+    x = network_inputs("decoders", seed)[0]
+    if getattr(metric, "inputs", "images") != "videos":
+        return x
+    return torch.stack([x.roll(k, -1) for k in range(10)], 2)[:, :3]
 
 
 def expected_shape(kind: str) -> tuple[int, ...]:
@@ -263,7 +336,7 @@ def fingerprint(kind: str, obj: Any) -> dict[str, Any]:
     if kind == "datasets":
         return {"num_classes": obj.num_classes, "x": first_example(obj.source("eval"))["x"]}
     if kind == "metrics":
-        ref, est = network_inputs("decoders")[0], network_inputs("decoders", seed=3)[0]
+        ref, est = metric_inputs(obj), metric_inputs(obj, seed=3)
         return obj(ref, est)
     raise AssertionError(f"no fingerprint for kind {kind}")
 
@@ -514,7 +587,9 @@ def test_dataset_source_yields_examples_in_range(entry: Entry, tiny, split: str)
     example = source.decode(source.items[0])
     x = example["x"]
     assert x.dtype == torch.float32
-    assert x.shape == (3, tiny(entry)["resolution"], tiny(entry)["resolution"])
+    kwargs = tiny(entry)
+    frames = (kwargs["num_frames"],) if "num_frames" in kwargs else ()  # video: (C, T, H, W)
+    assert x.shape == (3, *frames, kwargs["resolution"], kwargs["resolution"])
     assert -1.0 <= float(x.min()) < float(x.max()) <= 1.0
     assert 0 <= int(example["label"]) < max(dataset.num_classes, 1)
     clone = pickle.loads(pickle.dumps(source))  # sources go to worker processes
@@ -537,7 +612,7 @@ def test_dataset_seeded_determinism(entry: Entry, tiny):
 def test_metric_returns_finite_floats(entry: Entry, tiny):
     metric = build(entry, tiny(entry))
     assert isinstance(metric.name, str) and metric.name
-    ref = network_inputs("decoders")[0]
+    ref = metric_inputs(metric)
     est = (ref + 0.1 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))).clamp(
         -1, 1
     )

@@ -2,15 +2,16 @@
 
 A dataset plugin hands the engine a :class:`Source`: a plain, picklable object with a sequence
 of cheap ``items`` (file paths, crop parameters) and a ``decode(item)`` that turns one item into
-an example ``{"x": float32 (C, H, W) in [-1, 1], "label": int}``, or ``None`` when the item is
-unreadable. The engine owns everything else, as one chain of nodes::
+an example ``{"x": float32 (C, *S) in [-1, 1], "label": int}`` (``S`` the spatial axes: (H, W)
+for images, (T, H, W) for videos), or ``None`` when the item is unreadable. The engine owns
+everything else, as one chain of nodes::
 
     _ShardSampler        (seed, epoch, index) triples: a seeded permutation per epoch, this
                          rank's slice of it, epochs repeated forever when ``repeat``
     ParallelMapper       _DecodeTask: source.decode(source.items[index]) in worker threads
                          (or processes), in order, with the per-sample RNG of sample_rng()
     _DropUnreadable      drops the ``None`` examples and counts them
-    Batcher + Mapper     lists of examples -> {"x": (B, C, H, W), "label": (B,)}
+    Batcher + Mapper     lists of examples -> {"x": (B, C, *S), "label": (B,)}
     Prefetcher           a background thread keeps ``prefetch`` batches ready
     PipelineLoader       a torchdata Loader: state_dict() / load_state_dict() resume exactly
 
@@ -65,7 +66,8 @@ class Source(Protocol):
         items: cheap, picklable descriptors of the examples (paths, crop boxes); the engine
             shuffles and shards their indices and never looks inside them.
 
-    ``decode(item)`` returns ``{"x": torch.float32 (C, H, W) in [-1, 1], "label": int}``, or
+    ``decode(item)`` returns ``{"x": torch.float32 (C, *S) in [-1, 1], "label": int}`` (images:
+    S = (H, W); videos: S = (T, H, W); every example of a source has the same shape), or
     ``None`` when the item cannot be read (and logs why at WARNING, naming the file). Random
     augmentation inside ``decode`` draws from :func:`sample_rng` so that it is reproducible.
 
@@ -300,7 +302,10 @@ class _DropUnreadable(tn.BaseNode[Example]):
 
 
 def collate(examples: Sequence[Example]) -> Batch:
-    """Stack examples key by key: tensors along a new dim 0, ints (labels) into int64."""
+    """Stack examples key by key: tensors along a new dim 0, ints (labels) into int64.
+
+    Any tensor rank: (C, H, W) images give (B, C, H, W), (C, T, H, W) clips (B, C, T, H, W).
+    """
     batch: Batch = {}
     for key, first in examples[0].items():
         values = [example[key] for example in examples]
@@ -355,7 +360,7 @@ def build_loader(
     method: Literal["thread", "process"] = "thread",
     multiprocessing_context: str = DEFAULT_MP_CONTEXT,
 ) -> PipelineLoader:
-    """A resumable loader of ``{"x": (B, C, H, W) float32, "label": (B,) int64}`` batches.
+    """A resumable loader of ``{"x": (B, C, *S) float32, "label": (B,) int64}`` batches.
 
     Args:
         source: the items and their decoder (see :class:`Source`).
@@ -368,7 +373,7 @@ def build_loader(
         num_workers: parallel decoders; 0 decodes in the consuming thread.
         prefetch: batches prepared ahead by a background thread; 0 for none.
         drop_last: drop the final short batch of a pass (only matters when ``repeat`` is False).
-        method: "thread" (default; Pillow releases the GIL while decoding and resizing, nothing
+        method: "thread" (default; Pillow and PyAV release the GIL while decoding, nothing
             is pickled and workers start instantly) or "process" (for decoders that hold the GIL;
             the Source must be picklable and workers start with ``multiprocessing_context``;
             each spawned worker re-imports torch, ~3 s on a 2-core machine, at every new

@@ -53,7 +53,9 @@ class BatchNoise:
         self, shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32
     ) -> Tensor:
         """Standard normal draws of `shape` (B, ...) for this rank's rows."""
-        full = torch.randn(self._global(shape), generator=self.generator, device=device, dtype=dtype)
+        full = torch.randn(
+            self._global(shape), generator=self.generator, device=device, dtype=dtype
+        )
         return self._rows(full)
 
     def rand(

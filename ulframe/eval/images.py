@@ -1,4 +1,8 @@
-"""Image grids: (N, C, H, W) tensors in [-1, 1] to PNG files and uint8 arrays."""
+"""Image grids: (N, C, H, W) tensors in [-1, 1] to PNG files and uint8 arrays.
+
+`save_media` writes any evaluation tensor: images as PNG grids, videos (N, C, T, H, W) as GIFs
+(see `ulframe.eval.video`).
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,18 @@ def save_grid(x: torch.Tensor, path: Path, ncols: int | None = None, scale: int 
 
 
 def save_media(x: torch.Tensor, stem: Path) -> Path:
-    """Images (N, C, H, W) -> `stem`.png grid; videos (N, C, T, H, W) -> `stem`.gif."""
+    """Write an evaluation tensor next to `stem` (a path without suffix); returns the file.
+
+    Images (N, C, H, W) in [-1, 1] -> ``stem.png``, their grid (:func:`save_grid`). Videos
+    (N, C, T, H, W) in [-1, 1] -> ``stem.gif``, a looping animation whose frame t is the grid of
+    frame t of the N clips (:func:`ulframe.eval.video.save_gif`, 8 fps).
+    """
     if x.dim() == 4:
         return save_grid(x, stem.with_name(stem.name + ".png"))
-    raise ValueError(f"expected (N, C, H, W) images or (N, C, T, H, W) videos, got {tuple(x.shape)}")
+    if x.dim() == 5:
+        from ulframe.eval.video import save_gif  # video imports this module
+
+        return save_gif(x, stem.with_name(stem.name + ".gif"))
+    raise ValueError(
+        f"expected (N, C, H, W) images or (N, C, T, H, W) videos, got {tuple(x.shape)}"
+    )

@@ -43,8 +43,37 @@ def init(requested_device: str = "auto") -> World:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, **_attempt_store(rank, world_size))
     return World(rank, world_size, local_rank, device)
+
+
+def _attempt_store(rank: int, world_size: int) -> dict[str, Any]:
+    """Under the elastic agent, the process group's rendezvous keys in a namespace of this
+    restart attempt.
+
+    After a worker dies and the agent restarts all of them, the agent's store still holds the
+    previous attempt's keys (gloo's peer addresses); read by the new processes they point at dead
+    sockets, and the restarted group fails or hangs connecting (seen with torch 2.13 on CPU). A
+    PrefixStore per attempt (TORCHELASTIC_RESTART_COUNT) makes every attempt start clean.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # plain env:// (or not under the agent): torch's own rendezvous
+    from datetime import timedelta
+
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timedelta(minutes=30),
+    )
+    return {
+        "store": dist.PrefixStore(f"ulframe/attempt_{attempt}/", store),
+        "rank": rank,
+        "world_size": world_size,
+    }
 
 
 def shutdown() -> None:
@@ -88,6 +117,14 @@ def shard(model: torch.nn.Module) -> None:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def local_shard_of(full: torch.Tensor, like: Any) -> torch.Tensor:
+    """This rank's shard of the full tensor `full`, sharded as the DTensor `like` is."""
+    from torch.distributed.tensor import distribute_tensor
+
+    value = distribute_tensor(full.detach().to(like.device), like.device_mesh, like.placements)
+    return value.to_local()
 
 
 def training_state(

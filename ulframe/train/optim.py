@@ -72,13 +72,10 @@ class EMA(torch.nn.Module):
             for name, p in self.model.named_parameters():
                 p.copy_(full[name])
             if self._shards is not None:
-                from torch.distributed.tensor import distribute_tensor
+                from ulframe.train.distributed import local_shard_of
 
                 for name, shard in self._shards.items():
-                    value = distribute_tensor(
-                        full[name].detach().to(shard.device), shard.device_mesh, shard.placements
-                    )
-                    _local(shard).copy_(_local(value))
+                    _local(shard).copy_(local_shard_of(full[name], shard))
 
     def _targets(self) -> list[torch.Tensor]:
         if self._shards is not None:
