@@ -11,6 +11,8 @@ Call signatures (one per role):
               module(z_t, logsnr, label=None) -> eps_hat
 - decoders:   factory(shape=(C, *S), latent_shape=(Cz, *s), **hyper) -> module;
               module(x_t, logsnr, z_0) -> eps_hat
+- ae_decoders: factory(shape=(C, *S), latent_shape=(Cz, *s), **hyper) -> module;
+              module(z) -> x_hat   (the deterministic decoder of an autoencoder, e.g. KL-AE)
 - weightings: factory(**hyper) -> w;  w(logsnr) -> weight (same shape)
 - schedules:  factory(logsnr_min, logsnr_max, resolution, **hyper) -> schedule
 - datasets:   factory(**hyper) -> dataset;  dataset.source(split) -> Source (plain, picklable)
@@ -64,6 +66,18 @@ class Decoder(Protocol):
     """Eps-predictor over data, conditioned on the noise level and the noisy latent z_0."""
 
     def __call__(self, x_t: Tensor, logsnr: Tensor, z_0: Tensor) -> Tensor: ...
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class AEDecoder(Protocol):
+    """Deterministic decoder of an autoencoder: `x_hat = D(z)`, (B, Cz, *s) -> (B, C, *S).
+
+    A kind of its own, not a `Decoder`: it maps a latent to data in one call, with no noisy
+    input and no noise level (the diffusion decoders' contract stays as it is).
+    """
+
+    def __call__(self, z: Tensor) -> Tensor: ...
     def state_dict(self) -> dict[str, Any]: ...
 
 
@@ -130,6 +144,7 @@ PROTOCOLS: dict[str, Any] = {
     "encoders": Encoder,
     "priors": Prior,
     "decoders": Decoder,
+    "ae_decoders": AEDecoder,
     "weightings": Weighting,
     "schedules": Schedule,
     "datasets": Dataset,
@@ -145,6 +160,7 @@ SUPPLIED_BY_ENGINE: dict[str, set[str]] = {
     "encoders": {"shape"},
     "priors": {"shape", "num_classes"},
     "decoders": {"shape", "latent_shape"},
+    "ae_decoders": {"shape", "latent_shape"},
     "schedules": {"logsnr_min", "logsnr_max", "resolution"},
     "samplers": {"eps_fn", "x_1", "logsnrs"},
     "optimizers": {"params"},  # TrainSettings.build_optimizer(params)

@@ -39,6 +39,7 @@ KINDS: tuple[str, ...] = (
     "encoders",
     "priors",
     "decoders",
+    "ae_decoders",
     "weightings",
     "schedules",
     "datasets",

@@ -32,6 +32,13 @@ resolution), not the bytes of files it reads: replacing an image file in place i
 With several processes every rank encodes and renames the same file into place (safe, but the
 work is repeated).
 
+Stage 1 is reached only through the stage-1 latent interface (`LatentModel`, below): any stage-1
+model that implements `encode_clean`, `decode_latents`, `latent_state` and `latent_logsnr_max`
+can sit under a base model. The KL autoencoder baseline (`stages.kl_ae`) implements it itself; a
+UL stage-1 model (`ULJointModel`) is adapted by `ULJointLatents` (z_0 = alpha(λ_z(0)) z_clean +
+sigma(λ_z(0)) eps, then the diffusion decoder), which draws exactly what this stage drew before
+the interface existed, so UL's samples, losses and cache keys are unchanged.
+
 Evaluation reports `base_nats` (the weighted loss), `bits_per_pixel_base` (the unweighted ELBO
 of z_clean under the base model, `eval_t_per_example` t per example, plus KL(q(z_1)||N(0,I)),
 divided by ln 2 · H · W: the bitrate bound of PAPER.md Table 5, "bpd with base model") and a grid
@@ -48,10 +55,10 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +86,92 @@ log = logging.getLogger(__name__)
 CACHE_DIR = "latent_cache"
 CACHE_FORMAT = 2  # bump when the cache layout changes: old caches get another key
 STALE_TMP_S = 600.0  # a temporary cache file this old was left by a killed run
+
+
+# ------------------------------------------------------------------------------ stage-1 latents
+@runtime_checkable
+class LatentModel(Protocol):
+    """What a base model needs of a stage-1 model: the stage-1 latent interface.
+
+    - `latent_logsnr_max`: λ_max of the base model's diffusion (UL: λ_z(0) = 5, the encoding
+      noise the decoder was trained on).
+    - `encode_clean(x)`: x (B, C, *S) -> z_clean (B, Cz, *s) float32, the latent the base
+      model models (deterministic).
+    - `decode_latents(z_clean, generator, sampler, steps)`: z_clean (B, Cz, *s) -> images
+      (B, C, *S) in [-1, 1] (UL: add the encoding noise, run the diffusion decoder with
+      `sampler` for `steps` steps; an autoencoder: its deterministic decoder).
+    - `latent_state()`: the tensors `encode_clean` depends on (keys the latent cache).
+    """
+
+    latent_logsnr_max: float
+
+    def encode_clean(self, x: Tensor) -> Tensor: ...
+
+    def decode_latents(
+        self,
+        z_clean: Tensor,
+        generator: torch.Generator | None,
+        sampler: Callable[..., Tensor],
+        steps: int,
+    ) -> Tensor: ...
+
+    def latent_state(self) -> dict[str, Tensor]: ...
+
+
+class ULJointLatents:
+    """The stage-1 latent interface of a UL stage-1 model (`ULJointModel`: encoder, decoder_eps,
+    decoder_schedule, latent_logsnr_max); `image_shape` (C, *S) sizes the decoder's x_1."""
+
+    def __init__(self, model: nn.Module, image_shape: Sequence[int]) -> None:
+        self.model = model
+        self.image_shape = tuple(image_shape)
+        self.latent_logsnr_max = float(model.latent_logsnr_max)
+
+    @torch.no_grad()
+    def encode_clean(self, x: Tensor) -> Tensor:
+        """z_clean = E(x) of the frozen encoder, float32."""
+        return self.model.encoder(x).float()
+
+    @torch.no_grad()
+    def decode_latents(
+        self,
+        z_clean: Tensor,
+        generator: torch.Generator | None,
+        sampler: Callable[..., Tensor],
+        steps: int,
+    ) -> Tensor:
+        """z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps; the decoder from x_1 ~ N(0, I)."""
+        z_0 = noisy_latent(z_clean, self.latent_logsnr_max, generator)
+        x_1 = torch.randn(
+            (z_clean.shape[0], *self.image_shape), generator=generator, device=z_clean.device
+        )
+        grid = logsnr_grid(self.model.decoder_schedule, steps).to(z_clean.device, torch.float32)
+        return sampler(
+            lambda x_t, logsnr: self.model.decoder_eps(x_t, logsnr, z_0),
+            x_1,
+            grid,
+            generator=generator,
+            clip_x=1.0,
+        )
+
+    def latent_state(self) -> dict[str, Tensor]:
+        return self.model.encoder.state_dict()
+
+
+UL_STAGE1_ATTRIBUTES = ("encoder", "decoder_eps", "decoder_schedule", "latent_logsnr_max")
+
+
+def latent_model(stage1: nn.Module, image_shape: Sequence[int]) -> LatentModel:
+    """`stage1` itself when it implements `LatentModel`, a UL model adapted, else ConfigError."""
+    if isinstance(stage1, LatentModel):
+        return stage1
+    if all(hasattr(stage1, a) for a in UL_STAGE1_ATTRIBUTES):
+        return ULJointLatents(stage1, image_shape)
+    raise ConfigError(
+        f"ul_base.stage1 built a {type(stage1).__name__}, which does not provide the stage-1 "
+        "latent interface (latent_logsnr_max, encode_clean, decode_latents, latent_state; "
+        "see plugins/stages/ul_base.py, LatentModel)"
+    )
 
 
 # ------------------------------------------------------------------------------ loss record
@@ -128,9 +221,13 @@ class ULBaseModel(nn.Module):
         self.num_classes = num_classes
         self.latent_shape = tuple(latent_shape)
         self.image_shape = tuple(image_shape)
-        self.latent_logsnr_max = float(stage1.latent_logsnr_max)
+        self.latent_logsnr_max = float(self.latents().latent_logsnr_max)
         self.pixels = math.prod(self.image_shape[1:])
         self.context_frames = context_frames
+
+    def latents(self) -> LatentModel:
+        """The stage-1 latent interface of the frozen stage-1 model."""
+        return latent_model(self.stage1, self.image_shape)
 
     def train(self, mode: bool = True) -> ULBaseModel:
         """Only the base model changes mode: the frozen stage-1 networks stay in eval mode."""
@@ -167,8 +264,8 @@ class ULBaseModel(nn.Module):
 
     @torch.no_grad()
     def encode_clean(self, x: Tensor) -> Tensor:
-        """z_clean = E(x) of the frozen encoder, float32."""
-        return self.stage1.encoder(x).float()
+        """z_clean of the frozen stage-1 model (UL: E(x)), float32."""
+        return self.latents().encode_clean(x).float()
 
     def _latents(self, batch: dict[str, Tensor]) -> Tensor:
         return batch["z"].float() if "z" in batch else self.encode_clean(batch["x"])
@@ -276,18 +373,7 @@ class ULBaseModel(nn.Module):
         z_clean = sample_latents(
             eps_cond, eps_uncond, z_1, self.schedule, sampler, steps, generator, guidance, interval
         )
-        z_0 = noisy_latent(z_clean, self.latent_logsnr_max, generator)
-        x_1 = torch.randn((n, *self.image_shape), generator=generator, device=device)
-        grid = logsnr_grid(self.stage1.decoder_schedule, decoder_steps or steps).to(
-            device, torch.float32
-        )
-        x = sampler(
-            lambda x_t, logsnr: self.stage1.decoder_eps(x_t, logsnr, z_0),
-            x_1,
-            grid,
-            generator=generator,
-            clip_x=1.0,
-        )
+        x = self.latents().decode_latents(z_clean, generator, sampler, decoder_steps or steps)
         if context is not None and self.context_frames:
             x[:, :, : self.context_frames] = context[:, :, : self.context_frames].to(x.dtype)
         return x
@@ -341,14 +427,17 @@ class LatentSource:
         return example
 
 
-def cache_key(encoder: nn.Module, source: Any, context_frames: int = 0) -> str:
-    """SHA-256 of the encoder's weights, the context length and the Source (pickled; repr if
-    unpicklable)."""
+def cache_key(
+    encoder: nn.Module | Mapping[str, Tensor], source: Any, context_frames: int = 0
+) -> str:
+    """SHA-256 of the encoder's weights (a module or the `latent_state()` of a stage-1 model),
+    the context length and the Source (pickled; repr if unpicklable)."""
     h = hashlib.sha256(f"ulframe-latent-cache-{CACHE_FORMAT}-{context_frames}".encode())
-    for name, value in sorted(encoder.state_dict().items()):
+    state = encoder.state_dict() if isinstance(encoder, nn.Module) else encoder
+    for name, value in sorted(state.items()):
         h.update(name.encode())
         h.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
-        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     try:
         h.update(pickle.dumps(source, protocol=4))
     except Exception:  # an unpicklable Source: its type and repr
@@ -407,14 +496,15 @@ def write_cache(directory: Path, key: str, latents: dict[str, Tensor]) -> Path:
 
 @torch.no_grad()
 def encode_source(
-    encoder: nn.Module,
+    encoder: Callable[[Tensor], Tensor],
     source: Any,
     device: torch.device,
     batch_size: int = 64,
     context_frames: int = 0,
 ) -> dict[str, Tensor]:
-    """{"z": z_clean (N, Cz, *s) float32, "label": (N,)} of every readable item of `source`, on
-    CPU; with `context_frames` also "context", the latents of the clips' first frames."""
+    """{"z": encoder(x) (N, Cz, *s) float32, "label": (N,)} of every readable item of `source`,
+    on CPU (`encoder`: a module or a stage-1 model's `encode_clean`); with `context_frames` also
+    "context", the latents of the clips' first frames."""
     zs: list[Tensor] = []
     contexts: list[Tensor] = []
     labels: list[int] = []
@@ -471,13 +561,16 @@ class ULBase:
         """
         Args:
             stage1: the stage-1 stage object, configured as the first stage
-                (`@stage1/stages.ul_joint()`); rebuilt here and loaded with its EMA weights.
+                (`@stage1/stages.ul_joint()`, or `@stage1/stages.kl_ae()` for the KL
+                autoencoder baseline); rebuilt here and loaded with its EMA weights. Its
+                model must provide the stage-1 latent interface (`LatentModel`).
             base: the base model's factory (`@base/priors.vit`); called with the latent shape
                 and the dataset's `num_classes`.
             train: this stage's `TrainSettings`.
             source_stage: name of the finished stage whose checkpoints hold the stage-1 weights.
             weighting: w(λ) of the base loss; default `sigmoid(b' - λ)` with b' = 0.
-            schedule: the base model's schedule factory; its λ_max is stage 1's λ_z(0).
+            schedule: the base model's schedule factory; its λ_max is stage 1's
+                `latent_logsnr_max` (UL: λ_z(0)).
             logsnr_min: λ_min of the base model's diffusion.
             label_dropout: probability of replacing a label by the null label while training.
             cache_latents: encode the train split once and train on the cached latents.
@@ -531,6 +624,7 @@ class ULBase:
             )
         stage1 = load_stage_ema(self.stage1, ctx, ctx.previous[self.source_stage])
         image_shape = tuple(ctx.example["x"].shape)
+        latents = latent_model(stage1, image_shape)
         if self.context_frames and not (
             len(image_shape) == 4 and self.context_frames < image_shape[1]
         ):
@@ -539,7 +633,7 @@ class ULBase:
                 f"with more than {self.context_frames} frames; the data gives {image_shape}"
             )
         with torch.no_grad():
-            latent_shape = tuple(stage1.encoder(ctx.example["x"][None].float()).shape[1:])
+            latent_shape = tuple(latents.encode_clean(ctx.example["x"][None].float()).shape[1:])
         extra = {"context_channels": latent_shape[0]} if self.context_frames else {}
         base = check_built(
             "priors",
@@ -547,7 +641,7 @@ class ULBase:
             "ul_base.base",
         )
         schedule = self.schedule_factory(
-            logsnr_min=self.logsnr_min, logsnr_max=float(stage1.latent_logsnr_max), resolution=None
+            logsnr_min=self.logsnr_min, logsnr_max=float(latents.latent_logsnr_max), resolution=None
         )
         model = ULBaseModel(
             stage1, base, schedule, self.weighting, self.label_dropout, ctx.num_classes,
@@ -562,14 +656,16 @@ class ULBase:
             return source
         if self._model is None or self._stage_dir is None:
             raise RuntimeError("ul_base.train_source is called after build")
-        encoder = self._model.stage1.encoder
-        key = cache_key(encoder, source, self.context_frames)
+        latents = self._model.latents()
+        key = cache_key(latents.latent_state(), source, self.context_frames)
         directory = self._stage_dir / CACHE_DIR
         cached = read_cache(directory, key)
         if cached is None:
-            device = next(encoder.parameters()).device
+            device = next(self._model.stage1.parameters()).device
             log.info("stage %s: encoding the train split into %s", self.name, directory)
-            cached = encode_source(encoder, source, device, context_frames=self.context_frames)
+            cached = encode_source(
+                latents.encode_clean, source, device, context_frames=self.context_frames
+            )
             write_cache(directory, key, cached)
         else:
             log.info("stage %s: %d cached latents from %s", self.name, len(cached["z"]), directory)

@@ -15,6 +15,9 @@ stays finite at λ = -15, where an eps-predicting network's error is amplified s
 times and few-step DDIM reconstructions come out as noise (docs/method.md).
 
 Both typos of the paper are fixed: `-dλ/dt` (not `+`) and `sigmoid(b - λ)` (not `λ - b`).
+The loss factor c_lf is a float32 buffer of the model (`ULJointModel.loss_factor`), so a hook that
+changes it while training (`hooks.bitrate_controller`) has its value saved in checkpoints, restored
+on resume and copied into the EMA model with the other buffers.
 The two terms draw independent t and noise. `L_z / ln 2` bounds the bits in z_0; bits/pixel
 divides by ln 2 and the number of pixels H·W (T·H·W for video), not by the channel count.
 """
@@ -61,6 +64,7 @@ class ULJointTerms:
     decoder_nats: Tensor  # L_x: loss factor × sigmoid-weighted ELBO term
     pixels: int  # H·W (T·H·W for video): the bits/pixel normaliser
     crossing_logsnr: float | None = None  # λ* = b + log(c_lf - 1) of the decoder weighting
+    loss_factor: Tensor | None = None  # c_lf, 0-d: the model's buffer when the terms were made
 
     @property
     def prior_nats(self) -> Tensor:
@@ -81,11 +85,21 @@ class ULJointTerms:
         }
         if self.crossing_logsnr is not None:
             out["crossing_logsnr"] = torch.tensor(self.crossing_logsnr)
+        if self.loss_factor is not None:
+            out["loss_factor"] = self.loss_factor.detach().float().reshape(())
         return out
 
 
 class ULJointModel(nn.Module):
-    """Encoder, prior and decoder; `forward(batch, noise)` is the stage-1 loss."""
+    """Encoder, prior and decoder; `forward(batch, noise)` is the stage-1 loss.
+
+    `loss_factor` (c_lf) is a registered float32 0-d buffer: it is in `state_dict()` (checkpoints,
+    EMA copies) and may be changed in place while training (`model.loss_factor.fill_(c)`); the
+    crossing point λ* reported in the metrics follows it. A state dict without it (a checkpoint
+    written before it was a buffer) loads with the value given to the constructor.
+    """
+
+    loss_factor: Tensor
 
     def __init__(
         self,
@@ -98,7 +112,6 @@ class ULJointModel(nn.Module):
         loss_factor: float,
         latent_logsnr_max: float,
         pixels: int,
-        crossing_logsnr: float | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -107,10 +120,28 @@ class ULJointModel(nn.Module):
         self.prior_schedule = prior_schedule
         self.decoder_schedule = decoder_schedule
         self.decoder_weighting = decoder_weighting
-        self.loss_factor = loss_factor
+        self.register_buffer("loss_factor", torch.tensor(float(loss_factor), dtype=torch.float32))
         self.latent_logsnr_max = latent_logsnr_max
         self.pixels = pixels
-        self.crossing_logsnr = crossing_logsnr
+        self._crossing_key: tuple[int, int] | None = None  # (id, version) of the buffer seen
+        self._crossing: float | None = None
+        self.register_load_state_dict_pre_hook(_default_loss_factor)
+
+    def crossing_logsnr(self) -> float | None:
+        """λ* where c_lf · w(λ*) = 1 for the current c_lf (None if w has no crossing or c_lf <= 1).
+
+        Recomputed only when the buffer changed (its version counter moved), so training steps
+        at a constant c_lf read no device value.
+        """
+        key = (id(self.loss_factor), self.loss_factor._version)
+        if key != self._crossing_key:
+            crossing = getattr(self.decoder_weighting, "crossing_logsnr", None)
+            loss_factor = float(self.loss_factor)
+            self._crossing = (
+                float(crossing(loss_factor)) if crossing is not None and loss_factor > 1 else None
+            )
+            self._crossing_key = key
+        return self._crossing
 
     def prior_eps(self, z_t: Tensor, logsnr: Tensor) -> Tensor:
         """eps_hat of the prior: its network predicts v."""
@@ -149,7 +180,7 @@ class ULJointModel(nn.Module):
         eps_hat = self.decoder_eps(x_t, logsnr, z_0)  # (B, C, *S)
         weight = self.decoder_weighting(logsnr)  # (B,)
         neg_dlogsnr_dt = self.decoder_schedule.neg_dlogsnr_dt(t)  # (B,)
-        return self.loss_factor * elbo_term_nats(eps, eps_hat, neg_dlogsnr_dt, weight)
+        return self.loss_factor * elbo_term_nats(eps, eps_hat, neg_dlogsnr_dt, weight)  # (B,)
 
     def forward(
         self, batch: dict[str, Tensor], noise: BatchNoise | torch.Generator
@@ -163,7 +194,10 @@ class ULJointModel(nn.Module):
         t_x = noise.antithetic_t(b, x.device)  # (Algorithm 1)
         prior_diffusion, kl1 = self.prior_terms(z_clean.float(), t_z, noise)
         decoder = self.decoder_term(x, z_0, t_x, noise)
-        return ULJointTerms(prior_diffusion, kl1, decoder, self.pixels, self.crossing_logsnr)
+        loss_factor = self.loss_factor.detach().clone()  # the value these terms were made with
+        return ULJointTerms(
+            prior_diffusion, kl1, decoder, self.pixels, self.crossing_logsnr(), loss_factor
+        )
 
     @torch.no_grad()
     def bits_per_pixel(self, x: Tensor, generator: torch.Generator, num_t: int) -> Tensor:
@@ -208,6 +242,13 @@ class ULJointModel(nn.Module):
         return diffuse(
             z_clean, logsnr_0, torch.randn(z_clean.shape, generator=generator, device=device)
         )
+
+
+def _default_loss_factor(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load-state-dict pre-hook: a state dict without `loss_factor` keeps the module's value."""
+    state_dict.setdefault(prefix + "loss_factor", module.loss_factor.detach().clone())
 
 
 class ULJoint:
@@ -314,7 +355,7 @@ class ULJoint:
         pixels = math.prod(shape[1:])
         return ULJointModel(
             encoder, prior, decoder, prior_schedule, decoder_schedule, self.decoder_weighting,
-            self.loss_factor, self.latent_logsnr_max, pixels, self.crossing_logsnr(),
+            self.loss_factor, self.latent_logsnr_max, pixels,
         )  # fmt: skip
 
     def train_source(self, source: Any) -> Any:

@@ -12,9 +12,9 @@ Checks, per kind:
 - every kind: the product provides the protocol (``check_built``) and the entry is bindable from
   gin (``ulframe.wiring.register``; ``f.x = @kind.name`` resolves and building through gin gives
   what building directly gives);
-- networks (encoders, priors, decoders, ae_decoders): shapes and float32 dtype on 2-D (image) inputs, seeded
-  determinism, state-dict round trip into a fresh instance (and through ``torch.save`` with
-  ``weights_only=True``);
+- networks (encoders, priors, decoders, ae_decoders): shapes and float32 dtype on 2-D (image)
+  inputs, seeded determinism, state-dict round trip into a fresh instance (and through
+  ``torch.save`` with ``weights_only=True``); ae_decoders take the latent alone, ``D(z) -> x``;
 - weightings: same shape out as in, finite and non-negative on λ ∈ [-20, 20];
 - schedules: exact endpoints, strictly decreasing, ``-dλ/dt > 0`` and equal to a finite
   difference, ``t_from_logsnr`` inverts ``logsnr``;

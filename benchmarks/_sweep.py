@@ -1,0 +1,317 @@
+"""Shared harness of the claim benchmarks: stage-1 runs of gin/quickstart.gin, reused by name.
+
+Each run is `ulframe run gin/quickstart.gin --workdir SWEEP_DIR/<name> --gin_param ...` in a
+subprocess with OMP_NUM_THREADS=1 and `--threads` torch threads, one at a time. `<name>` encodes
+the overrides (`lf1.7_b2_n8192_eb8`), so the same override set is the same run in every
+benchmark: a finished run (its stage wrote DONE.json with the final evaluation) is read back, not
+trained again. `sweep.json` beside it records the overrides and the wall time of the run.
+
+    from _sweep import Sweep, add_arguments
+    sweep = Sweep.from_args(args)                 # --sweep-dir, --threads, --quick
+    result = sweep.run({"LOSS_FACTOR": 1.7, "weightings.sigmoid.bias": 2.0})
+    result.bits_per_pixel, result.psnr, result.ssim
+
+Every benchmark takes `--quick` (fewer samples, fewer eval batches: minutes) and otherwise uses the
+full settings the numbers in docs/results.md come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+GIN_FILE = ROOT / "gin" / "quickstart.gin"
+DEFAULT_SWEEP_DIR = ROOT / "runs" / "sweep"
+
+# What every run of the harness binds: stage 1 only, console output, one final evaluation.
+FIXED: dict[str, str] = {
+    "Experiment.stages": "[@stage1/stages.ul_joint()]",
+    "stage1/TrainSettings.eval_every_samples": "0",
+}
+DEFAULT_HOOKS = "[@hooks.console()]"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training samples and evaluation batches (16 crops each) of every run."""
+
+    train_samples: int
+    eval_batches: int
+
+
+FULL = Budget(train_samples=8192, eval_batches=8)
+QUICK = Budget(train_samples=4096, eval_batches=2)
+
+# Short names of the overrides in run names, in the order they appear there.
+ALIASES: dict[str, str] = {
+    "stage1/stages.ul_joint.prior": "prior",
+    "LOSS_FACTOR": "lf",
+    "weightings.sigmoid.bias": "b",
+    "stage1/stages.ul_joint.latent_logsnr_max": "lz",
+    "Experiment.hooks": "hooks",
+    "hooks.bitrate_controller.target_bits_per_pixel": "target",
+    "hooks.bitrate_controller.start_samples": "start",
+    "stage1/TrainSettings.log_every_samples": "log",
+    "Experiment.seed": "seed",
+    "TRAIN_SAMPLES": "n",
+    "stage1/TrainSettings.eval_batches": "eb",
+}
+MAX_NAME = 120
+
+
+def gin_value(value: Any) -> str:
+    """A gin literal for `value`; floats in one canonical spelling (1.50 and 1.5 are one run)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(float(value))
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if re.fullmatch(r"[+-]?\d+", text) else repr(number)
+
+
+def _short(value: str) -> str:
+    """A file-name-safe spelling of a gin value: `@priors.normal` -> `normal`, 2.0 -> `2`."""
+    try:
+        number = float(value)
+        return f"{number:g}"
+    except ValueError:
+        pass
+    text = value.replace("@hooks.", "").replace("@priors.", "").replace("@", "")
+    text = text.replace("()", "")
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
+
+
+def run_name(overrides: Mapping[str, str]) -> str:
+    """The folder name of a run: its overrides in ALIASES order, then any others."""
+    order = {k: i for i, k in enumerate(ALIASES)}
+    keys = sorted(overrides, key=lambda k: (order.get(k, len(order)), k))
+    parts = []
+    for key in keys:
+        alias = ALIASES.get(key) or re.sub(r"[^A-Za-z0-9]+", "-", key.split("/")[-1])
+        parts.append(f"{alias}{_short(overrides[key])}")
+    name = "_".join(parts)
+    if len(name) > MAX_NAME:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(sorted(overrides.items())).encode()).hexdigest()[:10]
+        name = f"{name[: MAX_NAME - 11]}-{digest}"
+    return name
+
+
+@dataclass
+class Result:
+    """A finished run: its final evaluation (EMA weights) and where it lives."""
+
+    name: str
+    workdir: Path
+    overrides: dict[str, str]
+    scalars: dict[str, float]
+    elapsed_s: float | None  # wall time of the training subprocess (None: unknown)
+    reused: bool  # read back from an earlier invocation
+
+    @property
+    def bits_per_pixel(self) -> float:
+        return float(self.scalars["bits_per_pixel"])
+
+    @property
+    def psnr(self) -> float:
+        return float(self.scalars["psnr"])
+
+    @property
+    def ssim(self) -> float:
+        return float(self.scalars.get("ssim", math.nan))
+
+    def train_records(self) -> list[dict[str, Any]]:
+        """The training records of metrics.jsonl (one per logged step), in order."""
+        path = self.workdir / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in records if r.get("kind") == "train"]
+
+    def stage_file(self, name: str) -> Path:
+        return self.workdir / "stages" / "stage1" / name
+
+
+@dataclass
+class Sweep:
+    """Runs (or reads back) stage-1 runs under `sweep_dir`, one at a time."""
+
+    sweep_dir: Path = DEFAULT_SWEEP_DIR
+    threads: int = 1
+    budget: Budget = FULL
+    verbose: bool = True
+    log: list[Result] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Sweep:
+        return cls(Path(args.sweep_dir), args.threads, QUICK if args.quick else FULL)
+
+    def overrides(self, settings: Mapping[str, Any]) -> dict[str, str]:
+        """The run's overrides: the budget, then `settings` (which may replace the budget)."""
+        out = {
+            "TRAIN_SAMPLES": str(self.budget.train_samples),
+            "stage1/TrainSettings.eval_batches": str(self.budget.eval_batches),
+            "Experiment.hooks": DEFAULT_HOOKS,
+        }
+        out.update({k: gin_value(v) for k, v in settings.items()})
+        if out["Experiment.hooks"] == DEFAULT_HOOKS:
+            del out["Experiment.hooks"]  # the default: not part of the name
+        return out
+
+    def run(self, settings: Mapping[str, Any]) -> Result:
+        """Train the run of `settings` unless it finished before; its final evaluation."""
+        overrides = self.overrides(settings)
+        name = run_name(overrides)
+        workdir = self.sweep_dir / name
+        done = workdir / "stages" / "stage1" / "DONE.json"
+        meta_path = workdir / "sweep.json"
+        bindings = {**FIXED, "Experiment.hooks": DEFAULT_HOOKS, **overrides}
+        if meta_path.is_file():
+            recorded = json.loads(meta_path.read_text()).get("bindings")
+            if recorded != bindings:
+                raise SystemExit(
+                    f"{workdir} holds a run of other bindings ({recorded}); delete it or pick "
+                    "another --sweep-dir"
+                )
+        reused = done.is_file()
+        elapsed = None
+        if not reused:
+            elapsed = self._train(workdir, bindings)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if elapsed is not None:
+            meta = {"bindings": bindings, "elapsed_s": elapsed, "threads": self.threads}
+            meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        scalars = json.loads(done.read_text())["scalars"]
+        result = Result(name, workdir, overrides, scalars, meta.get("elapsed_s"), reused)
+        self.log.append(result)
+        if self.verbose:
+            took = "reused" if reused else f"{elapsed:.0f} s"
+            print(
+                f"  {name}: bits/pixel {result.bits_per_pixel:.4f}, PSNR {result.psnr:.2f} dB "
+                f"({took})",
+                flush=True,
+            )
+        return result
+
+    def _train(self, workdir: Path, bindings: Mapping[str, str]) -> float:
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        args = ["run", str(GIN_FILE), "--workdir", str(workdir)]
+        for key, value in bindings.items():
+            args += ["--gin_param", f"{key} = {value}"]
+        code = (
+            "import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
+            "from ulframe.cli import main; sys.exit(main(sys.argv[2:]))"
+        )
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        if self.verbose:
+            print(f"  training {workdir.name} ...", flush=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with (workdir / "sweep_stdout.txt").open("w") as out:
+            done = subprocess.run(
+                [sys.executable, "-c", code, str(self.threads), *args],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        elapsed = time.perf_counter() - t0
+        if done.returncode != 0:
+            tail = (workdir / "sweep_stdout.txt").read_text()[-3000:]
+            raise SystemExit(f"run {workdir.name} failed (exit {done.returncode}):\n{tail}")
+        return elapsed
+
+    def total_train_s(self) -> float:
+        """Wall time of every run this process used (trained now or recorded before)."""
+        return sum(r.elapsed_s or 0.0 for r in {r.name: r for r in self.log}.values())
+
+
+def load_model(result: Result) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """(stage, ULJointModel with the EMA weights of the run's last checkpoint, eval batches):
+    the run's experiment rebuilt in this process from gin/quickstart.gin and its overrides."""
+    import torch
+
+    from ulframe import cli
+    from ulframe.data.pipeline import build_loader, first_example
+    from ulframe.protocols import BuildContext
+    from ulframe.train import checkpoint
+
+    bindings = [f"{k} = {v}" for k, v in {**FIXED, **result.overrides}.items()]
+    cli._load([str(GIN_FILE)], bindings)
+    experiment = cli._build_experiment()
+    stage = experiment.stages[0]
+    source = experiment.dataset.source("eval")
+    stage_dir = result.workdir / "stages" / "stage1"
+    ctx = BuildContext(
+        first_example(source), experiment.dataset.num_classes, torch.device("cpu"), stage_dir
+    )
+    model = stage.build(ctx)
+    state = checkpoint.load_latest(stage_dir / "checkpoints", map_location="cpu")
+    if state is None:
+        raise SystemExit(f"no checkpoint in {stage_dir}")
+    model.load_state_dict(state["ema"])
+    model.eval()
+    loader = build_loader(
+        source, batch_size=16, shuffle=False, repeat=False, drop_last=False, num_workers=0
+    )
+    batches = [b for _, b in zip(range(stage.train.eval_batches), loader)]
+    return stage, model, batches
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every claim benchmark shares."""
+    p.add_argument("--quick", action="store_true", help="smoke settings: minutes, not the docs'")
+    p.add_argument(
+        "--sweep-dir", default=str(DEFAULT_SWEEP_DIR), help="where runs live (reused by name)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (runs go one at a time; 1: see benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--out-dir",
+        default=str(ROOT / "docs" / "results"),
+        help="where plots (PNG) and tables (Markdown) go",
+    )
+
+
+def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear y(x) through the points sorted by x; NaN outside their range."""
+    pts = sorted(zip(xs, ys, strict=True))
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return math.nan
+
+
+def monotone(values: Iterable[float]) -> bool:
+    """Strictly increasing."""
+    v = list(values)
+    return all(b > a for a, b in itertools.pairwise(v))
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table; floats as given (format them first)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,482 @@
+"""Paper claim 6 (PAPER.md, Fig. 4: compute efficiency) at toy scale: the same base model,
+trained for the same FLOPs on UL latents and on the latents of an SD-style KL autoencoder,
+compared by the Fréchet distance of end-to-end samples.
+
+    python benchmarks/compute_efficiency.py --quick     # under 10 minutes on 2 CPU cores
+    python benchmarks/compute_efficiency.py             # the full setting (~40 minutes)
+    python benchmarks/compute_efficiency.py --sweep-dir runs/compute_efficiency   # reuse runs
+
+Runs (one at a time, `ulframe run` in a subprocess with OMP_NUM_THREADS=1, each in
+`SWEEP_DIR/<quick|full>/<name>`; a finished stage is reused, not trained again, and every
+measurement is kept in `<name>/compute_efficiency.json`, so a rerun computes only what is new):
+
+- `ul`: gin/quickstart.gin: UL stage 1 (encoder, diffusion prior, diffusion decoder), then the
+  base model on its z_clean (λ ∈ [-15, λ_z(0) = 5]).
+- `kl-ae`: gin/quickstart_kl_ae.gin: `stages.kl_ae` (same encoder architecture with 2·Cz
+  channels, mirrored conv decoder, L1 + 1e-6·KL; no perceptual or GAN loss) for the same number
+  of stage-1 samples, batch and optimizer (comparable training cost), then the same base model,
+  optimizer, batch, schedule family and weighting on its posterior means scaled to unit
+  variance (λ ∈ [-15, 7], SD's endpoint).
+- full setting only (`--ablation` adds the first to --quick): `kl-ae@5`, the same KL stage 1
+  (copied) with the base model stopping at λ = 5 as UL's does; `ul/s1` and `kl-ae/s1`, both
+  base models trained again with `Experiment.seed = 1` on the same stage 1 (a second training
+  seed: initialisation, noise, data order).
+
+Both latents are 4 x 8 x 8, so the base model costs the same FLOPs per training sample on each
+(counted with torch.utils.flop_counter: linear layers, convolutions and attention matmuls;
+training = 3 x forward, PAPER.md): equal FLOPs are equal samples. The base models' EMA weights
+are read from the checkpoints at several budgets; at each, FD (offline `metrics.fd_photos`
+features, not FID) between held-out crops and as many guided end-to-end samples (w = the
+quickstart's 1.5, class labels in turn; the same for every run). At the largest budget the FD
+is the mean over `final_seeds` sample sets (seeds), the unconditional FD (null label) is printed
+as well, and every stage 1 is measured by the FD and PSNR of its reconstructions of the same
+crops (rFD: the floor an end-to-end FD can reach with a perfect base model).
+
+Prints a table; writes a PNG plot (FD against training FLOPs, rFD floors dotted) to `--plot`
+(default docs/results/compute_efficiency.png for the full setting, SWEEP_DIR/quick/... for
+--quick). Last line: `fd ratio ul/kl-ae at equal flops: X.XX` at the largest budget, FDs averaged
+over the training seeds of each arm (below 1: UL samples better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.flop_counter import FlopCounterMode
+
+from ulframe import cli
+from ulframe.eval.metrics import psnr
+from ulframe.train import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SWEEP_DIR = ROOT / "runs" / "compute_efficiency"
+DEFAULT_PLOT = ROOT / "docs" / "results" / "compute_efficiency.png"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Samples of each stage, the budgets (base-model samples) FD is measured at, FD samples."""
+
+    stage1_samples: int
+    budgets: tuple[int, ...]  # base-model training samples, increasing; the last is the total
+    fd_samples: int
+    ablation: bool
+    final_seeds: int  # sample sets (seeds) whose FDs are averaged at the largest budget
+    replicates: bool  # also train both base models again with Experiment.seed = 1
+
+
+QUICK = Setting(
+    stage1_samples=4096,
+    budgets=(2048, 4096, 8192),
+    fd_samples=128,
+    ablation=False,
+    final_seeds=1,
+    replicates=False,
+)
+FULL = Setting(
+    stage1_samples=16384,
+    budgets=(5120, 10240, 20480, 40960),
+    fd_samples=256,
+    ablation=True,
+    final_seeds=3,
+    replicates=True,
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    gin: str
+    overrides: tuple[str, ...] = ()
+    stage1_from: str | None = None  # copy this variant's finished stage 1 instead of training
+    group: str = ""  # the replicates of one comparison arm share a group ("" = its own name)
+    replicate: bool = False  # a second training seed of the base model
+
+    @property
+    def arm(self) -> str:
+        return self.group or self.name
+
+
+VARIANTS = (
+    Variant("ul", "gin/quickstart.gin"),
+    Variant("kl-ae", "gin/quickstart_kl_ae.gin"),
+    Variant(
+        "kl-ae@5",
+        "gin/quickstart_kl_ae.gin",
+        ("stage1/stages.kl_ae.latent_logsnr_max = 5.0",),
+        stage1_from="kl-ae",
+    ),
+    Variant("ul/s1", "gin/quickstart.gin", ("Experiment.seed = 1",), "ul", "ul", True),
+    Variant(
+        "kl-ae/s1", "gin/quickstart_kl_ae.gin", ("Experiment.seed = 1",), "kl-ae", "kl-ae", True
+    ),
+)
+
+
+def overrides(setting: Setting) -> list[str]:
+    """gin bindings every run of `setting` gets (on top of its gin file)."""
+    every = setting.budgets[0]
+    total = setting.budgets[-1]
+    if any(b % every for b in setting.budgets):
+        raise ValueError(f"budgets {setting.budgets} must be multiples of the first")
+    return [
+        f"TRAIN_SAMPLES = {setting.stage1_samples}",
+        f"BASE_TRAIN_SAMPLES = {total}",
+        "stage1/TrainSettings.eval_every_samples = 0",
+        "stage2/TrainSettings.eval_every_samples = 0",
+        f"stage2/TrainSettings.checkpoint_every_samples = {every}",
+        f"stage2/TrainSettings.keep_checkpoints = {total // every + 1}",
+        "Experiment.hooks = [@hooks.console()]",
+    ]
+
+
+def train(variant: Variant, bindings: Sequence[str], workdir: Path, sweep: Path) -> float:
+    """`ulframe run` of the variant into `workdir` (finished stages are skipped); wall seconds."""
+    if variant.stage1_from and not (workdir / "stages" / "stage1" / "DONE.json").is_file():
+        source = sweep / variant.stage1_from.replace("/", "_") / "stages" / "stage1"
+        shutil.copytree(source, workdir / "stages" / "stage1", dirs_exist_ok=True)
+    args = [sys.executable, "-m", "ulframe", "run", variant.gin, "--workdir", str(workdir)]
+    for b in bindings:
+        args += ["--gin_param", b]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    done = subprocess.run(args, cwd=ROOT, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant.name}: `{' '.join(args)}` failed ({done.returncode})")
+    return time.perf_counter() - t0
+
+
+def forward_flops(module: torch.nn.Module, *inputs: Any) -> int:
+    """FLOPs of one forward pass (torch.utils.flop_counter: matmuls, convolutions, attention)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+def base_training_flops(model2: Any) -> int:
+    """Training FLOPs of the base model per example: 3 x the forward of one example."""
+    z = torch.zeros((1, *model2.latent_shape))
+    logsnr = torch.zeros(1)
+    label = torch.zeros(1, dtype=torch.long) if model2.num_classes else None
+    return 3 * forward_flops(model2.base.eval(), z, logsnr, label)
+
+
+def stage1_training_flops(model2: Any) -> int:
+    """Training FLOPs of stage 1 per example (3 x forward of its networks on one example): UL
+    encoder + prior + diffusion decoder (one noise level each), KL-AE encoder + decoder."""
+    stage1 = model2.stage1.eval()
+    x = torch.zeros((1, *model2.image_shape))
+    z = torch.zeros((1, *model2.latent_shape))
+    logsnr = torch.zeros(1)
+    total = forward_flops(stage1.encoder, x)
+    if hasattr(stage1, "prior"):  # UL: ULJointModel
+        total += forward_flops(stage1.prior, z, logsnr)
+        total += forward_flops(stage1.decoder, x, logsnr, z)
+    else:  # KL-AE: KLAEModel
+        total += forward_flops(stage1.decoder, z)
+    return 3 * total
+
+
+@torch.no_grad()
+def draw_samples(
+    stage: Any, model: Any, n: int, num_classes: int, seed: int, guided: bool
+) -> torch.Tensor:
+    """n end-to-end samples: guided (the stage's w, labels in turn) or unconditional."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n, 64):
+        k = min(64, n - start)
+        labels = stage.sample_labels(k, torch.device("cpu"), num_classes) if guided else None
+        w = stage.guidance_scale if guided else 1.0
+        steps, decoder_steps = stage.sample_steps, stage.decoder_sample_steps
+        out.append(
+            model.sample(
+                k, g, labels, stage.sampler, steps, decoder_steps, w, stage.guidance_interval
+            )
+        )
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstructions(stage: Any, model: Any, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Stage-1 reconstructions through the latent interface: decode_latents(encode_clean(x))."""
+    latents = model.latents()
+    g = torch.Generator().manual_seed(seed)
+    steps = stage.decoder_sample_steps or stage.sample_steps
+    return torch.cat(
+        [
+            latents.decode_latents(latents.encode_clean(x[i : i + 64]), g, stage.sampler, steps)
+            for i in range(0, len(x), 64)
+        ]
+    )
+
+
+def fd(metric: Any, reference: torch.Tensor, images: torch.Tensor) -> float:
+    return float(next(iter(metric(reference, images).values())))
+
+
+class Measured:
+    """Measurements of one run kept in `workdir/compute_efficiency.json`, so that a rerun on the
+    same sweep dir computes only what is missing (the checkpoints it measures do not change)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.values: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str, compute: Any) -> float:
+        if key not in self.values:
+            self.values[key] = float(compute())
+            self.path.write_text(json.dumps(self.values, indent=1) + "\n")
+        return self.values[key]
+
+
+def evaluate(variant: Variant, bindings: Sequence[str], workdir: Path, setting: Setting) -> dict:
+    """FD at every budget, unconditional FD, rFD/PSNR, FLOPs and latent statistics of a run."""
+    ns = argparse.Namespace(files=[str(ROOT / variant.gin)], workdir=workdir)
+    experiment, restored, _, registry = cli._restore_stages(ns, list(bindings))
+    stage2, model2, stage2_dir = restored[-1]
+    metric = registry.get("metrics", "fd_photos").factory()
+    reference = cli._eval_images(experiment, setting.fd_samples)
+    num_classes, seed = experiment.dataset.num_classes, experiment.seed
+    result: dict[str, Any] = {"name": variant.name, "fd": {}}
+    result["flops_per_sample"] = base_training_flops(model2)
+    result["stage1_flops_per_sample"] = stage1_training_flops(model2)
+    result["latent_shape"] = list(model2.latent_shape)
+    result["logsnr_max"] = model2.latent_logsnr_max
+    z = model2.encode_clean(reference)
+    result["latent_std"] = float(z.std())
+    stage1_done = json.loads((workdir / "stages" / "stage1" / "DONE.json").read_text())["scalars"]
+    result["stage1"] = {k: stage1_done.get(k) for k in ("bits_per_pixel", "psnr", "ssim")}
+    if "posterior_logsnr" in stage1_done:
+        result["stage1"]["posterior_logsnr"] = stage1_done["posterior_logsnr"]
+    n = len(reference)
+    measured = Measured(workdir / "compute_efficiency.json")
+    model2.load_state_dict(checkpoint.load_latest(stage2_dir / "checkpoints")["ema"])
+    x_hat: list[torch.Tensor] = []
+
+    def recon() -> torch.Tensor:
+        if not x_hat:
+            x_hat.append(reconstructions(stage2, model2, reference, seed))
+        return x_hat[0]
+
+    result["rfd"] = measured.get(f"rfd:{seed}:{n}", lambda: fd(metric, reference, recon()))
+    result["recon_psnr"] = measured.get(
+        f"recon_psnr:{seed}:{n}", lambda: psnr(reference, recon()).mean()
+    )
+    ckpts = {
+        int(checkpoint.load(p)["samples_seen"]): p
+        for p in checkpoint.list_checkpoints(stage2_dir / "checkpoints")
+    }
+
+    def sample_fd(sample_seed: int, guided: bool) -> float:
+        t0 = time.perf_counter()
+        images = draw_samples(stage2, model2, n, num_classes, sample_seed, guided)
+        value = fd(metric, reference, images)
+        kind = "guided" if guided else "unconditional"
+        print(
+            f"  {variant.name}: {budget} samples, seed {sample_seed}, {kind}: fd {value:.2f} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+        return value
+
+    result["fd_seeds"] = []
+    for budget in setting.budgets:
+        if budget not in ckpts:
+            raise SystemExit(f"{variant.name}: no stage-2 checkpoint at {budget} samples")
+        model2.load_state_dict(checkpoint.load(ckpts[budget])["ema"])
+        model2.eval()
+        final = budget == setting.budgets[-1] and not variant.replicate  # replicates: 1 set
+        seeds = range(seed, seed + (setting.final_seeds if final else 1))
+        values = [
+            measured.get(f"fd:{budget}:{s}:guided:{n}", lambda s=s: sample_fd(s, True))
+            for s in seeds
+        ]
+        result["fd"][budget] = sum(values) / len(values)
+        result["fd_seeds"] = values  # of the last (largest) budget
+    result["fd_unconditional"] = measured.get(
+        f"fd:{budget}:{seed}:unconditional:{n}", lambda: sample_fd(seed, False)
+    )
+    result["fd_samples"] = n
+    return result
+
+
+# ------------------------------------------------------------------------------ the plot
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-12) / n))
+    step *= min((1, 2, 5, 10), key=lambda m: abs((hi - lo) / (m * step) - n))
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def plot(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    path: Path,
+    floors: dict[str, float] | None = None,
+) -> Path:
+    """FD (y) against base-model training FLOPs (x, log scale) per series, as a PNG; `floors`
+    (per series, e.g. the FD of its stage-1 reconstructions) are drawn as dotted lines."""
+    colours = [(40, 90, 200), (200, 60, 40), (230, 150, 30), (60, 160, 80)]
+    width, height, left, right, top, bottom = 560, 400, 62, 130, 30, 48
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    x0, y0, x1, y1 = left, top, width - right, height - bottom
+    draw.text((width // 2, 8), title, fill="black", font=font, anchor="mt")
+    draw.text(((x0 + x1) // 2, height - 6), "base-model training FLOPs", "black", font, "mb")
+    draw.text((4, y0 - 4), "FD (fd_photos)", fill="black", font=font, anchor="lb")
+    floors = floors or {}
+    points = [p for s in series.values() for p in s]
+    lx = [math.log10(p[0]) for p in points]
+    ys = [p[1] for p in points] + list(floors.values())
+    xlo, xhi = min(lx) - 0.05, max(lx) + 0.05
+    pad = 0.08 * max(max(ys) - min(ys), 1e-6)
+    ylo, yhi = max(0.0, min(ys) - pad), max(ys) + pad
+
+    def px(flops: float, y: float) -> tuple[float, float]:
+        u = x0 + (math.log10(flops) - xlo) / (xhi - xlo) * (x1 - x0)
+        return u, y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+
+    for flops in sorted({p[0] for p in points}):  # a tick at every budget
+        u = px(flops, ylo)[0]
+        draw.line((u, y0, u, y1), fill=(230, 230, 230))
+        draw.text((u, y1 + 6), f"{flops:.1e}", "black", font, "mt")
+    for v in _ticks(ylo, yhi):
+        w = px(10**xlo, v)[1]
+        draw.line((x0, w, x1, w), fill=(230, 230, 230))
+        draw.text((x0 - 6, w), f"{v:g}", "black", font, "rm")
+    draw.rectangle((x0, y0, x1, y1), outline="black")
+    legend = 0
+    for i, (name, pts) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        line = max(1, 3 - i)  # thinner lines drawn later: overlapping series stay visible
+        radius = max(2, 4 - i)
+        xy = [px(f, y) for f, y in sorted(pts)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=line)
+        for u, w in xy:
+            draw.ellipse((u - radius, w - radius, u + radius, w + radius), colour, "black")
+        ly = y0 + 12 + 16 * legend
+        draw.line((x1 + 12, ly, x1 + 30, ly), fill=colour, width=line)
+        draw.text((x1 + 34, ly), name, "black", font, "lm")
+        legend += 1
+        if name in floors:
+            w = px(10**xlo, floors[name])[1]
+            for u in range(x0, x1, 8):
+                draw.line((u, w, min(u + 3, x1), w), fill=colour, width=1)
+            ly = y0 + 12 + 16 * legend
+            for u in range(x1 + 12, x1 + 30, 6):
+                draw.line((u, ly, u + 3, ly), fill=colour, width=1)
+            draw.text((x1 + 34, ly), f"{name} rFD", "black", font, "lm")
+            legend += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="short runs, 128 FD samples (<10 min)")
+    p.add_argument("--sweep-dir", type=Path, default=DEFAULT_SWEEP_DIR)
+    p.add_argument("--plot", type=Path, default=None, help="PNG path of the FD-vs-FLOPs plot")
+    p.add_argument("--ablation", action="store_true", help="also kl-ae@5 (on in the full setting)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    setting = QUICK if args.quick else FULL
+    mode = "quick" if args.quick else "full"
+    sweep = args.sweep_dir / mode
+    bindings = overrides(setting)
+    variants = [
+        v
+        for v in VARIANTS
+        if (setting.replicates if v.replicate else v.stage1_from is None or setting.ablation)
+        or (args.ablation and v.name == "kl-ae@5")
+    ]
+    t_start = time.perf_counter()
+    results = []
+    for v in variants:
+        workdir = sweep / v.name.replace("/", "_")
+        run_bindings = [*bindings, *v.overrides]
+        seconds = train(v, run_bindings, workdir, sweep)
+        print(f"{v.name}: trained (or reused) {workdir} in {seconds:.0f} s", flush=True)
+        results.append(evaluate(v, run_bindings, workdir, setting))
+        results[-1]["train_s"] = seconds
+        results[-1]["arm"] = v.arm
+    (sweep / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    flops = {r["name"]: r["flops_per_sample"] for r in results}
+    shapes = {r["name"]: tuple(r["latent_shape"]) for r in results}
+    print()
+    print(f"setting: {mode}   runs: {sweep}   FD: metrics.fd_photos (not FID), "
+          f"{results[0]['fd_samples']} held-out crops vs as many guided samples")  # fmt: skip
+    for name in flops:
+        print(f"base model on {name:<8} latent {shapes[name]}: {flops[name]:,} training FLOPs "
+              f"per sample (3 x forward)")  # fmt: skip
+    for r in results:
+        print(f"stage 1 {r['name']:<8}: {r['stage1_flops_per_sample']:,} training FLOPs per "
+              f"sample, {setting.stage1_samples} samples")  # fmt: skip
+    if len(set(flops.values())) == 1:
+        print("same latent shape, same FLOPs per sample: equal FLOPs = equal training samples")
+    print()
+    print(f"{'stage 1':<9} {'λ_max':>5} {'bpp':>7} {'PSNR':>6} {'SSIM':>5} {'rFD':>7} "
+          f"{'latent std':>10} {'uncond FD':>9}")  # fmt: skip
+    for r in results:
+        s = r["stage1"]
+        print(f"{r['name']:<9} {r['logsnr_max']:>5.1f} {s['bits_per_pixel']:>7.3f} "
+              f"{s['psnr']:>6.2f} {s['ssim']:>5.3f} {r['rfd']:>7.2f} {r['latent_std']:>10.3f} "
+              f"{r['fd_unconditional']:>9.2f}")  # fmt: skip
+    print()
+    names = [r["name"] for r in results]
+    arms: dict[str, list[dict]] = {}
+    for r in results:
+        arms.setdefault(r["arm"], []).append(r)
+
+    def arm_fd(arm: str, budget: int) -> float:  # mean over the arm's training seeds
+        return sum(r["fd"][budget] for r in arms[arm]) / len(arms[arm])
+
+    print(f"{'base samples':>12} {'train FLOPs':>12} " + " ".join(f"{n:>9}" for n in names)
+          + f" {'ul/kl-ae':>9}")  # fmt: skip
+    for budget in setting.budgets:
+        row = [r["fd"][budget] for r in results]  # the last row: mean over sample sets
+        ratio = arm_fd("ul", budget) / arm_fd("kl-ae", budget)
+        print(f"{budget:>12} {budget * flops['ul']:>12.3e} "
+              + " ".join(f"{v:>9.2f}" for v in row) + f" {ratio:>9.2f}")  # fmt: skip
+    if any(len(members) > 1 for members in arms.values()):
+        print("ul/kl-ae: ratio of the FDs averaged over the training seeds of each arm")
+    final = setting.budgets[-1]
+    for r in results:
+        seeds = ", ".join(f"{v:.2f}" for v in r["fd_seeds"])
+        print(f"{r['name']} at {final} samples, FD of {len(r['fd_seeds'])} sample sets: {seeds}")
+    series = {
+        arm + (f" ({len(m)} seeds)" if len(m) > 1 else ""): [
+            (b * flops[m[0]["name"]], arm_fd(arm, b)) for b in setting.budgets
+        ]
+        for arm, m in arms.items()
+    }
+    path = args.plot or (DEFAULT_PLOT if not args.quick else sweep / "compute_efficiency.png")
+    floors = {
+        name: arms[name.split(" ")[0]][0]["rfd"] for name in series if not name.startswith("kl-ae@")
+    }
+    plot(series, f"FD of guided samples vs base-model FLOPs ({mode})", path, floors)
+    print(f"plot: {path}   total wall time {time.perf_counter() - t_start:.0f} s")
+    print(f"fd ratio ul/kl-ae at equal flops: {arm_fd('ul', final) / arm_fd('kl-ae', final):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
