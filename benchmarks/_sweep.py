@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 GIN_FILE = ROOT / "gin" / "quickstart.gin"
 DEFAULT_SWEEP_DIR = ROOT / "runs" / "sweep"
+RESULTS_DIR = ROOT / "docs" / "results"
 
 # What every run of the harness binds: stage 1 only, console output, one final evaluation.
 FIXED: dict[str, str] = {
@@ -290,9 +291,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--out-dir",
-        default=str(ROOT / "docs" / "results"),
-        help="where plots (PNG) and tables (Markdown) go",
+        default=None,
+        help="where plots (PNG) and tables (Markdown) go (default: docs/results; with --quick "
+        "runs/sweep-quick-results, so a smoke run never overwrites the published results)",
     )
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """--out-dir, or its default for the setting; created."""
+    default = DEFAULT_SWEEP_DIR.parent / "sweep-quick-results" if args.quick else RESULTS_DIR
+    out = Path(args.out_dir) if args.out_dir else default
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:

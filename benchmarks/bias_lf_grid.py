@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _plot import Series, xy_figure
-from _sweep import Result, Sweep, add_arguments, markdown_table, monotone
+from _sweep import Result, Sweep, add_arguments, markdown_table, monotone, output_dir
 
 BIASES = (0.0, 2.0, 4.0)
 LOSS_FACTORS = (1.7, 2.1, 3.0)
@@ -48,8 +48,7 @@ def main() -> int:
     sweep = Sweep.from_args(args)
     biases = args.biases or (QUICK_BIASES if args.quick else BIASES)
     factors = args.loss_factors or (QUICK_LOSS_FACTORS if args.quick else LOSS_FACTORS)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(args)
 
     print(f"bias x loss factor grid: b {biases}, c_lf {factors}: {sweep.budget}", flush=True)
     grid: dict[tuple[float, float], Result] = {}
@@ -98,8 +97,8 @@ def main() -> int:
     ]
     xy_figure(
         by_crossing,
-        "bits/pixel vs crossing point λ* = b + log(c_lf - 1)",
-        "crossing log-SNR λ*",
+        "bits/pixel vs crossing point lambda* = b + log(c_lf - 1)",
+        "crossing log-SNR lambda*",
         "bits/pixel",
     ).save(out_dir / "bias_lf_crossing.png")
 

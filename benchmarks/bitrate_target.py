@@ -6,7 +6,9 @@ Two stage-1 runs of gin/quickstart.gin:
 1. controlled: starts at c_lf = --start-loss-factor (the quickstart's 3.0, far from the answer) with
    `hooks.bitrate_controller` (target --target bits/pixel; one update per logged window of
    `log_every_samples` = 256 samples, from `start_samples` on);
-2. fixed: c_lf = the controller's final value from the start, everything else the same.
+2. fixed: c_lf = the controller's final value from the start, everything else the same;
+3. (full setting) fixed at the same rate: the c_lf whose run from scratch reaches the controlled
+   run's evaluated rate, interpolated between the sweep runs at c_lf 2.1 and 3 (reused).
 
 It reports (a) whether the controlled run's training bits/pixel (mean of the last windows) and its
 final evaluation (EMA weights, held-out crops) are within 10% of the target, and (b) bits/pixel and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _plot import Series, xy_figure
-from _sweep import Result, Sweep, add_arguments, markdown_table
+from _sweep import Result, Sweep, add_arguments, interpolate, markdown_table, output_dir
 
 TARGET = 0.08
 START_LOSS_FACTOR = 3.0
@@ -41,6 +44,7 @@ LOG_EVERY = 256  # samples per controller update
 START_SAMPLES = 3072  # no update while the fresh prior learns (its rate falls from ~0.6)
 QUICK_START_SAMPLES = 1024
 TOLERANCE = 0.10
+REFERENCE_LOSS_FACTORS = (2.1, 3.0)  # sweep runs bracketing the target's rate (docs/results.md)
 LAST_WINDOWS = 8  # training windows averaged for "where it settled" (8 x 256 = 2048 samples)
 CONTROLLER_HOOKS = "[@hooks.console(), @hooks.bitrate_controller()]"
 STATE_FILE = "bitrate_controller.jsonl"
@@ -61,8 +65,7 @@ def main() -> int:
     p.add_argument("--bias", type=float, default=BIAS)
     args = p.parse_args()
     sweep = Sweep.from_args(args)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(args)
     common = {
         "weightings.sigmoid.bias": args.bias,
         "stage1/TrainSettings.log_every_samples": LOG_EVERY,
@@ -85,19 +88,37 @@ def main() -> int:
     ]
     final_c = float(f"{states[-1]['loss_factor']:.4g}")
     fixed = sweep.run(common | {"LOSS_FACTOR": final_c})
+    # A fixed c_lf that reaches the controlled run's rate from scratch: interpolated between two
+    # runs of the loss-factor sweep (the same runs as lf_sweep.py), then trained to check.
+    same_rate = None
+    if not args.quick:
+        refs = [
+            sweep.run({"LOSS_FACTOR": c, "weightings.sigmoid.bias": args.bias})
+            for c in REFERENCE_LOSS_FACTORS
+        ]
+        c_same = interpolate(
+            [r.bits_per_pixel for r in refs], REFERENCE_LOSS_FACTORS, controlled.bits_per_pixel
+        )
+        if math.isfinite(c_same):
+            same_rate = sweep.run(common | {"LOSS_FACTOR": round(c_same, 2)})
 
-    ctl_bpp, fix_bpp = training_bpp(controlled), training_bpp(fixed)
+    def row(label: str, c: str, r: Result) -> tuple[str, ...]:
+        train = statistics.fmean(b for _, b in training_bpp(r)[-LAST_WINDOWS:])
+        return (label, c, f"{train:.4f}", f"{r.bits_per_pixel:.4f}", f"{r.psnr:.2f}",
+                f"{r.ssim:.3f}", r.name)  # fmt: skip
+
+    ctl_bpp = training_bpp(controlled)
     settled = statistics.fmean(b for _, b in ctl_bpp[-LAST_WINDOWS:])
-    settled_fixed = statistics.fmean(b for _, b in fix_bpp[-LAST_WINDOWS:])
     train_err = settled / args.target - 1
     eval_err = controlled.bits_per_pixel / args.target - 1
+    smoothed_err = math.exp(states[-1]["smoothed_log_bpp"]) / args.target - 1
     rows = [
-        (f"controlled (start c_lf {args.start_loss_factor:g})", f"{final_c:g} (final)",
-         f"{settled:.4f}", f"{controlled.bits_per_pixel:.4f}", f"{controlled.psnr:.2f}",
-         f"{controlled.ssim:.3f}", controlled.name),
-        ("fixed", f"{final_c:g}", f"{settled_fixed:.4f}", f"{fixed.bits_per_pixel:.4f}",
-         f"{fixed.psnr:.2f}", f"{fixed.ssim:.3f}", fixed.name),
+        row(f"controlled (c_lf {args.start_loss_factor:g} -> {final_c:g})", f"{final_c:g} (final)",
+            controlled),
+        row("fixed at the final c_lf", f"{final_c:g}", fixed),
     ]  # fmt: skip
+    if same_rate is not None:
+        rows.append(row("fixed at the same rate", same_rate.overrides["LOSS_FACTOR"], same_rate))
     table = markdown_table(
         (
             "run", "c_lf", f"train bits/pixel (last {LAST_WINDOWS * LOG_EVERY} samples)",
@@ -106,32 +127,45 @@ def main() -> int:
         rows,
     )  # fmt: skip
     summary = (
-        f"\nTarget {args.target:g} bits/pixel: training rate {settled:.4f} ({train_err:+.1%}), "
-        f"final evaluation {controlled.bits_per_pixel:.4f} ({eval_err:+.1%}); "
-        f"{len(states)} controller updates, c_lf {args.start_loss_factor:g} -> {final_c:g}.\n"
+        f"\nTarget {args.target:g} bits/pixel: training rate {settled:.4f} ({train_err:+.1%}) over "
+        f"the last {LAST_WINDOWS * LOG_EVERY} samples, the controller's smoothed estimate at the "
+        f"end {math.exp(states[-1]['smoothed_log_bpp']):.4f} ({smoothed_err:+.1%}), final "
+        f"evaluation {controlled.bits_per_pixel:.4f} ({eval_err:+.1%}); {len(states)} controller "
+        f"updates, c_lf {args.start_loss_factor:g} -> {final_c:g}.\n"
     )
     (out_dir / "bitrate_target.md").write_text(table + summary)
-    xy_figure(
-        [
-            Series("controlled: training bits/pixel", ctl_bpp, markers=False),
+    curves = [
+        Series("controlled: training bits/pixel", ctl_bpp, markers=False),
+        Series(
+            "controlled: smoothed (controller)",
+            [(s["samples_seen"], math.exp(s["smoothed_log_bpp"])) for s in states],
+            markers=False,
+            dashed=True,
+        ),
+        Series(f"fixed c_lf = {final_c:g}", training_bpp(fixed), markers=False),
+    ]
+    if same_rate is not None:
+        curves.append(
             Series(
-                "controlled: smoothed (controller)",
-                [(s["samples_seen"], 2.718281828459045 ** s["smoothed_log_bpp"]) for s in states],
+                f"fixed c_lf = {same_rate.overrides['LOSS_FACTOR']}",
+                training_bpp(same_rate),
                 markers=False,
-                dashed=True,
-            ),
-            Series(f"fixed c_lf = {final_c:g}", fix_bpp, markers=False),
-        ],
-        f"bits/pixel while training (target {args.target:g}, dashed grey; windows of {LOG_EVERY})",
+            )
+        )
+    xy_figure(
+        curves,
+        f"training bits/pixel (windows of {LOG_EVERY} samples; log scale), target {args.target:g}",
         "samples seen",
         "bits/pixel",
         hlines=[(args.target, "target")],
+        logy=True,
+        legend="upper right",
     ).save(out_dir / "bitrate_target_bpp.png")
     xy_figure(
         [
             Series(
                 "c_lf (controller)",
-                [(0.0, args.start_loss_factor)]
+                [(0.0, args.start_loss_factor), (states[0]["samples_seen"], args.start_loss_factor)]
                 + [(s["samples_seen"], s["loss_factor"]) for s in states],
                 markers=False,
             )
@@ -140,6 +174,7 @@ def main() -> int:
         "samples seen",
         "c_lf",
         hlines=[(final_c, f"final {final_c:g}")],
+        legend="upper right",
     ).save(out_dir / "bitrate_target_lf.png")
 
     print()
@@ -147,12 +182,18 @@ def main() -> int:
     print(f"wrote {out_dir}/bitrate_target.md, bitrate_target_bpp.png, bitrate_target_lf.png")
     print(f"training wall time of these runs: {sweep.total_train_s() / 60:.1f} min")
     within = "yes" if abs(train_err) <= TOLERANCE and abs(eval_err) <= TOLERANCE else "no"
-    print(
+    line = (
         f"bitrate target {args.target:g}: within 10%: {within} (train {settled:.4f}, eval "
         f"{controlled.bits_per_pixel:.4f}), final c_lf {final_c:g}; fixed c_lf {final_c:g}: "
         f"bpp {fixed.bits_per_pixel:.4f} vs {controlled.bits_per_pixel:.4f}, psnr "
         f"{fixed.psnr:.2f} vs {controlled.psnr:.2f} dB"
     )
+    if same_rate is not None:
+        line += (
+            f"; fixed c_lf {same_rate.overrides['LOSS_FACTOR']} (same rate): bpp "
+            f"{same_rate.bits_per_pixel:.4f}, psnr {same_rate.psnr:.2f} dB"
+        )
+    print(line)
     return 0
 
 

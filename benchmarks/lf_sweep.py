@@ -8,7 +8,7 @@ c_lf 1.7 and 3.0 with another seed: the seed-to-seed spread is the noise the dif
 against. c_lf 3 and 5 (beyond the paper's range) are trained too and shown, outside the verdict.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lf_sweep.py            # docs/results.md
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lf_sweep.py --quick    # smoke: 2 short runs
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lf_sweep.py --quick    # smoke: c_lf 1.7, 3
 
 Writes `lf_sweep.md` (tables), `lf_sweep.png` (bits/pixel vs PSNR) and `lf_sweep_training.png`
 (training bits/pixel against samples seen, one curve per c_lf) into --out-dir.
@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _plot import Series, xy_figure
-from _sweep import Result, Sweep, add_arguments, markdown_table, monotone
+from _sweep import Result, Sweep, add_arguments, markdown_table, monotone, output_dir
 
 from ulframe_plugins.hooks.tensorboard import rate_distortion_figure
 
 PAPER_LOSS_FACTORS = (1.3, 1.5, 1.7, 1.9, 2.1)
-QUICK_LOSS_FACTORS = (1.3, 2.1)
+QUICK_LOSS_FACTORS = (1.7, 3.0)
 EXTRA_LOSS_FACTORS = (3.0, 5.0)  # beyond the paper's range (runs shared with the claim-4 sweep)
 BIAS = 2.0  # the quickstart's sigmoid bias
 NOISE_SEEDS = (1,)  # extra seeds (full setting only) at NOISE_LOSS_FACTORS
@@ -64,8 +64,7 @@ def main() -> int:
     seeds = (
         args.noise_seeds if args.noise_seeds is not None else (() if args.quick else NOISE_SEEDS)
     )
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(args)
 
     print(f"loss factor sweep at bias {args.bias:g}: {sweep.budget}", flush=True)
     results = [sweep.run({"LOSS_FACTOR": c, "weightings.sigmoid.bias": args.bias}) for c in factors]

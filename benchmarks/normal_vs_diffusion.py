@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _plot import Series, xy_figure
-from _sweep import Result, Sweep, add_arguments, interpolate, markdown_table
+from _sweep import Result, Sweep, add_arguments, interpolate, markdown_table, output_dir
 
 BIAS = 2.0
 DIFFUSION_LOSS_FACTORS = (1.3, 1.5, 1.7, 1.9, 2.1, 3.0, 5.0)
@@ -70,8 +70,7 @@ def main() -> int:
         QUICK_DIFFUSION if args.quick else DIFFUSION_LOSS_FACTORS
     )
     norm_c = args.normal_loss_factors or (QUICK_NORMAL if args.quick else NORMAL_LOSS_FACTORS)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(args)
 
     print(f"diffusion vs Normal prior, bias {args.bias:g}: {sweep.budget}", flush=True)
     diffusion = [
@@ -126,6 +125,7 @@ def main() -> int:
         "PSNR (dB)",
         logx=True,
         vlines=[(floor, "Normal floor")],
+        hlines=[] if math.isnan(psnr) else [(psnr, f"compared at {psnr:.2f} dB")],
     ).save(out_dir / "normal_vs_diffusion.png")
 
     print()

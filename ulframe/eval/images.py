@@ -54,14 +54,18 @@ def save_media(x: torch.Tensor, stem: Path) -> Path:
 
     Images (N, C, H, W) in [-1, 1] -> ``stem.png``, their grid (:func:`save_grid`). Videos
     (N, C, T, H, W) in [-1, 1] -> ``stem.gif``, a looping animation whose frame t is the grid of
-    frame t of the N clips (:func:`ulframe.eval.video.save_gif`, 8 fps).
+    frame t of the N clips (:func:`ulframe.eval.video.save_gif`, 8 fps). An even N gets an even
+    number of columns, so interleaved pairs (input, reconstruction) stay side by side.
     """
+    ncols = math.ceil(math.sqrt(x.shape[0]))
+    if x.shape[0] % 2 == 0 and ncols % 2:
+        ncols += 1
     if x.dim() == 4:
-        return save_grid(x, stem.with_name(stem.name + ".png"))
+        return save_grid(x, stem.with_name(stem.name + ".png"), ncols=ncols)
     if x.dim() == 5:
         from ulframe.eval.video import save_gif  # video imports this module
 
-        return save_gif(x, stem.with_name(stem.name + ".gif"))
+        return save_gif(x, stem.with_name(stem.name + ".gif"), ncols=ncols)
     raise ValueError(
         f"expected (N, C, H, W) images or (N, C, T, H, W) videos, got {tuple(x.shape)}"
     )
