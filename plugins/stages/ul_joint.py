@@ -283,7 +283,9 @@ class ULJoint:
             decoder_weighting: w(λ) of the decoder's ELBO term; default `sigmoid(b - λ)`, b = 0.
             prior_weighting: must be the ELBO weighting (w ≡ 1): anything else lets the encoder
                 hide information at discounted noise levels and L_z stops bounding the bitrate.
-            loss_factor: c_lf, multiplies the decoder term (paper: 1.3-1.7; 1.5 on ImageNet).
+            loss_factor: c_lf, multiplies the decoder term (paper: 1.3-1.7; 1.5 on ImageNet);
+                the initial value of the model's `loss_factor` buffer, which a hook may change
+                while training (`hooks.bitrate_controller`).
             latent_logsnr_max: λ_z(0), the log-SNR of the fixed encoding noise (paper: 5).
             latent_logsnr_min: λ_min of the prior's diffusion (and of KL_1).
             decoder_logsnr_min, decoder_logsnr_max: endpoints of the decoder's diffusion.
