@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +62,33 @@ def random_offsets(image: Image.Image, size: int, rng: np.random.Generator) -> t
 def hflip(image: Image.Image) -> Image.Image:
     """Mirror left to right."""
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def hold_out(
+    train: list[tuple[str, int]], root: Path, fraction: float, what: str, parameter: str
+) -> dict[str, list[tuple[str, int]]]:
+    """Split (path, label) items into "train" and a deterministic "eval" share `fraction`.
+
+    Items are ranked by a hash of their path relative to `root`, so the split is stable under
+    re-scans, file additions and machines. At least one item is held out when there are two or
+    more. Logs a WARNING (naming `parameter`) since a missing eval folder is usually a mistake.
+    """
+
+    def rank(item: tuple[str, int]) -> str:
+        relative = os.path.relpath(item[0], root)
+        return hashlib.md5(relative.encode(), usedforsecurity=False).hexdigest()
+
+    held = max(1, round(len(train) * fraction)) if len(train) > 1 else 0
+    held_out = {path for path, _ in sorted(train, key=rank)[:held]}
+    logger.warning(
+        "%s: no eval folder; holding out %d of %d train %s (%.0f%%) for eval",
+        parameter,
+        held,
+        len(train),
+        what,
+        100 * fraction,
+    )
+    return {
+        "train": [item for item in train if item[0] not in held_out],
+        "eval": [item for item in train if item[0] in held_out],
+    }

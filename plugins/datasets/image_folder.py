@@ -14,7 +14,6 @@ Images are decoded with Pillow, converted to RGB, resized so the shorter side is
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -25,6 +24,7 @@ from .common import (
     center_offsets,
     crop_square,
     hflip,
+    hold_out,
     open_rgb,
     random_offsets,
     resize_shorter_side,
@@ -169,25 +169,7 @@ class ImageFolder:
         if eval_folder.is_dir():
             splits = {"train": train, "eval": self._scan(eval_folder)}
         else:
-            # Rank by a hash of the relative path: stable under re-scans and file additions.
-            def rank(item: tuple[str, int]) -> str:
-                relative = os.path.relpath(item[0], self.root)
-                return hashlib.md5(relative.encode(), usedforsecurity=False).hexdigest()
-
-            held = max(1, round(len(train) * HOLDOUT_FRACTION)) if len(train) > 1 else 0
-            held_out = {path for path, _ in sorted(train, key=rank)[:held]}
-            splits = {
-                "train": [item for item in train if item[0] not in held_out],
-                "eval": [item for item in train if item[0] in held_out],
-            }
-            logger.warning(
-                "%s: no eval folder %s; holding out %d of %d train images (%.0f%%) for eval",
-                _ROOT_PARAMETER,
-                eval_folder,
-                held,
-                len(train),
-                100 * HOLDOUT_FRACTION,
-            )
+            splits = hold_out(train, self.root, HOLDOUT_FRACTION, "images", _ROOT_PARAMETER)
         self._splits = splits
         return splits
 

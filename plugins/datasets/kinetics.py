@@ -27,7 +27,6 @@ WARNING naming the file; the engine's loader skips and counts it.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from ulframe.data import EmptyDatasetError, Example, sample_rng
 
+from .common import hold_out
 from .video import VIDEO_EXTENSIONS, ClipSpec, read_clip, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -272,25 +272,7 @@ class Kinetics:
         if eval_folder.is_dir():
             splits = {"train": train, "eval": self._scan(eval_folder)}
         else:
-            # Rank by a hash of the relative path: stable under re-scans and file additions.
-            def rank(item: tuple[str, int]) -> str:
-                relative = os.path.relpath(item[0], self.root)
-                return hashlib.md5(relative.encode(), usedforsecurity=False).hexdigest()
-
-            held = max(1, round(len(train) * HOLDOUT_FRACTION)) if len(train) > 1 else 0
-            held_out = {path for path, _ in sorted(train, key=rank)[:held]}
-            splits = {
-                "train": [item for item in train if item[0] not in held_out],
-                "eval": [item for item in train if item[0] in held_out],
-            }
-            logger.warning(
-                "%s: no eval folder %s; holding out %d of %d train videos (%.0f%%) for eval",
-                _ROOT_PARAMETER,
-                eval_folder,
-                held,
-                len(train),
-                100 * HOLDOUT_FRACTION,
-            )
+            splits = hold_out(train, self.root, HOLDOUT_FRACTION, "videos", _ROOT_PARAMETER)
         self._splits = splits
         return splits
 
