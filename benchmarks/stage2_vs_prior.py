@@ -65,6 +65,12 @@ def main() -> int:
         action="store_true",
         help="train a short run into --workdir first (minutes), 128 samples",
     )
+    p.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        help="also write a PNG: one row of 16 samples per set (held-out crops first)",
+    )
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bindings = list(QUICK_OVERRIDES) if args.quick else []
@@ -125,6 +131,12 @@ def main() -> int:
     print(f"{'samples from':<36} {'fd_photos':>10}")
     for name, fd in fds.items():
         print(f"{name:<36} {fd:>10.2f}")
+    if args.grid is not None:
+        from ulframe.eval.images import save_grid
+
+        rows = [reference[:16], *(x[:16] for x in sets.values())]
+        path = save_grid(torch.cat(rows), args.grid, ncols=16, scale=2)
+        print(f"grid: {path} (rows: held-out crops, {', '.join(sets)})")
     ratio = fds["stage-2 base, unconditional"] / fds["stage-1 ELBO prior"]
     print(f"fd ratio base/prior: {ratio:.2f}")
     return 0
