@@ -1,5 +1,6 @@
 # ulframe: two commands on a fresh machine.
-#   make demo   create .venv, install, train the quickstart on the embedded photographs
+#   make demo   create .venv, install, train the quickstart on handwritten digits (both stages),
+#               evaluate it and draw 10 guided samples of every digit
 #   make test   create .venv, install with test extras, run the test suite
 # Pick another torch build with TORCH_SPEC, e.g.
 #   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -35,6 +36,8 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/ulframe run gin/quickstart.gin --workdir $(WORKDIR)
+	$(BIN)/ulframe eval gin/quickstart.gin --workdir $(WORKDIR)
+	$(BIN)/ulframe sample gin/quickstart.gin --workdir $(WORKDIR) -n 100
 
 test: install-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

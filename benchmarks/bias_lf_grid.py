@@ -1,4 +1,4 @@
-"""Claim 2 (PAPER.md Fig. 8): the sigmoid bias b and the loss factor c_lf both set the bitrate.
+"""Claim 2 (UL paper Fig. 8): the sigmoid bias b and the loss factor c_lf both set the bitrate.
 
 A grid of stage-1 runs of gin/quickstart.gin over b (`weightings.sigmoid.bias`) and c_lf. The
 decoder weight c_lf · sigmoid(b − λ) crosses the prior's ELBO weight 1 at λ* = b + log(c_lf − 1)

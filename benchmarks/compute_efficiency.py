@@ -1,4 +1,4 @@
-"""Paper claim 6 (PAPER.md, Fig. 4: compute efficiency) at toy scale: the same base model,
+"""Paper claim 6 (UL paper, Fig. 4: compute efficiency) at toy scale: the same base model,
 trained for the same FLOPs on UL latents and on the latents of an SD-style KL autoencoder,
 compared by the Fréchet distance of end-to-end samples.
 
@@ -24,9 +24,9 @@ measurement is kept in `<name>/compute_efficiency.json`, so a rerun computes onl
 
 Both latents are 4 x 8 x 8, so the base model costs the same FLOPs per training sample on each
 (counted with torch.utils.flop_counter: linear layers, convolutions and attention matmuls;
-training = 3 x forward, PAPER.md): equal FLOPs are equal samples. The base models' EMA weights
-are read from the checkpoints at several budgets; at each, FD (offline `metrics.fd_photos`
-features, not FID) between held-out crops and as many guided end-to-end samples (w = the
+training = 3 x forward, the paper's convention): equal FLOPs are equal samples. The base models'
+EMA weights are read from the checkpoints at several budgets; at each, FD (offline
+`metrics.fd_photos` features, not FID) between held-out crops and as many guided end-to-end samples (w = the
 quickstart's 1.5, class labels in turn; the same for every run). At the largest budget the FD
 is the mean over `final_seeds` sample sets (seeds), the unconditional FD (null label) is printed
 as well, and every stage 1 is measured by the FD and PSNR of its reconstructions of the same

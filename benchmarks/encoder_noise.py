@@ -1,4 +1,4 @@
-"""Claim 3 (PAPER.md ablation B): λ_z(0) = 10 instead of 5 breaks the bitrate estimate.
+"""Claim 3 (UL paper ablation B): λ_z(0) = 10 instead of 5 breaks the bitrate estimate.
 
 Two stage-1 runs of gin/quickstart.gin that differ only in the log-SNR of the fixed encoder noise,
 `stage1/stages.ul_joint.latent_logsnr_max` (5, the paper's, and 10). The paper reports bits/pixel

@@ -1,4 +1,4 @@
-"""Claim 1 (PAPER.md Table 2): raising the loss factor c_lf raises both bits/pixel and PSNR.
+"""Claim 1 (UL paper Table 2): raising the loss factor c_lf raises both bits/pixel and PSNR.
 
 Stage 1 of gin/quickstart.gin (embedded photographs, 32x32) at c_lf in {1.3, 1.5, 1.7, 1.9, 2.1}
 and a fixed sigmoid bias b, one run each (benchmarks/_sweep.py: runs are reused by name across the

@@ -1,4 +1,4 @@
-"""Claim 4 (PAPER.md Table 5): at the same reconstruction quality a diffusion prior needs fewer
+"""Claim 4 (UL paper Table 5): at the same reconstruction quality a diffusion prior needs fewer
 bits than a Normal prior.
 
 Two loss-factor sweeps of stage 1 of gin/quickstart.gin: the diffusion prior (`priors.vit`, the

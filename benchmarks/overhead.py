@@ -19,8 +19,9 @@ warm-up and is dropped), and each is reported as the median over rounds of its m
   the accumulation of the logged metrics. The fixed cost of a ``train_stage`` call (building,
   first example, final checkpoint) is reported separately.
 - ``plain PyTorch``: a hand-written loop over the same modules: preloaded batches, one
-  generator, the UL loss written inline with torch only (PAPER.md, stage 1), AdamW, clipping,
-  the same warm-up of the learning rate and an EMA of the weights (``torch._foreach_lerp_``).
+  generator, the UL loss written inline with torch only (docs/method.md, "Stage 1"), AdamW,
+  clipping, the same warm-up of the learning rate and an EMA of the weights
+  (``torch._foreach_lerp_``).
 - ``ulframe step, no loader``: ``ULJointModel`` and the loop's per-step calls re-enacted by hand
   (same order as ``train_stage``'s loop body) on the preloaded batches: it separates the cost of
   the data pipeline from that of the model, loss record, seeding and EMA.
@@ -66,7 +67,8 @@ from ulframe_plugins.networks.priors import ViT
 from ulframe_plugins.stages.ul_joint import ULJoint, ULJointModel
 
 SEED = 0
-LATENT_LOGSNR_MIN, LATENT_LOGSNR_MAX = -15.0, 5.0  # prior: λ_min .. λ_z(0) (PAPER.md)
+# prior: λ_min .. λ_z(0) (docs/method.md, "Stage 1")
+LATENT_LOGSNR_MIN, LATENT_LOGSNR_MAX = -15.0, 5.0
 DECODER_LOGSNR_MIN, DECODER_LOGSNR_MAX = -15.0, 15.0
 REFERENCE_RESOLUTION = 64  # ShiftedCosineSchedule's default
 LOSS_FACTOR, BIAS = 1.5, 0.0  # c_lf and b of the decoder weighting sigmoid(b - λ)
@@ -336,12 +338,12 @@ class Bench:
 
 
 def cosine_angles(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
-    """(t_min, t_max) of λ(t) = -2 log tan(t_min + t (t_max - t_min)) (PAPER.md, Schedules)."""
+    """(t_min, t_max) of λ(t) = -2 log tan(t_min + t (t_max - t_min)) (docs/method.md, Schedules)."""
     return math.atan(math.exp(-logsnr_max / 2)), math.atan(math.exp(-logsnr_min / 2))
 
 
 class PlainULLoss:
-    """Stage-1 loss L_z + L_x written out (PAPER.md, stage 1), draws in ULJointModel's order."""
+    """Stage-1 loss L_z + L_x written out (docs/method.md, Stage 1), draws in ULJointModel's order."""
 
     def __init__(self, resolution: int) -> None:
         self.alpha_0 = math.sqrt(1 / (1 + math.exp(-LATENT_LOGSNR_MAX)))  # alpha(5)

@@ -13,8 +13,10 @@ Errors in the user's input exit with code 2 and one short message (`--debug` sho
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -202,11 +204,19 @@ def _configure_logging(is_main: bool, logfile: Path | None = None) -> None:
         logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
     )
     root.addHandler(handler)
-    if logfile is not None:
-        fh = logging.FileHandler(logfile)
+    if logfile is not None:  # file names that are not UTF-8 are escaped, never an error
+        fh = logging.FileHandler(logfile, errors="backslashreplace")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
+    for h in root.handlers:
+        h.addFilter(_not_gin)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def _not_gin(record: logging.LogRecord) -> bool:
+    """gin logs its file lookups on the root logger (`system_path_file_exists`, `Path not found`):
+    noise next to ulframe's own messages about the same files."""
+    return not (record.name == "root" and f"{os.sep}gin{os.sep}" in record.pathname)
 
 
 def _load(files: Sequence[str], bindings: Sequence[str]) -> Any:
@@ -218,6 +228,7 @@ def _load(files: Sequence[str], bindings: Sequence[str]) -> Any:
     wiring.register(registry)
     wiring.parse(files, bindings)
     wiring.check_required()  # before any constructor runs: `run` and `config` say the same
+    wiring.check_values()
     return registry
 
 
@@ -228,13 +239,20 @@ def _build_experiment() -> Any:
 
 
 def _launch(args: argparse.Namespace, bindings: list[str]) -> int:
-    """Re-execute this `ulframe run` in `--nproc` processes under torch's elastic agent."""
-    import os
+    """Re-execute this `ulframe run` in `--nproc` processes under torch's elastic agent.
 
+    The workdir lock is taken here and survives the exec: the agent holds it for the whole run,
+    restarts included, and its rank-0 worker sees it as its parent's (`rundir.WorkdirLock`)."""
+
+    from ulframe import rundir
     from ulframe.train import distributed
 
     if args.nproc < 1 or args.max_restarts < 0:
         raise UserError("--nproc must be >= 1 and --max-restarts >= 0")
+    workdir = _workdir(args)
+    rundir.prepare(workdir)
+    rundir.WorkdirLock(workdir).acquire(inheritable=True)
+    _check_workdir_config(args, workdir)
     again = ["run", *args.files, *[a for b in bindings for a in ("--gin_param", b)]]
     again += ["--workdir", str(args.workdir)] if args.workdir else []
     again += ["--allow-config-change"] if args.allow_config_change else []
@@ -247,11 +265,37 @@ def _launch(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0  # not reached
 
 
+def _workdir(args: argparse.Namespace) -> Path:
+    return args.workdir or Path("runs") / Path(args.files[-1]).stem
+
+
+def _check_workdir_config(args: argparse.Namespace, workdir: Path) -> None:
+    """Refuse to resume checkpoints trained under another config, before anything is built."""
+    from ulframe import rundir, wiring
+    from ulframe.train import checkpoint
+
+    previous = rundir.read_config(workdir / "config.gin")
+    if previous is not None and any((workdir / "stages").glob("*/checkpoints/**/ckpt-*.pt")):
+        checkpoint.check_config(
+            previous, wiring.full_config(), f"workdir {workdir}", args.allow_config_change
+        )
+
+
+def _with_nan_guard(hooks: list[Any], registry: Any) -> list[Any]:
+    """The experiment's hooks, plus `hooks.nan_guard` (its gin bindings apply) when not listed:
+    every run skips non-finite steps and stops after a few in a row."""
+    from ulframe import wiring
+
+    if any(isinstance(h, registry.get("hooks", "nan_guard").factory) for h in hooks):
+        return hooks
+    return [*hooks, wiring.call(wiring.configured("hooks.nan_guard"))]
+
+
 def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
-    from ulframe import hookspecs, rundir, wiring
-    from ulframe.hookspecs import RunInfo
-    from ulframe.train import checkpoint, distributed
-    from ulframe.train.loop import RunContext, run_experiment
+    import contextlib
+
+    from ulframe import rundir
+    from ulframe.train import distributed
 
     _configure_logging(is_main=True)
     registry = _load(args.files, bindings)  # config errors: one clean message, before launching
@@ -259,40 +303,25 @@ def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
         return _launch(args, bindings)
     experiment = _build_experiment()
     world = distributed.init(experiment.device)
-    workdir = args.workdir or Path("runs") / Path(args.files[-1]).stem
-    config = wiring.full_config()
-    previous = workdir / "config.gin"
-    if previous.is_file() and any((workdir / "stages").glob("*/checkpoints/**/ckpt-*.pt")):
-        checkpoint.check_config(
-            previous.read_text(), config, f"workdir {workdir}", args.allow_config_change
-        )
-    if world.is_main:
+    workdir = _workdir(args)
+    lock: Any = contextlib.nullcontext()
+    if world.is_main:  # one lock per run: rank 0's (or the --nproc launcher's, see _launch)
         rundir.prepare(workdir)
-    distributed.barrier(world)
-    _configure_logging(world.is_main, workdir / "log.txt" if world.is_main else None)
-    dists = {e.distribution for e in registry.all_entries()}
-    if world.is_main:
-        rundir.write_run_files(workdir, config, dists)
-    hooks = hookspecs.plugin_manager(list(experiment.hooks))
-    info = RunInfo(
-        workdir, [s.name for s in experiment.stages], "", world.is_main, world.world_size
-    )
-    ctx = RunContext(
-        workdir, world, hooks, info, rundir.MetricsFile(workdir / "metrics.jsonl", world.is_main),
-        seed=experiment.seed, num_workers=experiment.num_workers, operative_config=wiring.operative_config,
-        config=config, allow_config_change=args.allow_config_change,
-    )  # fmt: skip
-    hooks.hook.ulframe_run_start(run=info)
-    try:
-        results = run_experiment(experiment, ctx)
-    except BaseException as err:
-        hooks.hook.ulframe_error(run=info, error=err)
-        raise
-    finally:
-        info.operative_config = wiring.operative_config()
-        if world.is_main:
-            rundir.write_text(workdir / "operative_config.gin", info.operative_config)
-    hooks.hook.ulframe_run_end(run=info, results=results)
+        lock = rundir.WorkdirLock(workdir).acquire()
+    with lock:
+        _check_workdir_config(args, workdir)
+        distributed.barrier(world)
+        _configure_logging(world.is_main, workdir / "log.txt" if world.is_main else None)
+        try:
+            results = _train(args, experiment, world, workdir, registry)
+        except (OSError, rundir.DiskFullError) as err:
+            if not isinstance(err, rundir.DiskFullError) and not rundir.is_disk_full(err):
+                raise
+            path = getattr(err, "path", None) or getattr(err, "filename", None) or workdir
+            raise UserError(
+                f"no space left on device writing {path}; last good checkpoint: "
+                f"{_last_good(workdir)}"
+            ) from err
     files = " ".join(args.files)
     if world.is_main:
         log.info("done: %s", json.dumps(results))
@@ -311,13 +340,68 @@ def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0
 
 
+def _train(
+    args: argparse.Namespace, experiment: Any, world: Any, workdir: Path, registry: Any
+) -> dict[str, dict[str, float]]:
+    """Run the experiment's stages. The run files are written once a stage has really started
+    (`RunFiles.commit`), so a refused run changes nothing in the workdir."""
+    from ulframe import hookspecs, rundir, wiring
+    from ulframe.hookspecs import RunInfo
+    from ulframe.train.loop import RunContext, run_experiment
+
+    config = wiring.full_config()
+    dists = {e.distribution for e in registry.all_entries()}
+    files = rundir.RunFiles(workdir, config, dists, world.is_main)
+    hooks = hookspecs.plugin_manager(_with_nan_guard(list(experiment.hooks), registry))
+    info = RunInfo(
+        workdir, [s.name for s in experiment.stages], "", world.is_main, world.world_size
+    )
+    ctx = RunContext(
+        workdir, world, hooks, info, rundir.MetricsFile(workdir / "metrics.jsonl", world.is_main),
+        seed=experiment.seed, num_workers=experiment.num_workers, operative_config=wiring.operative_config,
+        config=config, allow_config_change=args.allow_config_change, commit=files.commit,
+    )  # fmt: skip
+    hooks.hook.ulframe_run_start(run=info)
+    try:
+        results = run_experiment(experiment, ctx)
+    except BaseException as err:
+        try:
+            hooks.hook.ulframe_error(run=info, error=err)
+        except Exception as hook_err:  # never hide the run's own error behind a hook's
+            log.warning("a hook failed while the run stopped: %s", hook_err)
+        raise
+    finally:
+        info.operative_config = wiring.operative_config()
+        files.write_operative(info.operative_config)
+    hooks.hook.ulframe_run_end(run=info, results=results)
+    return results
+
+
+def _last_good(workdir: Path) -> str:
+    """The newest finite checkpoint of any stage in `workdir` (by time written)."""
+    from ulframe.train import checkpoint
+
+    found = [
+        checkpoint.newest_finite(d)
+        for d in workdir.glob("stages/*/checkpoints/**")
+        if d.is_dir() and d.name in ("checkpoints", "rank0")
+    ]
+    paths = [p for p in found if p is not None]
+    return str(max(paths, key=lambda p: p.stat().st_mtime)) if paths else "none"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """The EMA weights of the newest valid checkpoint of one stage, as safetensors."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from ulframe import rundir
     from ulframe.train import checkpoint
 
     _configure_logging(is_main=True)
+    if args.out.is_dir():
+        raise UserError(
+            f"--out {args.out} is a directory; name a file, e.g. {args.out / 'ema.safetensors'}"
+        )
     stages_dir = args.workdir / "stages"
     found = {
         p.parent.parent.name: p.parent
@@ -343,8 +427,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         "config_sha256": str(state.get("config_sha256", "")),
         "config": str(state.get("config", "")),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(args.out), metadata=metadata)
+    try:
+        rundir.write_bytes(args.out, save(tensors, metadata=metadata))
+    except OSError as err:
+        raise UserError(f"cannot write --out {args.out}: {err.strerror or err}") from err
     log.info(
         "exported %d EMA tensors of stage %s at %d samples to %s",
         len(tensors), name, state["samples_seen"], args.out,
@@ -482,7 +568,10 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
         if context is not None:
             summary["context_frames"] = model.context_frames
     else:
-        summary["png"] = str(save_grid(samples, out / "samples.png"))
+        # n = k * classes samples in class order: k columns, one class per row.
+        per_class = args.num // num_classes if num_classes and args.label is None else 0
+        ncols = per_class if per_class and args.num % num_classes == 0 else None
+        summary["png"] = str(save_grid(samples, out / "samples.png", ncols=ncols))
         frames = to_uint8(samples)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(npz, images=frames, labels=label_array, guidance=guidance, steps=steps)
@@ -494,14 +583,14 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
 FD_METRIC = "fd_photos"
 
 
-def _eval_images(experiment: Any, n: int) -> Any:
-    """Up to n images of the eval split, (N, C, H, W) on CPU."""
+def _split_images(experiment: Any, split: str, n: int) -> Any:
+    """Up to n examples' `x` of a split, in the split's own order, (N, C, *S) on CPU."""
     import torch
 
     from ulframe.data.pipeline import build_loader
 
     loader = build_loader(
-        experiment.dataset.source("eval"), batch_size=min(n, 64), seed=experiment.seed,
+        experiment.dataset.source(split), batch_size=min(n, 64), seed=experiment.seed,
         shuffle=False, repeat=False, drop_last=False,
     )  # fmt: skip
     images = []
@@ -512,31 +601,42 @@ def _eval_images(experiment: Any, n: int) -> Any:
     return torch.cat(images)[:n]
 
 
-def fd_scalars(
-    metric: Any, stage: Any, model: Any, reference: Any, num_classes: int, device: Any, seed: int
-) -> dict[str, float]:
-    """Fréchet distance between `reference` images (or clips) and as many end-to-end samples:
-    {"fd": v} for images, {"fvd": v} for videos. A model that continues clips
-    (`context_frames`) continues the reference clips themselves."""
+def _eval_images(experiment: Any, n: int) -> Any:
+    """Up to n images (or clips) of the eval split, (N, C, *S) on CPU."""
+    return _split_images(experiment, "eval", n)
+
+
+def draw_samples(
+    stage: Any,
+    model: Any,
+    n: int,
+    num_classes: int,
+    device: Any,
+    seed: int,
+    context: Any = None,
+    chunk: int = 64,
+) -> tuple[Any, Any]:
+    """n end-to-end samples with the stage's own settings, in chunks: (samples, labels or None).
+
+    A model that continues clips (`context_frames`) continues the clips of `context`."""
     import torch
 
     generator = torch.Generator(device).manual_seed(seed)
+    labels = stage.sample_labels(n, device, num_classes)
     samples = []
-    continues = bool(getattr(model, "context_frames", 0))
     with torch.no_grad():
-        for start in range(0, len(reference), 64):
-            n = min(64, len(reference) - start)
-            labels = stage.sample_labels(n, device, num_classes)
-            extra = {"context": reference[start : start + n]} if continues else {}
+        for start in range(0, n, chunk):
+            part = slice(start, min(n, start + chunk))
+            count = part.stop - part.start
+            extra = {"context": context[part]} if context is not None else {}
             samples.append(
                 model.sample(
-                    n, generator, labels, stage.sampler, stage.sample_steps,
-                    stage.decoder_sample_steps, stage.guidance_scale, stage.guidance_interval,
-                    **extra,
+                    count, generator, None if labels is None else labels[part], stage.sampler,
+                    stage.sample_steps, stage.decoder_sample_steps, stage.guidance_scale,
+                    stage.guidance_interval, **extra,
                 ).cpu()
             )  # fmt: skip
-    values = metric(reference.cpu(), torch.cat(samples))
-    return {"fvd" if reference.dim() == 5 else "fd": float(next(iter(values.values())))}
+    return torch.cat(samples), (None if labels is None else labels.cpu())
 
 
 def cmd_eval(args: argparse.Namespace, bindings: list[str]) -> int:
@@ -565,18 +665,22 @@ def cmd_eval(args: argparse.Namespace, bindings: list[str]) -> int:
     factory = experiment.sample_metric
     if factory is None and FD_METRIC in registry.names("metrics"):
         factory = wiring.configured(f"metrics.{FD_METRIC}")
-    if samplers and args.fd_samples > 0 and factory is not None:
+    if samplers and args.fd_samples > 0:
+        from ulframe.eval.samples import judge_samples
+
+        stage, model = samplers[-1]
         reference = _eval_images(experiment, args.fd_samples)
         if factory is not experiment.sample_metric and reference.dim() != 4:
             factory = None  # fd_photos compares images; name a video metric for clips
-    if samplers and args.fd_samples > 0 and factory is not None:
         # A UserError (e.g. its weights file is missing) stops the command with its message.
-        metric = wiring.call(factory)
-        merged |= fd_scalars(
-            metric, *samplers[-1], reference, experiment.dataset.num_classes, device,
-            experiment.seed,
+        metric = wiring.call(factory) if factory is not None else None
+        continues = bool(getattr(model, "context_frames", 0))
+        samples, labels = draw_samples(
+            stage, model, len(reference), experiment.dataset.num_classes, device,
+            experiment.seed, context=reference if continues else None,
         )  # fmt: skip
-        merged["fd_samples"] = len(reference)
+        real = _split_images(experiment, "train", len(reference)) if metric else None
+        merged |= judge_samples(metric, reference, samples, labels, real)
     result = merged | {"stages": per_stage}
     workdir = args.workdir or Path("runs") / Path(args.files[-1]).stem
     (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -603,8 +707,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        sys.stderr.write(f"ulframe: error: {err}\n")
+        sys.stderr.write(f"ulframe: error: {_message(err)}\n")
         return EXIT_USER_ERROR
+    except OSError as err:  # a full disk in any command (`run` also names its last checkpoint)
+        if args.debug or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        sys.stderr.write(f"ulframe: error: no space left on device{where}\n")
+        return EXIT_USER_ERROR
+
+
+def _message(err: UserError) -> str:
+    """The error's message; one raised inside a gin-configured call names the plugin and the
+    binding instead of gin's call trail (`wiring.describe`)."""
+    wiring = sys.modules.get("ulframe.wiring")
+    return wiring.describe(err) if wiring is not None else str(err)
 
 
 if __name__ == "__main__":

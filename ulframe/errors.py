@@ -11,8 +11,19 @@ class UserError(Exception):
     """A problem with the user's input (config, data, workdir): exit code 2, no traceback."""
 
 
-class ConfigError(UserError):
-    """A gin file or override that does not parse or does not resolve."""
+class ConfigError(UserError, ValueError):
+    """A configuration that is wrong: a gin file or override that does not parse or resolve, or
+    a value a plugin refuses.
+
+    The one exception type plugins raise for their own parameters, in their constructor (or when
+    the stage builds them from the data), naming the parameter as `kind.name.param`:
+
+        raise ConfigError(f"datasets.image_folder.resolution must be >= 1; got {resolution}")
+
+    `ulframe` then prints one line with the file:line that binds the parameter (or the plugin's
+    name when the message does not name it); any other exception is a bug and keeps its
+    traceback. A `ValueError` too, for callers that catch those.
+    """
 
 
 class PluginError(UserError):

@@ -8,9 +8,9 @@ Call signatures (one per role):
 
 - encoders:   factory(shape=(C, *S), **hyper) -> module;  module(x) -> z_clean
 - priors:     factory(shape=(C, *S), num_classes=0, **hyper) -> module;
-              module(z_t, logsnr, label=None) -> eps_hat
+              module(z_t, logsnr, label=None) -> v_hat   (velocity: eps = sigma z_t + alpha v)
 - decoders:   factory(shape=(C, *S), latent_shape=(Cz, *s), **hyper) -> module;
-              module(x_t, logsnr, z_0) -> eps_hat
+              module(x_t, logsnr, z_0) -> v_hat   (velocity, as for priors)
 - ae_decoders: factory(shape=(C, *S), latent_shape=(Cz, *s), **hyper) -> module;
               module(z) -> x_hat   (the deterministic decoder of an autoencoder, e.g. KL-AE)
 - weightings: factory(**hyper) -> w;  w(logsnr) -> weight (same shape)
@@ -53,7 +53,7 @@ class Encoder(Protocol):
 
 @runtime_checkable
 class Prior(Protocol):
-    """Noise-level (and optionally class) conditioned eps-predictor over latents."""
+    """Noise-level (and optionally class) conditioned v-predictor over latents: returns v_hat."""
 
     num_classes: int
 
@@ -63,7 +63,7 @@ class Prior(Protocol):
 
 @runtime_checkable
 class Decoder(Protocol):
-    """Eps-predictor over data, conditioned on the noise level and the noisy latent z_0."""
+    """V-predictor over data, conditioned on the noise level and the noisy latent z_0 (v_hat)."""
 
     def __call__(self, x_t: Tensor, logsnr: Tensor, z_0: Tensor) -> Tensor: ...
     def state_dict(self) -> dict[str, Any]: ...

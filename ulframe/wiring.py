@@ -12,23 +12,28 @@ Library and plugin modules never import gin; they receive plain objects.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import difflib
 import importlib.util
 import inspect
+import io
 import logging
 import os
 import re
 import tokenize
+import types
+import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import gin
 import gin.config
+import gin.config_parser
 import torch
 
-from ulframe.errors import ConfigError
+from ulframe.errors import ConfigError, UserError
 from ulframe.registry import KINDS, Registry
 
 log = logging.getLogger(__name__)
@@ -197,6 +202,48 @@ def _where(message: str, default_file: str | None, bindings: Sequence[str] = ())
     return _at(OVERRIDES, int(m.group("bline")), bindings)
 
 
+_BRACKETS = {"(": ")", "[": "]", "{": "}"}
+
+
+def _unclosed(text: str) -> tuple[str, int] | None:
+    """The outermost bracket of `text` that is never closed, and its line (1-based); strings
+    and comments are skipped."""
+    stack: list[tuple[str, int]] = []
+    quote, line, i = "", 1, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\n":
+            line, quote = line + 1, ""  # gin strings do not span lines
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c == "#":
+            while i + 1 < len(text) and text[i + 1] != "\n":
+                i += 1
+        elif c in _BRACKETS:
+            stack.append((c, line))
+        elif c in _BRACKETS.values() and stack and _BRACKETS[stack[-1][0]] == c:
+            stack.pop()
+        i += 1
+    return stack[0] if stack else None
+
+
+_BARE_STRING = re.compile(r"[A-Za-z_./~][\w./~:+-]*")
+
+
+def _quote_hint(binding: str) -> str:
+    """For `NAME = value` whose value is a bare word or path: how to pass it as a string."""
+    name, _, value = binding.partition("=")
+    value = value.strip()
+    if _BARE_STRING.fullmatch(value) and value not in ("True", "False", "None"):
+        return f" (a string needs quotes: --gin.{name.strip()}=\"'{value}'\")"
+    return ""
+
+
 def explain(
     err: BaseException, file: str | None = None, bindings: Sequence[str] = ()
 ) -> ConfigError:
@@ -204,9 +251,18 @@ def explain(
     msg = str(err)
     first = msg.splitlines()[0] if msg else type(err).__name__
     where = _where(msg, file, bindings)
+    overrides = "\n".join(bindings).splitlines()
+    if file == OVERRIDES and (bracket := _unclosed("\n".join(overrides))):
+        return ConfigError(
+            f"{_at(file, bracket[1], bindings)}gin syntax error: '{bracket[0]}' is never closed"
+        )
     if isinstance(err, SyntaxError):
-        loc = _at(err.filename or file, err.lineno, bindings) if err.lineno else where
-        return ConfigError(f"{loc}gin syntax error: {err.msg}")
+        lineno = err.lineno
+        loc = _at(err.filename or file, lineno, bindings) if lineno else where
+        hint = ""
+        if file == OVERRIDES and lineno and 0 < lineno <= len(overrides):
+            hint = _quote_hint(overrides[lineno - 1])
+        return ConfigError(f"{loc}gin syntax error: {err.msg}{hint}")
     if isinstance(err, tokenize.TokenError):
         args = err.args or getattr(err.__context__, "args", ())  # gin's proxies drop args
         line = args[1][0] if len(args) > 1 else "?"
@@ -238,25 +294,56 @@ def explain(
     return ConfigError(f"{where}{first}")
 
 
+# Every gin file read (includes too), in order, for `_index`; and the include chain being read.
+_sources: list[tuple[str, str]] = []
+_including: list[str] = []
+
+
+class _NamedText(io.StringIO):
+    """A file's text for gin's parser, which names the file in its errors (`.name`)."""
+
+    def __init__(self, text: str, name: str) -> None:
+        super().__init__(text)
+        self.name = name
+
+
 @contextlib.contextmanager
 def _open_gin_file(path: str) -> Iterator[TextIO]:
     """Open a gin file with its folder first in gin's search list while gin parses it.
 
     So `include 'presets/x.gin'` resolves relative to the including file's folder at every
     level of nesting (then to the working directory), and the search list is the same after.
+    A file that includes itself (through any chain) is refused; a bracket left open is named
+    at the line that opens it.
     """
+    real = os.path.realpath(path)
+    if real in _including:
+        chain = " -> ".join([*_including[_including.index(real) :], real])
+        raise ConfigError(f"circular include: {chain}")
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read gin file ({err})") from err
+    _sources.append((path, text))
     prefixes = gin.config._LOCATION_PREFIXES
     prefixes.insert(0, os.path.dirname(os.path.abspath(path)))
+    _including.append(real)
     try:
-        with open(path) as f:
-            yield f
-    except tokenize.TokenError as err:
+        yield _NamedText(text, path)
+    except (tokenize.TokenError, SyntaxError) as err:
         # As a SyntaxError it keeps naming this file when it is included (gin passes
         # SyntaxErrors through includes untouched, and hides other errors' arguments).
+        if isinstance(err, SyntaxError) and err.filename != path:
+            raise  # an included file's
+        if bracket := _unclosed(text):
+            raise SyntaxError(f"'{bracket[0]}' is never closed", (path, bracket[1], 0, "")) from err
+        if isinstance(err, SyntaxError):
+            raise
         line = err.args[1][0] if len(err.args) > 1 else None
         raise SyntaxError(f"{err.args[0]} (unclosed bracket?)", (path, line, 0, "")) from err
     finally:
         prefixes.pop(0)
+        _including.pop()
 
 
 def _install_gin_file_reader() -> None:
@@ -267,6 +354,8 @@ def _install_gin_file_reader() -> None:
 
 def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None:
     """Parse gin files in order, then the binding strings (command-line overrides)."""
+    _sources.clear()
+    _including.clear()
     for f in files:
         path = Path(f)
         if not path.is_file():
@@ -276,10 +365,98 @@ def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None:
             gin.parse_config_file(str(path.resolve()))
         except (ValueError, SyntaxError, tokenize.TokenError, TypeError, OSError) as err:
             raise explain(err, str(path)) from err
+        except (UserError, RecursionError) as err:  # ours, raised inside gin's include chain
+            raise ConfigError(f"{_where(str(err), str(path))}{_first_line(err)}") from err
     try:
         gin.parse_config(list(bindings))
     except (ValueError, SyntaxError, tokenize.TokenError, TypeError) as err:
         raise explain(err, OVERRIDES, bindings) from err
+    _index(bindings)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---- where each binding is written, for messages about its value -------------------------------
+# (scope, selector, parameter) -> "file:line: " of the binding that wins (the last one).
+_locations: dict[tuple[str, str, str], str] = {}
+# (macro name, "file:line: ") of every `%NAME` in a value.
+_macro_uses: list[tuple[str, str]] = []
+
+
+class _Recorder(gin.config_parser.ParserDelegate):
+    """A parser delegate that only notes the macros a statement uses."""
+
+    def __init__(self) -> None:
+        self.macros: list[str] = []
+
+    def configurable_reference(self, scoped_configurable_name: str, evaluate: bool) -> Any:
+        return _REFERENCE
+
+    def macro(self, macro_name: str) -> Any:
+        self.macros.append(macro_name)
+        return _REFERENCE
+
+
+_REFERENCE = object()  # a value that is a reference: its type is not checked
+
+
+def _index(bindings: Sequence[str]) -> None:
+    """Re-read every parsed file and the overrides in gin's order (an include's bindings where
+    the include is), noting where each binding and each macro use is."""
+    _locations.clear()
+    _macro_uses.clear()
+    sources = iter(_sources)  # in the order gin opened them: depth first
+
+    def walk(file: str, text: str) -> None:
+        recorder = _Recorder()
+        try:
+            statements = list(gin.config_parser.ConfigParser(text, recorder))
+        except Exception:  # gin parsed it already; a location is only a nicety
+            return
+        for st in statements:
+            if isinstance(st, gin.config_parser.IncludeStatement):
+                walk(*next(sources, (file, "")))
+                continue
+            where = _at(file, st.location.line_num, bindings)
+            _macro_uses.extend((name, where) for name in recorder.macros)
+            recorder.macros.clear()
+            if isinstance(st, gin.config_parser.BindingStatement) and not st.arg_name:
+                macro = f"{st.scope}/{st.selector}" if st.scope else st.selector
+                _locations[(macro, "gin.macro", "value")] = where
+            elif isinstance(st, gin.config_parser.BindingStatement):
+                conf = gin.config._REGISTRY.get_match(st.selector)
+                selector = conf.selector if conf is not None else st.selector
+                _locations[(st.scope, selector, st.arg_name)] = where
+
+    for file, text in sources:
+        walk(file, text)
+    walk(OVERRIDES, "\n".join(bindings))
+
+
+def _location(scope: str, selector: str, param: str, value: Any = None) -> str:
+    """`file:line: ` of a binding (of the macro, when its value is `%MACRO`); without a scope
+    match, the binding of that parameter in any scope whose value is `value` (or the last one)."""
+    key = (scope, selector, param)
+    if key not in _locations:
+        others = [k for k in _locations if k[1:] == (selector, param)]
+        same = [k for k in others if value is not None and _bound(k) == value]
+        if not others:
+            return ""
+        key = (same or others)[-1]
+    raw = _bound(key)
+    for _ in range(16):  # a macro of a macro ...; a loop ends here
+        if not (isinstance(raw, gin.config.ConfigurableReference) and raw.selector == "gin.macro"):
+            break
+        key = ("/".join(raw.scopes), "gin.macro", "value")
+        raw = _bound(key)
+    return _locations.get(key, "")
+
+
+def _bound(key: tuple[str, str, str]) -> Any:
+    return gin.config._CONFIG.get(key[:2], {}).get(key[2], _REFERENCE)
 
 
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -364,3 +541,136 @@ def check_required() -> None:
             f"missing required parameter(s): {', '.join(sorted(set(missing)))} "
             "(bind them in a gin file or with --gin.NAME=VALUE)"
         )
+
+
+# ---- values: types, macros, and errors raised by the configurables themselves ---------------
+def check_values() -> None:
+    """Every `%MACRO` used is defined, and every bound value has its parameter's annotated type
+    (int, float, bool, str, None, Literal, tuples and lists of them); `file:line` in errors."""
+    defined = {scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"}
+    for name, where in _macro_uses:
+        if name not in defined and not gin.config._CONSTANTS.matching_selectors(name):
+            raise ConfigError(
+                f"{where}undefined macro %{name}: define it in a gin file (`{name} = ...`) "
+                f"or with --gin.{name}=VALUE"
+            )
+    for (scope, selector), params in gin.config._CONFIG.items():
+        hints = _type_hints(_registered.get(selector))
+        for name, value in params.items():
+            expected = hints.get(name)
+            value = _resolved(value)
+            if expected is None or _matches(value, expected):
+                continue
+            shown = selector.removeprefix(f"{ENGINE_MODULE}.")
+            binding = f"{scope}/{shown}" if scope else shown
+            raise ConfigError(
+                f"{_location(scope, selector, name)}{binding}.{name}: expected "
+                f"{_type_name(expected)}, got {type(value).__name__} {value!r}"
+            )
+
+
+def _type_hints(obj: Callable[..., Any] | None) -> dict[str, Any]:
+    if obj is None or isinstance(obj, LazyOptimizer):
+        return {}
+    target = obj.__init__ if inspect.isclass(obj) and not _is_dataclass(obj) else obj  # type: ignore[misc]
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # an annotation that does not resolve here: not checked
+        return {}
+
+
+def _is_dataclass(obj: Any) -> bool:
+    import dataclasses
+
+    return dataclasses.is_dataclass(obj)
+
+
+def _resolved(value: Any, depth: int = 0) -> Any:
+    """A bound value with macros replaced by their values; other references stay references."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        if value.configurable.wrapped is gin.config.macro and value.evaluate:
+            key = ("/".join(value.scopes), "gin.macro")
+            if depth > 16:
+                raise ConfigError(f"{_location(*key, 'value')}macro %{key[0]} refers to itself")
+            return _resolved(gin.config._CONFIG.get(key, {}).get("value", _REFERENCE), depth + 1)
+        return _REFERENCE
+    if isinstance(value, list | tuple):
+        return type(value)(_resolved(v, depth) for v in value)
+    return value
+
+
+_PLAIN = {int: "an int", float: "a number", bool: "True or False", str: "a string"}
+_PLURAL = {int: "ints", float: "numbers", bool: "bools", str: "strings"}
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether `value` fits `tp`; only plain types are checked, anything else passes."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is _REFERENCE or tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp in _PLAIN:
+        if tp is float:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_matches, value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return f"a tuple of {_PLURAL.get(args[0], _type_name(args[0]))}" if args else "a tuple"
+    return _PLAIN.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_CALL_RE = re.compile(
+    r"\n  In call to configurable '(?P<name>[^']+)' \((?P<obj>.*?)\)(?: in scope '(?P<scope>[^']*)')?"
+)
+
+
+def describe(err: BaseException) -> str:
+    """The message of a `UserError` raised inside a gin-configured call, as one line: gin's
+    "In call to configurable ..." lines become the plugin's name (and its scope) and, when the
+    message names one of its parameters (`kind.name.param`), the file:line that binds it."""
+    text = str(err)
+    calls = list(_CALL_RE.finditer(text))
+    if not calls:
+        return text
+    message = text[: calls[0].start()].strip()
+    name, scope = calls[0].group("name"), calls[0].group("scope") or ""
+    selector = _selector_called(name, calls[0].group("obj"))
+    plugin = f"{scope}/{selector}" if scope else selector
+    params = _parameters(_registered[selector]) if selector in _registered else []
+    named = re.search(rf"\b{re.escape(name)}\.(\w+)", message)
+    mentioned = [named.group(1)] if named else re.findall(r"\w+", message)
+    where = next((w for p in mentioned if p in params and (w := _location(scope, selector, p))), "")
+    if name not in message:
+        message = f"{plugin}: {message}"
+    return f"{where}{message}"
+
+
+def _selector_called(name: str, obj: str) -> str:
+    """The registered selector of gin's configurable `name` whose object prints as `obj`."""
+    found = [s for s in _registered if s.rpartition(".")[2] == name]
+    exact = [
+        s for s in found
+        if f"{_registered[s].__module__}.{getattr(_registered[s], '__qualname__', '')}" in obj
+    ]  # fmt: skip
+    return (exact or found or [name])[0]

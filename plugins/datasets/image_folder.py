@@ -5,11 +5,14 @@
     root/train/<class>/<image>      labels: sorted class folder names -> 0 .. num_classes - 1
     root/val/<class>/<image>        optional; without it a deterministic 1% of train is held out
 
-Images are decoded with Pillow, converted to RGB, resized so the shorter side is ``resolution``
+Images are decoded with Pillow, converted to RGB (``common.to_rgb``: 16-bit and float grey scaled
+to the full range, transparency composited over white), resized so the shorter side is ``resolution``
 (antialiased bicubic) and cropped to a square: centered, or at a random position for train with
 ``random_crop``; train images are mirrored at random with ``hflip``. Random choices come from
 ``ulframe.data.sample_rng()``, so they are reproducible and survive a resume. An unreadable file
-(corrupt, truncated, not an image) is logged at WARNING and skipped by the loader, which counts it.
+(corrupt, truncated, not an image) is logged at WARNING once and skipped by the loader, which
+counts it. Symbolic links to folders are followed, each real file listed once (loops are not
+followed twice); file names need not be valid UTF-8.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ import os
 from pathlib import Path
 
 from ulframe.data import EmptyDatasetError, Example, sample_rng
+from ulframe.errors import ConfigError
 
 from .common import (
     center_offsets,
     crop_square,
+    files_under,
     hflip,
     hold_out,
     open_rgb,
     random_offsets,
     resize_shorter_side,
+    shown,
     to_tensor,
 )
 
@@ -98,7 +104,7 @@ class ImageFolder:
         hflip: bool = True,
     ) -> None:
         if resolution < 1:
-            raise ValueError(f"datasets.image_folder.resolution must be >= 1; got {resolution}")
+            raise ConfigError(f"datasets.image_folder.resolution must be >= 1; got {resolution}")
         self.root = Path(root).expanduser()
         self.resolution = resolution
         self.train_dir = train_dir
@@ -141,6 +147,7 @@ class ImageFolder:
         """(path, label) of every image under ``folder/<class>/``, sorted by path."""
         labels = {name: label for label, name in enumerate(self.classes)}
         items: list[tuple[str, int]] = []
+        seen: set[tuple[int, int]] = set()  # every real folder and file once (symlinks)
         for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
             if not entry.is_dir() or entry.name.startswith("."):
                 continue
@@ -148,17 +155,12 @@ class ImageFolder:
                 logger.warning(
                     "%s: class folder %s is not in %s; its images are ignored",
                     _ROOT_PARAMETER,
-                    entry.path,
+                    shown(entry.path),
                     self.root / self.train_dir,
                 )
                 continue
-            for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
-                dirnames.sort()
-                items.extend(
-                    (os.path.join(dirpath, name), labels[entry.name])
-                    for name in sorted(filenames)
-                    if self._is_image(name)
-                )
+            label = labels[entry.name]
+            items.extend((path, label) for path in files_under(entry.path, self._is_image, seen))
         return items
 
     def _split_items(self) -> dict[str, list[tuple[str, int]]]:

@@ -33,8 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ulframe.data import EmptyDatasetError, Example, sample_rng
+from ulframe.errors import ConfigError
 
-from .common import hold_out
+from .common import files_under, hold_out
 from .video import VIDEO_EXTENSIONS, ClipSpec, read_clip, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -153,13 +154,13 @@ class Kinetics:
     ) -> None:
         for name, value in (("num_frames", num_frames), ("frame_stride", frame_stride)):
             if value < 1:
-                raise ValueError(f"datasets.kinetics.{name} must be >= 1; got {value}")
+                raise ConfigError(f"datasets.kinetics.{name} must be >= 1; got {value}")
         if resolution < 1:
-            raise ValueError(f"datasets.kinetics.resolution must be >= 1; got {resolution}")
+            raise ConfigError(f"datasets.kinetics.resolution must be >= 1; got {resolution}")
         if fps is not None and not fps > 0:
-            raise ValueError(f"datasets.kinetics.fps must be positive or None; got {fps}")
+            raise ConfigError(f"datasets.kinetics.fps must be positive or None; got {fps}")
         if decoder_threads < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"datasets.kinetics.decoder_threads must be >= 0; got {decoder_threads}"
             )
         self.root = Path(root).expanduser()
@@ -216,25 +217,21 @@ class Kinetics:
     def _is_video(self, name: str) -> bool:
         return not name.startswith(".") and name.lower().endswith(self.extensions)
 
-    def _videos_under(self, folder: str | Path) -> list[str]:
-        """Every video file under ``folder`` (recursively), sorted by path."""
-        paths: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-            paths.extend(
-                os.path.join(dirpath, name) for name in sorted(filenames) if self._is_video(name)
-            )
-        return paths
+    def _videos_under(self, folder: str | Path, seen: set[tuple[int, int]]) -> list[str]:
+        """Every video file under ``folder`` (recursively), sorted by path; symlinked folders
+        followed once, each real file once (``common.files_under``)."""
+        return files_under(folder, self._is_video, seen)
 
     def _scan(self, folder: Path) -> list[tuple[str, int]]:
         """(path, label) of every labelled video under ``folder``, sorted by path."""
         labels = {name: label for label, name in enumerate(self.classes)}
         if not folder.is_dir():
             return []
+        seen: set[tuple[int, int]] = set()
         if self.annotations:
             assert self._labels_by_key is not None
             items, unlabelled = [], 0
-            for path in self._videos_under(folder):
+            for path in self._videos_under(folder, seen):
                 name = self._labels_by_key.get(Path(path).stem)
                 if name is None:
                     unlabelled += 1
@@ -261,7 +258,8 @@ class Kinetics:
                     self.root / self.train_dir,
                 )
                 continue
-            items.extend((path, labels[entry.name]) for path in self._videos_under(entry.path))
+            label = labels[entry.name]
+            items.extend((path, label) for path in self._videos_under(entry.path, seen))
         return items
 
     def _split_items(self) -> dict[str, list[tuple[str, int]]]:

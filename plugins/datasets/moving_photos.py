@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ulframe.data import EmptyDatasetError, Example, sample_rng
+from ulframe.errors import ConfigError
 
 from .common import RESAMPLE
 from .photos import PHOTOGRAPHS, load_photographs, split_column
@@ -168,17 +169,17 @@ class MovingPhotos:
         seed: int = 0,
     ) -> None:
         if resolution < 1:
-            raise ValueError(f"datasets.moving_photos.resolution must be >= 1; got {resolution}")
+            raise ConfigError(f"datasets.moving_photos.resolution must be >= 1; got {resolution}")
         if num_frames < 1:
-            raise ValueError(f"datasets.moving_photos.num_frames must be >= 1; got {num_frames}")
+            raise ConfigError(f"datasets.moving_photos.num_frames must be >= 1; got {num_frames}")
         if max_speed < 0:
-            raise ValueError(f"datasets.moving_photos.max_speed must be >= 0; got {max_speed}")
+            raise ConfigError(f"datasets.moving_photos.max_speed must be >= 0; got {max_speed}")
         short_side = round(scale * resolution)
         # The narrowest photograph's train part must hold a window (its eval part always does).
         narrowest = min(photo.size[0] / min(photo.size) for photo in load_photographs())
         width = round(narrowest * short_side)
         if short_side < resolution or region_columns(width, resolution, "train")[1] < resolution:
-            raise ValueError(
+            raise ConfigError(
                 f"datasets.moving_photos.scale = {scale} is too small for resolution "
                 f"{resolution}: each photograph's train and eval parts must hold a window; "
                 "use a larger scale (the default is 6)"

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ulframe.data import EmptyDatasetError, Example
+from ulframe.errors import ConfigError
 
 from .common import RESAMPLE, hflip, to_tensor
 
@@ -154,11 +155,11 @@ class Photos:
     ) -> None:
         low, high = scale_range
         if not 0.0 < low <= high <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"datasets.photos.scale_range must satisfy 0 < min <= max <= 1; got {scale_range}"
             )
         if resolution < 1:
-            raise ValueError(f"datasets.photos.resolution must be >= 1; got {resolution}")
+            raise ConfigError(f"datasets.photos.resolution must be >= 1; got {resolution}")
         self.resolution = resolution
         self.crops_per_epoch = crops_per_epoch
         self.eval_crops = eval_crops

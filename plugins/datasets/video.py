@@ -15,14 +15,20 @@ Any failure (no video stream, corrupt or truncated data, a video shorter than th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from ulframe.errors import ConfigError
+
+from .common import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +70,15 @@ class ClipSpec:
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1; got {self.num_frames}")
+            raise ConfigError(f"num_frames must be >= 1; got {self.num_frames}")
         if self.frame_stride < 1:
-            raise ValueError(f"frame_stride must be >= 1; got {self.frame_stride}")
+            raise ConfigError(f"frame_stride must be >= 1; got {self.frame_stride}")
         if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"fps must be positive or None; got {self.fps}")
+            raise ConfigError(f"fps must be positive or None; got {self.fps}")
         if self.resolution < 1:
-            raise ValueError(f"resolution must be >= 1; got {self.resolution}")
+            raise ConfigError(f"resolution must be >= 1; got {self.resolution}")
         if self.threads < 0:
-            raise ValueError(f"threads must be >= 0; got {self.threads}")
+            raise ConfigError(f"threads must be >= 0; got {self.threads}")
 
     def describe(self) -> str:
         step = f"fps={self.fps:g}" if self.fps is not None else f"frame_stride={self.frame_stride}"
@@ -174,10 +180,18 @@ def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return max(resolution, round(width * scale)), max(resolution, round(height * scale))
 
 
-def _open(path: str) -> Any:
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[Any]:
     import av  # imported here: workers that never decode video do not pay for it
 
-    return av.open(path, mode="r")
+    try:
+        path.encode()
+    except UnicodeEncodeError:  # a name that is not UTF-8: FFmpeg gets an open file instead
+        with open(path, "rb") as f, av.open(f, mode="r") as container:
+            yield container
+        return
+    with av.open(path, mode="r") as container:
+        yield container
 
 
 def read_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray | None:
@@ -190,7 +204,7 @@ def read_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray
     try:
         with _open(path) as container:
             if not container.streams.video:
-                logger.warning("skipping video %s: no video stream", path)
+                warn_once(logger, path, "skipping video %s: no video stream")
                 return None
             stream = container.streams.video[0]
             codec = stream.codec_context
@@ -200,13 +214,11 @@ def read_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray
             info = stream_info(container, stream, path)
             times = clip_times(info, spec, rng)
             if times is None:
-                logger.warning(
+                warn_once(
+                    logger, path,
                     "skipping video %s: %d frames at %.4g fps, too short for a clip of %s",
-                    path,
-                    info.frames,
-                    info.rate,
-                    spec.describe(),
-                )
+                    info.frames, info.rate, spec.describe(),
+                )  # fmt: skip
                 return None
             width, height = resized_size(info.width, info.height, spec.resolution)
             if spec.random_crop:
@@ -217,19 +229,18 @@ def read_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray
             flip = spec.hflip and rng.random() < 0.5
             frames = _decode_at(container, stream, info, times, (width, height))
     except Exception as error:  # PyAV signals bad data with FFmpegError, OSError, ValueError
-        logger.warning("skipping unreadable video %s: %s: %s", path, type(error).__name__, error)
+        warn_once(logger, path, "skipping unreadable video %s: %s: %s", type(error).__name__, error)
         return None
     if isinstance(frames, float) and frames == -math.inf:
-        logger.warning("skipping video %s: no frame could be decoded", path)
+        warn_once(logger, path, "skipping video %s: no frame could be decoded")
         return None
     if isinstance(frames, float):
-        logger.warning(
+        warn_once(
+            logger, path,
             "skipping video %s: the stream ends at %.3f s, before the clip's last frame at "
             "%.3f s (truncated?)",
-            path,
-            frames,
-            times[-1],
-        )
+            frames, times[-1],
+        )  # fmt: skip
         return None
     clip = frames[:, top : top + spec.resolution, left : left + spec.resolution]
     if flip:

@@ -1,6 +1,6 @@
 """Bitrate controller: adjusts the loss factor c_lf of stage 1 so bits/pixel settles at a target.
 
-In Unified Latents the loss factor sets the latent's bitrate (PAPER.md Table 2: c_lf 1.3 -> 2.1
+In Unified Latents the loss factor sets the latent's bitrate (UL paper Table 2: c_lf 1.3 -> 2.1
 takes bits/pixel 0.035 -> 0.116), but the rate a given c_lf yields depends on the data, the
 networks and the training time. This hook turns the knob for you: a PI controller in log space,
 
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ulframe.errors import ConfigError
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, hookimpl
 from ulframe_plugins.stages.ul_joint import ULJointModel
 
@@ -87,15 +88,17 @@ class PIController:
 
     def __post_init__(self) -> None:
         if not self.target_bits_per_pixel > 0:
-            raise ValueError(f"target_bits_per_pixel must be > 0, got {self.target_bits_per_pixel}")
+            raise ConfigError(
+                f"target_bits_per_pixel must be > 0, got {self.target_bits_per_pixel}"
+            )
         if not 0 < self.smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
+            raise ConfigError(f"smoothing must be in (0, 1], got {self.smoothing}")
         if self.kp < 0 or self.ki < 0 or self.max_step <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"kp, ki must be >= 0 and max_step > 0, got {self.kp}, {self.ki}, {self.max_step}"
             )
         if not 0 < self.min_loss_factor <= self.max_loss_factor:
-            raise ValueError(
+            raise ConfigError(
                 f"need 0 < min_loss_factor <= max_loss_factor, got "
                 f"{self.min_loss_factor}, {self.max_loss_factor}"
             )

@@ -1,16 +1,17 @@
 """NaN/Inf guard: skip optimizer steps whose loss or gradient is not finite; stop after K in a row.
 
-Switch it on in gin: `Experiment.hooks = [@hooks.console(), @hooks.nan_guard()]`,
-`hooks.nan_guard.max_consecutive = 3`. A skipped step changes no weight, optimizer state or EMA;
-the loop counts it (`skipped_steps` in metrics.jsonl). After `max_consecutive` skips in a row the
-run stops with a checkpoint of the last good weights and a message naming the step and the terms
-that were not finite.
+`ulframe run` adds it to every run whose `Experiment.hooks` does not list it; configure it in gin
+with `hooks.nan_guard.max_consecutive = 3`. A skipped step changes no weight, optimizer state or
+EMA and does not count towards the stage's samples; the loop counts it (`skipped_steps` in
+metrics.jsonl). After `max_consecutive` skips in a row the run stops with a checkpoint and a
+message naming the step, the terms that were not finite and the last finite checkpoint.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ulframe.errors import ConfigError
 from ulframe.hookspecs import RunInfo, StageInfo, StopTraining, hookimpl
 
 
@@ -19,7 +20,9 @@ class NaNGuard:
 
     def __init__(self, max_consecutive: int = 3) -> None:
         if max_consecutive < 1:
-            raise ValueError(f"hooks.nan_guard.max_consecutive must be >= 1, got {max_consecutive}")
+            raise ConfigError(
+                f"hooks.nan_guard.max_consecutive must be >= 1, got {max_consecutive}"
+            )
         self.max_consecutive = max_consecutive
         self.consecutive = 0
 

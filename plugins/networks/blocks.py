@@ -8,7 +8,7 @@ order (T, H, W).
 Initialisation convention (ADM / DiT): every residual branch ends in a zero-initialised
 layer (the second conv of a ``ResBlock``, the adaLN gates of a ``TransformerBlock``), so each
 block is the identity at init, and every denoiser's output layer is zero-initialised so an
-untrained denoiser predicts ``eps_hat = 0``.
+untrained denoiser predicts ``v = 0`` (the networks predict velocity, not noise).
 """
 
 import math
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from ulframe.errors import ConfigError
 
 # Largest number of GroupNorm groups; the actual count is gcd(MAX_NORM_GROUPS, channels).
 MAX_NORM_GROUPS = 32
@@ -50,7 +52,7 @@ def as_tuple(value: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
         return (value,) * ndim
     value = tuple(int(v) for v in value)
     if len(value) != ndim:
-        raise ValueError(f"expected an int or a tuple of {ndim} per-axis values, got {value}")
+        raise ConfigError(f"expected an int or a tuple of {ndim} per-axis values, got {value}")
     return value
 
 
@@ -67,7 +69,7 @@ def stage_factors(
     if factors is None:
         return ((2,) * ndim,) * num_stages
     if len(factors) != num_stages:
-        raise ValueError(f"expected {num_stages} per-stage down-sampling factors, got {factors}")
+        raise ConfigError(f"expected {num_stages} per-stage down-sampling factors, got {factors}")
     return tuple(as_tuple(f, ndim) for f in factors)
 
 
@@ -97,7 +99,7 @@ def conv_nd(
     """A ``ndim``-dimensional convolution (Conv1d / Conv2d / Conv3d)."""
     convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
     if ndim not in convs:
-        raise ValueError(f"conv_nd supports 1 to 3 spatial dims, got {ndim}")
+        raise ConfigError(f"conv_nd supports 1 to 3 spatial dims, got {ndim}")
     return convs[ndim](in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
 
@@ -198,7 +200,7 @@ def divided_grid(
 ) -> tuple[int, ...]:
     """``spatial / factor`` per axis; ValueError naming ``what`` if an axis does not divide."""
     if any(s % f for s, f in zip(spatial, factor, strict=True)):
-        raise ValueError(
+        raise ConfigError(
             f"{what}: spatial shape {tuple(spatial)} is not divisible by the total "
             f"down-sampling {tuple(factor)}; change the input size, patch_size or factors"
         )
@@ -229,7 +231,7 @@ class LogSNREmbedding(nn.Module):
         """
         super().__init__()
         if num_features % 2:
-            raise ValueError(f"num_features must be even, got {num_features}")
+            raise ConfigError(f"num_features must be even, got {num_features}")
         self.num_features = num_features
         self.mlp = nn.Sequential(nn.Linear(num_features, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -462,7 +464,7 @@ class Attention(nn.Module):
         """
         super().__init__()
         if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+            raise ConfigError(f"heads {heads} does not divide the width {width}")
         self.heads = heads
         head_dim = width // heads
         self.qkv = nn.Linear(width, 3 * width)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ulframe.errors import ConfigError
+
 from .blocks import (
     ResBlock,
     Upsample,
@@ -80,7 +82,7 @@ class ConvDecoder(nn.Module):
         )
         grid = divided_grid(tuple(spatial), self.downsample, "ConvDecoder")
         if tuple(latent_grid) != grid:
-            raise ValueError(
+            raise ConfigError(
                 f"ConvDecoder: the latent grid {tuple(latent_grid)} is not the output "
                 f"{tuple(spatial)} down-sampled by {self.downsample} (= {grid}); give the decoder "
                 "the encoder's channels, patch_size and stage_downsample"

@@ -1,10 +1,12 @@
-"""Diffusion decoder D: eps_hat(x_t, logsnr, z_0) in pixel space (U-ViT)."""
+"""Diffusion decoder D: v_hat(x_t, logsnr, z_0) in pixel space (U-ViT), a velocity prediction."""
 
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ulframe.errors import ConfigError
 
 from .blocks import (
     Downsample,
@@ -35,9 +37,9 @@ class UViTDecoder(nn.Module):
     embedding) runs on the tokens of the resulting grid, which must equal the latent grid;
     then mirrored up stages (``Upsample``, concatenation of the U-Net skip of the same stage,
     ResBlocks) and a zero-initialised output conv, un-patched back to the input shape, so an
-    untrained decoder returns eps_hat = 0.
+    untrained decoder returns v_hat = 0 (it predicts velocity; stages convert with ``eps_from_v``).
 
-    How z_0 enters (the paper leaves it open; PAPER.md offers two options): z_0 (B, C_z, *grid)
+    How z_0 enters (the paper leaves it open; two options are natural): z_0 (B, C_z, *grid)
     is flattened to tokens and projected by a per-token linear map to ``width``, then ADDED
     to the middle Transformer's input tokens (after their positional embedding). The
     alternative, up-sampling z_0 and concatenating it at the input, is not used: adding at
@@ -148,7 +150,7 @@ class UViTDecoder(nn.Module):
         if len(latent_grid) != len(spatial) or any(
             s != g * d for s, g, d in zip(spatial, latent_grid, self.downsample, strict=True)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"UViTDecoder: input spatial shape {spatial} divided by the total "
                 f"down-sampling {self.downsample} (patch_size {self.patch} times one "
                 f"down-sampling after each of the {len(channels)} conv stages, "

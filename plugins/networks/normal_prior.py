@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ulframe.errors import ConfigError
+
 
 class NormalPrior(nn.Module):
     """Parameter-free prior N(0, I) over latents: predicts v = 0 for every input.
@@ -44,7 +46,7 @@ class NormalPrior(nn.Module):
         """
         super().__init__()
         if len(shape) < 2:
-            raise ValueError(f"priors.normal needs a latent shape (C, *spatial), got {shape}")
+            raise ConfigError(f"priors.normal needs a latent shape (C, *spatial), got {shape}")
         self.shape = tuple(shape)
         self.num_classes = num_classes
 

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from ulframe.errors import ConfigError
+
 from .blocks import (
     FinalLayer,
     LogSNREmbedding,
@@ -85,7 +87,7 @@ class _Level(nn.Module):
 
 
 class ViT(nn.Module):
-    """Multi-level (hourglass / U-ViT style) ViT denoiser over latents: eps_hat(z_t, logsnr, label).
+    """Multi-level (hourglass / U-ViT style) ViT denoiser over latents: v_hat(z_t, logsnr, label).
 
     The input (B, C, *spatial) is patched by ``patch_size`` into a token grid (level 0, width
     ``widths[0]``). Level i+1 merges ``level_downsample`` tokens per axis (2x2 for images,
@@ -101,7 +103,8 @@ class ViT(nn.Module):
     With ``context_channels > 0`` a context tensor of the latent's grid (e.g. the latent of a
     video's first frames, stages.ul_base ``context_frames``) is concatenated to ``z_t`` along
     the channels before the patch embedding; the output keeps ``z_t``'s channels.
-    The output layer is zero-initialised: an untrained ViT returns eps_hat = 0.
+    Returns the velocity v_hat (B, C, *spatial); stages convert it with ``eps_from_v``.
+    The output layer is zero-initialised: an untrained ViT returns v_hat = 0.
 
     Paper presets: stage-1 prior ``widths=(1024,), depths=(8,)``; stage-2 base model
     ``widths=(512, 1024), depths=(6, 16), dropout=0.1``; both ``patch_size=1``.
@@ -141,7 +144,7 @@ class ViT(nn.Module):
         in_channels, *spatial = shape
         ndim = len(spatial)
         if len(widths) != len(depths):
-            raise ValueError(f"widths {widths} and depths {depths} must have the same length")
+            raise ConfigError(f"widths {widths} and depths {depths} must have the same length")
         self.num_classes = num_classes
         self.context_channels = context_channels
         self.patch = as_tuple(patch_size, ndim)

@@ -1,4 +1,4 @@
-"""Stage 1 alternative: a KL-regularised autoencoder (the baseline of PAPER.md, Fig. 4).
+"""Stage 1 alternative: a KL-regularised autoencoder (the baseline of the UL paper, Fig. 4).
 
 In the style of Stable Diffusion's AutoencoderKL (Rombach et al. 2022), without its perceptual
 (LPIPS) and adversarial (patch-GAN) losses. Per example:

@@ -1,4 +1,4 @@
-"""End-to-end sampling of Unified Latents (PAPER.md, Algorithm 2) with classifier-free guidance.
+"""End-to-end sampling of Unified Latents (UL paper, Algorithm 2) with classifier-free guidance.
 
     z_clean ~ base model, from z_1 ~ N(0, I) at λ_min up to λ_max = λ_z(0) = 5 (its x_hat there)
     z_0     = alpha(5) z_clean + sigma(5) eps            (the encoding noise of stage 1)

@@ -1,6 +1,6 @@
 """Stage 2 of Unified Latents: a base model trained on the frozen stage-1 latents.
 
-The objective (PAPER.md, Stage 2), per example, in nats:
+The objective (docs/method.md, "Stage 2"), per example, in nats:
 
     z_clean = E(x)                                   (E frozen: the stage-1 EMA encoder)
     L_base  = (-dλ/dt) · ½ · sigmoid(b' - λ) · Σ (eps - eps_hat(z_t, λ, y))²
@@ -41,7 +41,7 @@ the interface existed, so UL's samples, losses and cache keys are unchanged.
 
 Evaluation reports `base_nats` (the weighted loss), `bits_per_pixel_base` (the unweighted ELBO
 of z_clean under the base model, `eval_t_per_example` t per example, plus KL(q(z_1)||N(0,I)),
-divided by ln 2 · H · W: the bitrate bound of PAPER.md Table 5, "bpd with base model") and a grid
+divided by ln 2 · H · W: the bitrate bound of UL paper Table 5, "bpd with base model") and a grid
 of end-to-end samples (`sampling.py`).
 """
 
@@ -672,7 +672,11 @@ class ULBase:
         return LatentSource(cached["z"], cached["label"], cached.get("context"))
 
     def sample_labels(self, n: int, device: torch.device, num_classes: int) -> Tensor | None:
-        return torch.arange(n, device=device) % num_classes if num_classes > 0 else None
+        """n labels covering the classes evenly, in class order (so a grid of n = k *
+        num_classes samples with k columns shows one class per row); None without classes."""
+        if num_classes <= 0:
+            return None
+        return torch.arange(n, device=device) * num_classes // max(n, 1)
 
     @torch.no_grad()
     def evaluate(

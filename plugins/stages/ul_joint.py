@@ -1,6 +1,6 @@
 """Stage 1 of Unified Latents: encoder, diffusion prior and diffusion decoder trained jointly.
 
-The objective (PAPER.md, Stage 1; Algorithm 1), per example, in nats:
+The objective (UL paper Algorithm 1; docs/method.md, "Stage 1"), per example, in nats:
 
     z_clean = E(x)
     L_z = (-dλ_z/dt) · ½ · Σ (eps - eps_hat(z_t, λ_z))²  +  KL(q(z_1 | x) || N(0, I))
@@ -307,7 +307,7 @@ class ULJoint:
             raise ConfigError(
                 f"ul_joint.prior_weighting must be the ELBO weighting (w = 1), got {type(prior_weighting).__name__}: "
                 "with any other weighting the encoder can hide information at discounted noise levels "
-                "and the prior loss no longer bounds the latent bitrate (PAPER.md, Stage 1, step 3)"
+                "and the prior loss no longer bounds the latent bitrate (docs/method.md, Stage 1)"
             )
         if eval_t_per_example < 1:
             raise ConfigError(f"ul_joint.eval_t_per_example must be >= 1, got {eval_t_per_example}")

@@ -90,6 +90,10 @@ TINY_KWARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("datasets", "moving_photos"): dict(
         resolution=16, num_frames=4, clips_per_epoch=4, eval_clips=2, seed=3
     ),
+    ("datasets", "digits"): dict(resolution=16, channels=3),  # 3: the contract's (3, H, W)
+    ("datasets", "moving_digits"): dict(
+        resolution=16, num_frames=4, channels=3, clips_per_epoch=4, eval_clips=2, seed=3
+    ),
     ("metrics", "psnr"): {},
     ("metrics", "fd_photos"): {},  # the shipped weights
     ("metrics", "fid_inception"): dict(input_size=75),  # + weights_path: random init, see below

@@ -157,3 +157,62 @@ def test_tiny_ul_kinetics_runs_continues_clips_and_reports_fvd(
 def test_video_quickstart_config_is_ok(run_cli: RunCli) -> None:
     done = run_cli("config", "gin/quickstart_video.gin")
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "Experiment.dataset = @datasets.moving_digits()" in done.stdout
+    assert "CONTEXT_FRAMES = 5" in done.stdout
+
+
+def test_video_quickstart_on_photographs_config_is_ok(run_cli: RunCli) -> None:
+    done = run_cli("config", "gin/quickstart_video_photos.gin")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Experiment.dataset = @datasets.moving_photos()" in done.stdout
+    assert "CONTEXT_FRAMES = 5" in done.stdout
+
+
+# gin/quickstart_video.gin with a few samples per stage (its own networks and 32x32 clips).
+TINY_VIDEO_QUICKSTART = [
+    "gin/quickstart_video.gin",
+    "--gin.TRAIN_SAMPLES=8",
+    "--gin.BASE_TRAIN_SAMPLES=8",
+    "--gin.Experiment.num_workers=0",
+    "--gin.Experiment.hooks=[@hooks.console()]",
+    "--gin.datasets.moving_digits.clips_per_epoch=16",
+    "--gin.datasets.moving_digits.eval_clips=4",
+    "--gin.stage1/TrainSettings.batch_size=4",
+    "--gin.stage1/TrainSettings.warmup_samples=4",
+    "--gin.stage1/TrainSettings.log_every_samples=4",
+    "--gin.stage1/TrainSettings.checkpoint_every_samples=8",
+    "--gin.stage1/stages.ul_joint.sample_steps=2",
+    "--gin.stage1/stages.ul_joint.eval_t_per_example=1",
+    "--gin.stage1/stages.ul_joint.eval_images=2",
+    "--gin.stage2/TrainSettings.batch_size=4",
+    "--gin.stage2/TrainSettings.warmup_samples=4",
+    "--gin.stage2/TrainSettings.log_every_samples=4",
+    "--gin.stage2/TrainSettings.checkpoint_every_samples=8",
+    "--gin.stage2/stages.ul_base.sample_steps=2",
+    "--gin.stage2/stages.ul_base.eval_t_per_example=1",
+    "--gin.stage2/stages.ul_base.eval_images=2",
+]
+
+
+@pytest.mark.slow
+def test_video_quickstart_runs_tiny_and_continues_moving_digits(
+    run_cli: RunCli, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "run"
+    done = run_cli("run", *TINY_VIDEO_QUICKSTART, "--workdir", workdir, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("stage1", "stage2"):
+        assert (workdir / "stages" / stage / "DONE.json").is_file()
+    sampled = run_cli("sample", *TINY_VIDEO_QUICKSTART, "--workdir", workdir, "-n", "2")
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    summary = json.loads(sampled.stdout.strip().splitlines()[-1])
+    assert summary["context_frames"] == 5
+    clips = np.load(summary["npz"])["images"]
+    assert clips.shape == (2, 16, 32, 32, 3) and clips.dtype == np.uint8
+    # The first 5 frames are the context: the first two eval clips of datasets.moving_digits.
+    from ulframe_plugins.datasets.moving_digits import MovingDigits
+
+    source = MovingDigits(num_digits=1, eval_clips=4).source("eval")
+    for clip, item in zip(clips, source.items):
+        real = ((source.decode(item)["x"][0, :5] + 1) * 127.5).round().to(torch.uint8).numpy()
+        assert np.array_equal(clip[:5, :, :, 0], real)

@@ -31,7 +31,7 @@ from ulframe_plugins.networks.encoders import ResNetEncoder
 from ulframe_plugins.networks.priors import ViT
 
 BATCH = 2
-# Fixed encoding noise level lambda_z(0) = 5 (PAPER.md, stage 1).
+# Fixed encoding noise level lambda_z(0) = 5 (docs/method.md, "Stage 1").
 LOGSNR_Z0 = 5.0
 # Step size of the hand-written SGD step in the training-step test.
 SGD_LEARNING_RATE = 0.1
@@ -219,7 +219,7 @@ def test_denoisers_predict_zero_at_init_and_encoder_does_not(kind):
 def test_gradients_reach_every_parameter(kind):
     preset = PRESETS[kind]
     encoder, prior, decoder = build(preset, prior=TWO_LEVEL)
-    # Residual branches and output layers start at zero (identity blocks, eps_hat = 0), which
+    # Residual branches and output layers start at zero (identity blocks, v_hat = 0), which
     # zeroes the gradient of the layers before them at step 0; undo that to test the wiring.
     for net in (encoder, prior, decoder):
         perturb_zero_init_(net)
@@ -292,7 +292,7 @@ def test_class_conditional_vit():
     z_t, logsnr = torch.randn(BATCH, 4, 4, 4), torch.zeros(BATCH)
     labels = torch.tensor([0, 1])
     null = torch.full((BATCH,), num_classes)
-    # Zero-initialised output: eps_hat = 0 whatever the label.
+    # Zero-initialised output: v_hat = 0 whatever the label.
     assert torch.equal(vit(z_t, logsnr, labels), torch.zeros_like(z_t))
     perturb_zero_init_(vit)
     vit.eval()

@@ -1,4 +1,4 @@
-"""`priors.normal` (plugins/networks/normal_prior.py): the Normal prior of PAPER.md Table 5.
+"""`priors.normal` (plugins/networks/normal_prior.py): the Normal prior of UL paper Table 5.
 
 The Bayes-optimal denoiser of N(0, I) latents predicts v = alpha eps - sigma x = 0 (x_hat =
 alpha z_t, eps_hat = sigma z_t), so with a network that returns zeros the stage-1 prior loss of
@@ -45,8 +45,8 @@ LATENT_SHAPE = (4, 4, 4)  # (Cz, h, w)
 IMAGE_SHAPE = (3, 16, 16)  # (C, H, W)
 PIXELS = 16 * 16  # H·W
 LATENT_MIN = -15.0  # λ_min of the prior (ul_joint's default)
-PAPER_LATENT_LOGSNR_MAX = 5.0  # λ_z(0) (PAPER.md, stage 1, step 2)
-ABLATION_LATENT_LOGSNR_MAX = 10.0  # PAPER.md ablation B
+PAPER_LATENT_LOGSNR_MAX = 5.0  # λ_z(0) (docs/method.md, "Stage 1")
+ABLATION_LATENT_LOGSNR_MAX = 10.0  # UL paper ablation B
 QUADRATURE_POINTS = 20001  # midpoint rule over t in [0, 1]
 QUADRATURE_RTOL = 1e-5  # its error at λ_z(0) = 10, where -dλ/dt is steep near t = 0: ~1e-6
 MC_STANDARD_ERRORS = 4.0

@@ -3,8 +3,9 @@
 For Gaussian data the exact denoiser is linear, ``x_hat = c(λ) z`` with
 ``c = alpha s² / (alpha² s² + sigma²)``, so both samplers are linear maps of ``x_1`` (plus
 independent noise for ancestral steps) and the variance of their output has a closed-form
-recursion over the grid, written here with the raw PAPER.md formulas (not the library's
-rearranged ones). It tends to ``s²`` as the number of steps grows.
+recursion over the grid, written here with the raw VDM posterior formulas of the UL paper's
+Algorithm 2 (not the library's rearranged ones). It tends to ``s²`` as the number of steps
+grows.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _gain(logsnr: float, s: float) -> float:
 
 
 def ancestral_output_variance(grid: torch.Tensor, s: float, x_1_var: float = 1.0) -> float:
-    """Var of the ancestral sampler's output, from the PAPER.md posterior formulas."""
+    """Var of the ancestral sampler's output, from the posterior of UL paper Algorithm 2."""
     var = x_1_var
     values = grid.tolist()
     for logsnr_t, logsnr_s in itertools.pairwise(values):
@@ -139,7 +140,7 @@ def test_samplers_satisfy_protocol() -> None:
 
 
 def test_ancestral_step_matches_paper_formula() -> None:
-    """The stable rearrangement equals PAPER.md's alpha_ts / sigma2_ts posterior."""
+    """The stable rearrangement equals the alpha_ts / sigma2_ts posterior of UL paper Alg. 2."""
     g = torch.Generator().manual_seed(0)
     shape = (6, 2, 3, 3)
     z_t = torch.randn(shape, generator=g, dtype=F64)

@@ -14,7 +14,7 @@ from ulframe.diffusion import (
     ShiftedCosineSchedule,
 )
 
-LOGSNR_MIN, LOGSNR_MAX = -15.0, 5.0  # the UL latent range (PAPER.md)
+LOGSNR_MIN, LOGSNR_MAX = -15.0, 5.0  # the UL latent range (docs/method.md, "Schedules")
 
 SCHEDULES = {
     "cosine": CosineSchedule(LOGSNR_MIN, LOGSNR_MAX),

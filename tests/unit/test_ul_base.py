@@ -329,18 +329,24 @@ def test_ssim_matches_skimage() -> None:
 
 
 def test_eval_fd_uses_end_to_end_samples(built) -> None:
-    """`ulframe eval`'s "fd": the metric compares eval images with as many samples."""
-    from ulframe.cli import fd_scalars
+    """`ulframe eval`'s "fd": the metric compares eval images with as many samples, drawn for
+    labels that cover the classes; "fd_real" is the same metric on real images."""
+    from ulframe.cli import draw_samples
+    from ulframe.eval.samples import judge_samples
 
     stage, model, _ = built
     model.eval()
-    seen = {}
+    seen = []
 
     def metric(reference: torch.Tensor, estimate: torch.Tensor) -> dict[str, float]:
-        seen["shapes"] = (reference.shape, estimate.shape)
-        return {"fd_photos": 1.25}
+        seen.append((reference.shape, estimate.shape))
+        return {"fd_photos": 1.25 * len(seen)}
 
     reference = _batch(3)["x"]
-    out = fd_scalars(metric, stage, model, reference, NUM_CLASSES, torch.device("cpu"), 0)
-    assert out == {"fd": 1.25}
-    assert seen["shapes"] == (reference.shape, reference.shape)
+    samples, labels = draw_samples(stage, model, 3, NUM_CLASSES, torch.device("cpu"), 0)
+    assert samples.shape == reference.shape
+    assert labels.tolist() == [i * NUM_CLASSES // 3 for i in range(3)]
+    out = judge_samples(metric, reference, samples, labels, real=reference.flip(0))
+    assert out["fd"] == 1.25 and out["fd_real"] == 2.5 and out["fd_metric"] == "fd_photos"
+    assert out["fd_samples"] == 3 and out["speckle"] > 0
+    assert seen == [(reference.shape, reference.shape)] * 2

@@ -1,4 +1,4 @@
-"""The stage-1 objective of Unified Latents (plugins/stages/ul_joint.py) against PAPER.md.
+"""The stage-1 objective of Unified Latents (plugins/stages/ul_joint.py) against docs/method.md.
 
 Exact and structural checks of `ULJoint` / `ULJointModel` / `ULJointTerms` on a tiny model
 (3x16x16 images, 4x4x4 latents):
@@ -54,16 +54,16 @@ from ulframe_plugins.stages.ul_joint import ULJoint, ULJointModel, ULJointTerms
 
 SHAPE = (3, 16, 16)  # (C, H, W)
 LATENT_SHAPE = (4, 4, 4)  # (Cz, h, w)
-PIXELS = 16 * 16  # H·W: the bits/pixel normaliser (PAPER.md: H·W, not H·W·3)
+PIXELS = 16 * 16  # H·W: the bits/pixel normaliser (docs/method.md, Conventions: not H·W·3)
 BATCH = 4
 ENCODER = dict(latent_channels=4, channels=(8, 16), blocks_per_stage=(1, 1), patch_size=2)
 PRIOR = dict(widths=(32,), depths=(1,), heads=2, patch_size=1)
 DECODER = dict(
     channels=(16,), blocks_per_stage=1, width=32, depth=1, heads=2, patch_size=2, dropout=0.0
 )
-PAPER_LATENT_LOGSNR_MAX = 5.0  # λ_z(0) (PAPER.md, stage 1, step 2)
-PAPER_ALPHA_5, PAPER_SIGMA_5 = 0.99665, 0.08181  # the values PAPER.md prints for λ = 5
-ABLATION_LATENT_LOGSNR_MAX = 10.0  # PAPER.md ablation B
+PAPER_LATENT_LOGSNR_MAX = 5.0  # λ_z(0) (docs/method.md, "Stage 1")
+PAPER_ALPHA_5, PAPER_SIGMA_5 = 0.99665, 0.08181  # λ = 5 (docs/method.md, Stage 1)
+ABLATION_LATENT_LOGSNR_MAX = 10.0  # UL paper ablation B
 PERTURB_STD = 0.05
 
 
@@ -99,7 +99,7 @@ def build(stage: ULJoint, seed: int = 0) -> ULJointModel:
 
 def perturb_zero_init_(module: nn.Module, seed: int = 1) -> nn.Module:
     """Give every all-zero parameter small random values. The prior's and decoder's zero-init
-    output layers make eps_hat ≡ 0 at init, so no gradient would reach their inputs."""
+    output layers make v_hat ≡ 0 at init, so no gradient would reach their inputs."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():

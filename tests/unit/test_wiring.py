@@ -137,7 +137,7 @@ def test_unclosed_bracket_names_the_file_even_when_included(
 ) -> None:
     inner = gin_file(tmp_path, "encoders.resnet.channels = (8, 16\n", "presets/inner.gin")
     outer = gin_file(tmp_path, "include 'presets/inner.gin'\n", "outer.gin")
-    expected = f"{inner}:2: gin syntax error: EOF in multi-line statement (unclosed bracket?)"
+    expected = f"{inner}:1: gin syntax error: '(' is never closed"  # the line that opens it
     assert parse_error([inner]) == expected
     assert parse_error([outer]) == expected
 

@@ -16,7 +16,8 @@ everything else, as one chain of nodes::
     PipelineLoader       a torchdata Loader: state_dict() / load_state_dict() resume exactly
 
 Only the ``Source`` and the engine's plain functions reach worker threads or processes; the
-gin-configured dataset object stays in the main process (see DESIGN.md, "Rules").
+gin-configured dataset object stays in the main process: gin-configured code never runs inside
+data-loader workers (docs/architecture.md, "Rules").
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import math
 import pickle
 import threading
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -112,19 +113,26 @@ def sample_rng() -> np.random.Generator:
     return rng if rng is not None else np.random.default_rng()
 
 
+class _Unreadable(NamedTuple):
+    """What `_DecodeTask` returns for an item `decode` could not read."""
+
+    position: int
+
+
 class _DecodeTask:
     """The map function run by the workers: picklable, holds only the Source."""
 
     def __init__(self, source: Source) -> None:
         self.source = source
 
-    def __call__(self, key: tuple[int, int, int]) -> Example | None:
+    def __call__(self, key: tuple[int, int, int]) -> Example | _Unreadable:
         seed, epoch, index = key
         _thread_state.rng = np.random.default_rng((seed, epoch, index))
         try:
-            return self.source.decode(self.source.items[index])
+            example = self.source.decode(self.source.items[index])
         finally:
             _thread_state.rng = None
+        return _Unreadable(index) if example is None else example
 
 
 def _hint(source: Source) -> str:
@@ -144,7 +152,7 @@ def first_example(source: Source, max_tries: int = MAX_LEADING_FAILURES) -> Exam
     tries = min(max_tries, len(source.items))
     for index in range(tries):
         example = decode((0, 0, index))
-        if example is not None:
+        if not isinstance(example, _Unreadable):
             return example
     raise EmptyDatasetError(
         f"{type(source).__name__}: none of the first {tries} items could be decoded "
@@ -250,14 +258,16 @@ class _ShardSampler(tn.BaseNode[tuple[int, int, int]]):
 
 
 class _DropUnreadable(tn.BaseNode[Example]):
-    """Passes decoded examples on, drops the ``None`` ones and counts them (part of the state)."""
+    """Passes decoded examples on, drops the unreadable ones and counts them (part of the
+    state): every drop (``skipped``) and the distinct items (``unreadable``)."""
 
     SOURCE_KEY = "source"
     SKIPPED_KEY = "skipped"
     YIELDED_KEY = "yielded"
+    UNREADABLE_KEY = "unreadable"
 
     def __init__(
-        self, source: tn.BaseNode[Example | None], *, limit: int, name: str, hint: str
+        self, source: tn.BaseNode[Example | _Unreadable], *, limit: int, name: str, hint: str
     ) -> None:
         super().__init__()
         self.source = source
@@ -266,6 +276,7 @@ class _DropUnreadable(tn.BaseNode[Example]):
         self.hint = hint
         self.skipped = 0
         self.yielded = 0
+        self.unreadable: set[int] = set()
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
@@ -273,18 +284,21 @@ class _DropUnreadable(tn.BaseNode[Example]):
             self.source.reset(initial_state[self.SOURCE_KEY])
             self.skipped = initial_state[self.SKIPPED_KEY]
             self.yielded = initial_state[self.YIELDED_KEY]
+            self.unreadable = set(initial_state.get(self.UNREADABLE_KEY, []))
         else:
             self.source.reset()
             self.skipped = 0
             self.yielded = 0
+            self.unreadable = set()
 
     def next(self) -> Example:
         while True:
             example = next(self.source)
-            if example is not None:
+            if not isinstance(example, _Unreadable):
                 self.yielded += 1
                 return example
             self.skipped += 1
+            self.unreadable.add(example.position)
             if self.yielded == 0 and self.skipped >= self.limit:
                 raise EmptyDatasetError(
                     f"{self.name}: none of the first {self.skipped} items tried could be "
@@ -298,6 +312,7 @@ class _DropUnreadable(tn.BaseNode[Example]):
             self.SOURCE_KEY: self.source.state_dict(),
             self.SKIPPED_KEY: self.skipped,
             self.YIELDED_KEY: self.yielded,
+            self.UNREADABLE_KEY: sorted(self.unreadable),
         }
 
 
@@ -343,6 +358,11 @@ class PipelineLoader(tn.Loader[Batch]):
         Counted when decoded, so it may include items of the prefetched batches ahead.
         """
         return self._filter.skipped
+
+    @property
+    def unreadable(self) -> int:
+        """Distinct unreadable items met so far (each counted once, whatever the epochs)."""
+        return len(self._filter.unreadable)
 
 
 def build_loader(

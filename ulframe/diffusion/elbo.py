@@ -1,4 +1,4 @@
-"""Continuous-time diffusion ELBO terms (Kingma et al. 2021, VDM; PAPER.md Eq. 3-4).
+"""Continuous-time diffusion ELBO terms (Kingma et al. 2021, VDM; UL paper Eq. 3-4).
 
 For a schedule λ(t) between ``λ_min = λ(1)`` and ``λ_max = λ(0)``, the negative ELBO of a
 variational diffusion model, in nats per example, is
@@ -43,7 +43,7 @@ def elbo_term_nats(
     neg_dlogsnr_dt: Tensor,
     weight: Tensor | None = None,
 ) -> Tensor:
-    """One-sample diffusion loss in nats per example (PAPER.md Eq. 3-4, with ``-dλ/dt``).
+    """One-sample diffusion loss in nats per example (UL paper Eq. 3-4, with ``-dλ/dt``).
 
     ``L(t) = (-dλ/dt) * 0.5 * w(λ_t) * Σ_dims (eps - eps_hat)**2``.
 

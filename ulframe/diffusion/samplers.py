@@ -1,4 +1,4 @@
-"""Samplers: pure functions with one signature (k-diffusion style; PAPER.md Algorithm 2).
+"""Samplers: pure functions with one signature (k-diffusion style; UL paper Algorithm 2).
 
 Every sampler is ``sampler(eps_fn, x_1, logsnrs, generator=None, clip_x=None) -> x``:
 
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ulframe.diffusion.logsnr import alpha_sigma, eps_from_x, expand_like, x_from_eps
 from ulframe.diffusion.schedules import Schedule
+from ulframe.errors import ConfigError
 
 __all__ = [
     "EpsFn",
@@ -68,7 +69,7 @@ def logsnr_grid(schedule: Schedule, steps: int, *, dtype: torch.dtype = torch.fl
         ``logsnrs``, ``(N + 1,)``, from ``λ(1) = logsnr_min`` up to ``λ(0) = logsnr_max``.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise ConfigError(f"steps must be >= 1, got {steps} (sample_steps)")
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=dtype)  # (N + 1,)
     return schedule.logsnr(t)
 
@@ -103,7 +104,7 @@ def ancestral_step(
 ) -> Tensor:
     """One ancestral step from ``t`` to the less noisy ``s``: a sample of ``q(z_s | z_t, x_hat)``.
 
-    VDM posterior (PAPER.md, Algorithm 2): ``alpha_ts = alpha_t / alpha_s``,
+    VDM posterior (UL paper, Algorithm 2): ``alpha_ts = alpha_t / alpha_s``,
     ``sigma2_ts = sigma_t² - alpha_ts² sigma_s²``,
     ``mean = alpha_ts sigma_s² / sigma_t² z_t + alpha_s sigma2_ts / sigma_t² x_hat``,
     ``var = sigma2_ts sigma_s² / sigma_t²``.

@@ -2,7 +2,7 @@
 
 A schedule maps time ``t ∈ [0, 1]`` to a log-SNR λ(t), strictly decreasing from
 ``λ(0) = logsnr_max`` (least noisy) to ``λ(1) = logsnr_min`` (noisiest). The continuous-time
-ELBO only depends on the endpoints (PAPER.md, "Schedules"); the schedule changes the variance
+ELBO only depends on the endpoints (docs/method.md, "Schedules"); the schedule changes the variance
 of its Monte-Carlo estimate and, with a weighting, the training objective.
 
 Every schedule constructor has the same call signature
@@ -23,6 +23,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ulframe.errors import ConfigError
+
 __all__ = [
     "CosineSchedule",
     "LinearSchedule",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 DEFAULT_LOGSNR_MIN = -15.0
-"""Noisiest log-SNR of the default schedules (PAPER.md: latents and pixels start near -15)."""
+"""Noisiest log-SNR of the default schedules (UL paper: latents and pixels start near -15)."""
 DEFAULT_LOGSNR_MAX = 15.0
 """Least-noisy log-SNR of the default schedules (pixels: about 15)."""
 DEFAULT_REFERENCE_RESOLUTION = 64
@@ -64,12 +66,12 @@ class Schedule(Protocol):
 def _validate_endpoints(logsnr_min: float, logsnr_max: float) -> None:
     """Raise ``ValueError`` unless ``logsnr_min < logsnr_max`` are finite."""
     if not (math.isfinite(logsnr_min) and math.isfinite(logsnr_max)):
-        raise ValueError(
+        raise ConfigError(
             f"schedule endpoints must be finite, got logsnr_min={logsnr_min}, "
             f"logsnr_max={logsnr_max}"
         )
     if not logsnr_min < logsnr_max:
-        raise ValueError(
+        raise ConfigError(
             f"schedule needs logsnr_min < logsnr_max (λ(1) noisiest, λ(0) least noisy), "
             f"got logsnr_min={logsnr_min}, logsnr_max={logsnr_max}"
         )
@@ -78,7 +80,7 @@ def _validate_endpoints(logsnr_min: float, logsnr_max: float) -> None:
 def _validate_resolution(resolution: int | None, name: str = "resolution") -> None:
     """Raise ``ValueError`` unless ``resolution`` is None or a positive integer."""
     if resolution is not None and (isinstance(resolution, bool) or resolution <= 0):
-        raise ValueError(f"{name} must be a positive integer or None, got {resolution!r}")
+        raise ConfigError(f"{name} must be a positive integer or None, got {resolution!r}")
 
 
 def _f64(t: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 A weighting multiplies the per-t ELBO integrand (Kingma & Gao 2023):
 ``L_w = (-dλ/dt) * 0.5 * w(λ) * Σ (eps - eps_hat)**2``. ``w ≡ 1`` is the ELBO, which the
-UL prior must use (PAPER.md, stage 1 item 3); the decoder and the stage-2 base model use the
+UL prior must use (docs/method.md, "Stage 1"); the decoder and the stage-2 base model use the
 sigmoid weighting ``w = sigmoid(b - λ)``, which discounts low-noise (high λ) levels.
 
 Every weighting is a callable object ``w(logsnr) -> Tensor`` returning a tensor of the same
@@ -51,7 +51,7 @@ class ELBOWeighting:
 
 @dataclass(frozen=True)
 class SigmoidWeighting:
-    """Sigmoid weighting ``w(λ) = sigmoid(bias - λ)`` (Kingma & Gao 2023; PAPER.md typo 2).
+    """Sigmoid weighting ``w(λ) = sigmoid(bias - λ)`` (Kingma & Gao 2023; docs/method.md, typo 2).
 
     ``w -> 1`` as ``λ -> -inf`` (noisy levels count fully, as in the ELBO) and ``w -> 0`` as
     ``λ -> +inf`` (fine detail is discounted); ``w(bias) = 1/2``.
@@ -73,7 +73,7 @@ class SigmoidWeighting:
         weight exceeds the ELBO weight of the prior (coarse content goes to the latent).
 
         Args:
-            loss_factor: c_lf > 1 (PAPER.md: 1.3-1.7, 1.5 for ImageNet).
+            loss_factor: c_lf > 1 (UL paper: 1.3-1.7, 1.5 for ImageNet).
 
         Returns:
             λ* in nats.

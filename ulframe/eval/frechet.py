@@ -30,6 +30,8 @@ Numerics, all in float64:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
@@ -194,25 +196,57 @@ class FeatureFrechetMetric:
     A subclass sets `name`, `batch_size` and `network` and defines `embed(x)`: the features of
     one chunk of images already clamped to [-1, 1] (its own resizing, quantisation...). Calling
     the metric returns `{name: FD(features(reference), features(estimate))}`.
+
+    `in_channels` is the channel count the network takes (0: any). Other inputs are adapted
+    (grey repeated to RGB, RGB averaged to grey), once with a log line, never a crash. A
+    subclass that also defines `classify(x) -> labels (N,)` (a classifier of the data's
+    classes) adds `class_accuracy` when the caller passes the labels the estimates were drawn for.
     """
 
     name: str
     batch_size: int
     network: torch.nn.Module
+    in_channels: int = 3
+    _adapted: bool = False
 
     def embed(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def adapt_channels(self, images: Tensor) -> Tensor:
+        """Images (N, C, H, W) with the channel count the network takes."""
+        channels = images.shape[1]
+        if self.in_channels in (0, channels):
+            return images
+        if not self._adapted:
+            self._adapted = True
+            how = "repeated" if channels == 1 else "averaged"
+            logging.getLogger(__name__).info(
+                "%s: %d-channel images, the network takes %d: channels %s",
+                self.name, channels, self.in_channels, how,
+            )  # fmt: skip
+        if channels == 1:
+            return images.expand(-1, self.in_channels, -1, -1)
+        grey = images.mean(1, keepdim=True)
+        return grey if self.in_channels == 1 else grey.expand(-1, self.in_channels, -1, -1)
+
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        """Features (N, D), float32, of images (N, 3, H, W) in [-1, 1], in chunks of batch_size."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
+        """Features (N, D), float32, of images (N, C, H, W) in [-1, 1], in chunks of batch_size."""
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W); got {tuple(images.shape)}")
+        images = self.adapt_channels(images)
         self.network.to(images.device)
         return torch.cat(
             [self.embed(c.float().clamp(-1, 1)).float() for c in images.split(self.batch_size)]
         )
 
-    def __call__(self, reference: Tensor, estimate: Tensor) -> dict[str, float]:
+    def __call__(
+        self, reference: Tensor, estimate: Tensor, labels: Tensor | None = None
+    ) -> dict[str, float]:
         value = frechet_distance_features(self.features(reference), self.features(estimate))
-        return {self.name: value}
+        out = {self.name: value}
+        classify = getattr(self, "classify", None)
+        if labels is not None and classify is not None:
+            predicted = classify(self.adapt_channels(estimate)).cpu()
+            out["class_accuracy"] = float((predicted == labels.cpu()).float().mean())
+        return out

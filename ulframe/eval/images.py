@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -40,12 +41,16 @@ def grid(x: torch.Tensor, ncols: int | None = None, pad: int = 1) -> np.ndarray:
 
 
 def save_grid(x: torch.Tensor, path: Path, ncols: int | None = None, scale: int = 1) -> Path:
-    """Write a grid PNG (nearest-neighbour upscaled by `scale`), creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a grid PNG (nearest-neighbour upscaled by `scale`), creating the folder; always
+    PNG, whatever the suffix of `path`."""
+    from ulframe import rundir
+
     img = Image.fromarray(grid(x, ncols))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    img.save(path)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    rundir.write_bytes(path, buffer.getvalue())  # atomic; a full disk names the file
     return path
 
 

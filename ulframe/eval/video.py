@@ -115,9 +115,10 @@ def save_gif(
 
     The folder is created; ``scale`` upscales nearest-neighbour.
     """
+    from ulframe import rundir
+
     frames = _upscale(list(video_grid_frames(x, ncols)), scale)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_gif(frames, fps))
+    rundir.write_bytes(path, encode_gif(frames, fps))  # atomic; a full disk names the file
     return path
 
 

@@ -3,7 +3,9 @@
 A checkpoint is a dict of tensors and plain values saved with `torch.save` to a temporary file,
 fsynced, then renamed into place, with a SHA-256 sidecar written the same way. Loading uses
 `torch.load(weights_only=True)`; a file whose checksum does not match, or that would need
-arbitrary unpickling, is reported and the previous checkpoint is used.
+arbitrary unpickling, is reported and the previous checkpoint is used. The sidecar also records
+whether every tensor is finite: a non-finite checkpoint is never resumed from, and pruning always
+keeps the newest finite one.
 
 Every checkpoint also holds the full gin config of the run that wrote it (`config`) and its
 SHA-256 (`config_sha256`); a resume under a different config is refused (`ConfigChangedError`,
@@ -15,55 +17,56 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ulframe import rundir
 from ulframe.errors import UserError
 
 log = logging.getLogger(__name__)
 PATTERN = "ckpt-{samples:012d}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def all_finite(value: Any) -> bool:
+    """Whether every floating-point tensor in a (nested) state is finite."""
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(value.isfinite().all())
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(all_finite(v) for v in value)
+    return True
 
 
 def save(directory: Path, samples_seen: int, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write `state` as the checkpoint at `samples_seen`; keep the newest `keep`."""
+    """Write `state` as the checkpoint at `samples_seen`; keep the newest `keep`, and always the
+    newest one whose weights are finite (the sidecar records `finite`). A non-finite state never
+    replaces a checkpoint already written at the same count."""
     import io
 
-    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / PATTERN.format(samples=samples_seen)
+    finite = all_finite(state)
+    if not finite and path.is_file():  # (a stop at the step of the last good checkpoint)
+        log.warning("weights not finite at %d samples: %s kept as it is", samples_seen, path)
+        return path
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    path = directory / PATTERN.format(samples=samples_seen)
-    _atomic_write(path, data)
+    rundir.write_bytes(path, data, durable=True)
     digest = {
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
         "samples_seen": samples_seen,
+        "finite": finite,
     }
-    _atomic_write(path.with_suffix(".json"), json.dumps(digest).encode())
+    rundir.write_bytes(path.with_suffix(".json"), json.dumps(digest).encode(), durable=True)
+    keep_also = newest_finite(directory)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
+        if old != keep_also:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
     return path
 
 
@@ -72,21 +75,48 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(directory.glob("ckpt-*.pt")) if directory.is_dir() else []
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one checkpoint, verifying its checksum; raises ValueError when it is not valid."""
+def sidecar(path: Path) -> dict[str, Any]:
+    """The checksum record of checkpoint `path`; raises ValueError when missing or damaged."""
     meta_path = path.with_suffix(".json")
-    data = path.read_bytes()
     if not meta_path.is_file():
         raise ValueError(f"{path.name}: no checksum file (write interrupted?)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path.name}: damaged checksum file ({err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+        raise ValueError(f"{meta_path.name}: damaged checksum file (no sha256)")
+    return meta
+
+
+def newest_finite(directory: Path) -> Path | None:
+    """The newest checkpoint whose sidecar is intact and does not mark it non-finite (the file is
+    not read; `load` verifies it)."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            meta = sidecar(path)
+        except (ValueError, OSError):
+            continue
+        if meta.get("finite", True) and meta.get("bytes") == path.stat().st_size:
+            return path
+    return None
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one checkpoint, verifying its checksum; raises ValueError when it is not valid."""
+    meta = sidecar(path)
+    data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise ValueError(f"{path.name}: checksum mismatch (truncated or corrupt)")
     import io
 
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # UnpicklingError for anything that is not plain data
         raise ValueError(f"{path.name}: refused to load ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or "samples_seen" not in state:
+        raise ValueError(f"{path.name}: not a checkpoint (no samples_seen)")
+    return state
 
 
 def load_latest(
@@ -94,15 +124,24 @@ def load_latest(
 ) -> dict[str, Any] | None:
     """The newest valid checkpoint in `directory` (of at most `at_most` samples), or None.
 
-    Invalid ones are logged and skipped."""
+    Invalid ones and those whose sidecar marks them non-finite are logged and skipped."""
     for path in reversed(list_checkpoints(directory)):
-        if at_most is not None and int(path.stem.split("-")[1]) > at_most:
+        if at_most is not None and _samples(path) > at_most:
             continue
         try:
+            if sidecar(path).get("finite", True) is False:
+                raise ValueError(f"{path.name}: weights are not finite (NaN/Inf)")
             return load(path, map_location)
-        except (ValueError, OSError, json.JSONDecodeError) as err:
+        except (ValueError, OSError) as err:
             log.warning("skipping checkpoint %s: %s", path, err)
     return None
+
+
+def _samples(path: Path) -> int:
+    try:
+        return int(path.stem.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 class ConfigChangedError(UserError):

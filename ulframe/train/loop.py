@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ulframe import rundir
 from ulframe.data.pipeline import build_loader, first_example
 from ulframe.diffusion import BatchNoise
-from ulframe.errors import ConfigError
+from ulframe.errors import ConfigError, UserError
 from ulframe.eval.images import save_media
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
 from ulframe.protocols import BuildContext, EvalReport
@@ -62,6 +63,11 @@ class RunContext:
     stop: list[int] = field(default_factory=list)  # signals received
     config: str = ""  # the full gin config; saved in checkpoints, compared on resume
     allow_config_change: bool = False
+    commit: Callable[[], None] = lambda: None  # a stage really starts: write the run files
+
+
+class NonFiniteError(UserError):
+    """The weights of a stage are not finite at its end: it is not marked done."""
 
 
 def run_experiment(experiment: Any, ctx: RunContext) -> dict[str, dict[str, float]]:
@@ -70,16 +76,28 @@ def run_experiment(experiment: Any, ctx: RunContext) -> dict[str, dict[str, floa
     previous: dict[str, Path] = {}
     for index, stage in enumerate(experiment.stages):
         stage_dir = ctx.workdir / "stages" / stage.name
-        done = stage_dir / DONE_FILE
-        if done.is_file():
+        done = _read_done(stage_dir / DONE_FILE)
+        if done is not None:
             log.info("stage %s already finished: skipping", stage.name)
-            results[stage.name] = json.loads(done.read_text())["scalars"]
+            results[stage.name] = done
         else:
             results[stage.name] = train_stage(
                 stage, index, experiment.dataset, stage_dir, previous, ctx
             )
         previous[stage.name] = stage_dir
     return results
+
+
+def _read_done(path: Path) -> dict[str, float] | None:
+    """The final scalars of a finished stage; None when DONE.json is missing or damaged (then
+    the stage resumes from its last checkpoint and writes it again)."""
+    record = rundir.read_json_dict(path, "stage record")
+    if record is None:
+        return None
+    if not isinstance(record.get("scalars"), dict):
+        log.warning("ignoring damaged stage record %s: no scalars", path)
+        return None
+    return dict(record["scalars"])
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -166,6 +184,18 @@ def _checkpoint(
             )
 
 
+def _finite(*models: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer (this rank's shard, when sharded) is finite."""
+    tensors = [t for m in models for t in [*m.parameters(), *m.buffers()]]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return checkpoint.all_finite([t.detach() for t in local])
+
+
+def _last_finite(ckpt_dir: Path) -> str:
+    path = checkpoint.newest_finite(ckpt_dir)
+    return str(path) if path is not None else f"none in {ckpt_dir}"
+
+
 def _restore(ckpt_dir: Path, world: World) -> dict[str, Any] | None:
     """The newest checkpoint valid on every rank (each rank keeps its own loader position)."""
     limit = None
@@ -239,6 +269,10 @@ def train_stage(
         loader.load_state_dict(state["loader"])
         samples_seen = int(state["samples_seen"])
         log.info("stage %s: resumed at %d samples", stage.name, samples_seen)
+    elif ckpt_dir.is_dir():
+        log.warning("no valid checkpoint in %s; starting %s from 0", ckpt_dir, stage.name)
+    ctx.commit()  # nothing refused this run: its config and command are now the workdir's
+    ctx.metrics.resume(stage.name, samples_seen, samples_seen >= settings.train_samples)
 
     ctx.info.operative_config = ctx.operative_config()  # every factory has now been called
     info = StageInfo(
@@ -283,10 +317,10 @@ def train_stage(
                 loss = terms.total_nats().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                log_now = _crossed(
+                log_due = _crossed(
                     samples_seen, samples_seen + settings.batch_size, settings.log_every_samples
                 )
-                module_norms = distributed.module_grad_norms(model, world) if log_now else {}
+                module_norms = distributed.module_grad_norms(model, world) if log_due else {}
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, settings.grad_clip if settings.grad_clip > 0 else float("inf")
                 )
@@ -304,7 +338,8 @@ def train_stage(
                 skipping, stopping = distributed.any_over_ranks(
                     [skip is not None, bool(ctx.stop)], world
                 )
-                if skipping:
+                before = samples_seen
+                if skipping:  # a skipped step does not count: the stage trains one more
                     skipped += 1
                     log.warning("stage %s: step skipped: %s", stage.name, skip or "(another rank)")
                 else:
@@ -313,13 +348,14 @@ def train_stage(
                     for k, v in step_scalars.items():
                         sums[k] = sums.get(k, 0.0) + v.float()
                     n_sum += 1
-                before, samples_seen = samples_seen, samples_seen + settings.batch_size
+                    samples_seen += settings.batch_size
+                log_now = log_due and not skipping
                 n_steps += 1
                 t_window += time.perf_counter() - t0
                 wait_window += t_data
 
                 if log_now:  # -- log ------------------------------------------------------------
-                    scalars = {k: float(v) / n_sum for k, v in sums.items()}
+                    scalars = {k: float(v) / max(n_sum, 1) for k, v in sums.items()}
                     scalars["lr"] = opt.param_groups[0]["lr"]
                     scalars["skipped_steps"] = float(skipped)
                     scalars = distributed.mean_over_ranks(scalars, world) | module_norms
@@ -367,20 +403,50 @@ def train_stage(
         if isinstance(err, StopRequested):
             raise
         raise StopTraining(
-            f"{err}; checkpoint of the last good weights saved at {samples_seen} samples"
+            f"{err}; checkpoint saved at {samples_seen} samples; "
+            f"last finite checkpoint: {_last_finite(ckpt_dir)}"
         ) from err
 
     # -- finish: final evaluation, checkpoint, DONE ----------------------------------------------
     ema.sync()
     final = evaluate(ema.model, samples_seen)
     _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
+    _log_unreadable(info, ctx, {"train": loader, "eval": eval_loader}, samples_seen)
+    if distributed.any_over_ranks([not _finite(model, ema.model)], world)[0]:
+        raise NonFiniteError(
+            f"stage {stage.name}: the weights are not finite (NaN/Inf) at {samples_seen} "
+            f"samples; the stage is not marked done; last finite checkpoint: "
+            f"{_last_finite(ckpt_dir)}"
+        )
     distributed.barrier(world)
     if world.is_main:
-        (stage_dir / DONE_FILE).write_text(
-            json.dumps({"samples_seen": samples_seen, "scalars": final}, indent=2)
+        rundir.write_text(
+            stage_dir / DONE_FILE,
+            json.dumps({"samples_seen": samples_seen, "scalars": final}, indent=2),
         )
     ctx.hooks.hook.ulframe_stage_end(run=ctx.info, stage=info, scalars=final)
     return final
+
+
+def _log_unreadable(
+    info: StageInfo, ctx: RunContext, loaders: dict[str, Any], samples_seen: int
+) -> None:
+    """How many unreadable items each split skipped (summed over ranks): a log line and a
+    metrics row (kind "data")."""
+    counts = {f"skipped_files/{split}": float(ld.unreadable) for split, ld in loaders.items()}
+    world = ctx.world
+    counts = distributed.mean_over_ranks(counts, world)
+    totals = {k: round(v * world.world_size) for k, v in counts.items()}
+    if not world.is_main:
+        return
+    shown = ", ".join(f"{k.split('/')[1]} {v}" for k, v in totals.items())
+    (log.warning if any(totals.values()) else log.info)(
+        "stage %s: unreadable files skipped: %s", info.name, shown
+    )
+    step = samples_seen // info.batch_size
+    ctx.metrics.write(
+        {"stage": info.name, "step": step, "samples_seen": samples_seen, "kind": "data"} | totals
+    )
 
 
 class _stop_on_signals:

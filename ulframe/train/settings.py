@@ -73,6 +73,11 @@ class TrainSettings:
                 raise ConfigError(
                     f"TrainSettings.{name} must be positive, got {getattr(self, name)}"
                 )
+        for name in ("lr", "warmup_samples", "grad_clip", "ema_halflife_samples",
+                     "eval_every_samples", "eval_batches", "checkpoint_every_samples",
+                     "keep_checkpoints"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
 
     def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return self.optimizer(params, lr=self.lr)
