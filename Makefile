@@ -2,6 +2,7 @@
 #   make demo   create .venv, install, train the quickstart on handwritten digits (both stages),
 #               evaluate it and draw 10 guided samples of every digit
 #   make test   create .venv, install with test extras, run the test suite
+#   make lint   ruff (lint + format check), mypy (ulframe/ and plugins/), the project's rules
 # Pick another torch build with TORCH_SPEC, e.g.
 #   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
@@ -36,8 +37,8 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/ulframe run gin/quickstart.gin --workdir $(WORKDIR)
-	$(BIN)/ulframe eval gin/quickstart.gin --workdir $(WORKDIR)
-	$(BIN)/ulframe sample gin/quickstart.gin --workdir $(WORKDIR) -n 100
+	$(BIN)/ulframe eval $(WORKDIR)
+	$(BIN)/ulframe sample $(WORKDIR) -n 100
 
 test: install-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,13 +1,17 @@
-"""Shared harness of the claim benchmarks: stage-1 runs of gin/quickstart.gin, reused by name.
+"""Shared harness of the claim benchmarks: stage-1 runs of the quickstart, reused by name.
 
-Each run is `ulframe run gin/quickstart.gin --workdir SWEEP_DIR/<name> --gin_param ...` in a
-subprocess with OMP_NUM_THREADS=1 and `--threads` torch threads, one at a time. `<name>` encodes
-the overrides (`lf1.7_b2_n8192_eb8`), so the same override set is the same run in every
-benchmark: a finished run (its stage wrote DONE.json with the final evaluation) is read back, not
-trained again. `sweep.json` beside it records the overrides and the wall time of the run.
+`--data digits` (the default) runs gin/quickstart.gin (scikit-learn's handwritten digits, 32x32
+grey, cosine learning-rate decay); `--data photos` runs gin/quickstart_photos.gin (32x32 crops of
+the embedded photographs, constant learning rate: the setting of the photo results in
+docs/results.md). Each run is `ulframe run GIN --workdir SWEEP_DIR/<data>/<name> --gin_param ...`
+in a subprocess with OMP_NUM_THREADS=1 and `--threads` torch threads, one at a time. `<name>`
+encodes the overrides (`lf1.7_b2_n8192_eb8`), so the same override set on the same data is the
+same run in every benchmark: a finished run (its stage wrote DONE.json with the final evaluation)
+is read back, not trained again. Runs of the two data sets live in different folders and never
+mix. `sweep.json` beside each run records the gin file, the overrides and the wall time.
 
     from _sweep import Sweep, add_arguments
-    sweep = Sweep.from_args(args)                 # --sweep-dir, --threads, --quick
+    sweep = Sweep.from_args(args)                 # --data, --sweep-dir, --threads, --quick
     result = sweep.run({"LOSS_FACTOR": 1.7, "weightings.sigmoid.bias": 2.0})
     result.bits_per_pixel, result.psnr, result.ssim
 
@@ -32,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-GIN_FILE = ROOT / "gin" / "quickstart.gin"
+# The stage-1 experiment of each data set (--data).
+GIN_FILES: dict[str, Path] = {
+    "digits": ROOT / "gin" / "quickstart.gin",
+    "photos": ROOT / "gin" / "quickstart_photos.gin",
+}
+DATA_SETS = tuple(GIN_FILES)
+DEFAULT_DATA = "digits"
+GIN_FILE = GIN_FILES[DEFAULT_DATA]
 DEFAULT_SWEEP_DIR = ROOT / "runs" / "sweep"
 RESULTS_DIR = ROOT / "docs" / "results"
 
@@ -159,10 +170,23 @@ class Sweep:
     budget: Budget = FULL
     verbose: bool = True
     log: list[Result] = field(default_factory=list)
+    data: str = DEFAULT_DATA
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Sweep:
-        return cls(Path(args.sweep_dir), args.threads, QUICK if args.quick else FULL)
+        budget = QUICK if args.quick else FULL
+        data = getattr(args, "data", DEFAULT_DATA)
+        return cls(Path(args.sweep_dir), args.threads, budget, data=data)
+
+    @property
+    def gin_file(self) -> Path:
+        """The experiment every run of this sweep starts from (--data)."""
+        return GIN_FILES[self.data]
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where this data set's runs live: SWEEP_DIR/<data>."""
+        return self.sweep_dir / self.data
 
     def overrides(self, settings: Mapping[str, Any]) -> dict[str, str]:
         """The run's overrides: the budget, then `settings` (which may replace the budget)."""
@@ -180,16 +204,19 @@ class Sweep:
         """Train the run of `settings` unless it finished before; its final evaluation."""
         overrides = self.overrides(settings)
         name = run_name(overrides)
-        workdir = self.sweep_dir / name
+        workdir = self.runs_dir / name
         done = workdir / "stages" / "stage1" / "DONE.json"
         meta_path = workdir / "sweep.json"
         bindings = {**FIXED, "Experiment.hooks": DEFAULT_HOOKS, **overrides}
+        gin = str(self.gin_file.relative_to(ROOT))
         if meta_path.is_file():
-            recorded = json.loads(meta_path.read_text()).get("bindings")
-            if recorded != bindings:
+            recorded_meta = json.loads(meta_path.read_text())
+            recorded = recorded_meta.get("bindings")
+            recorded_gin = recorded_meta.get("gin", gin)
+            if recorded != bindings or recorded_gin != gin:
                 raise SystemExit(
-                    f"{workdir} holds a run of other bindings ({recorded}); delete it or pick "
-                    "another --sweep-dir"
+                    f"{workdir} holds a run of other bindings ({recorded_gin}: {recorded}); "
+                    "delete it or pick another --sweep-dir"
                 )
         reused = done.is_file()
         elapsed = None
@@ -197,7 +224,12 @@ class Sweep:
             elapsed = self._train(workdir, bindings)
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         if elapsed is not None:
-            meta = {"bindings": bindings, "elapsed_s": elapsed, "threads": self.threads}
+            meta = {
+                "gin": gin,
+                "bindings": bindings,
+                "elapsed_s": elapsed,
+                "threads": self.threads,
+            }
             meta_path.write_text(json.dumps(meta, indent=2) + "\n")
         scalars = json.loads(done.read_text())["scalars"]
         result = Result(name, workdir, overrides, scalars, meta.get("elapsed_s"), reused)
@@ -213,7 +245,7 @@ class Sweep:
 
     def _train(self, workdir: Path, bindings: Mapping[str, str]) -> float:
         workdir.parent.mkdir(parents=True, exist_ok=True)
-        args = ["run", str(GIN_FILE), "--workdir", str(workdir)]
+        args = ["run", str(self.gin_file), "--workdir", str(workdir)]
         for key, value in bindings.items():
             args += ["--gin_param", f"{key} = {value}"]
         code = (
@@ -247,17 +279,20 @@ class Sweep:
 
 def load_model(result: Result) -> tuple[Any, Any, list[dict[str, Any]]]:
     """(stage, ULJointModel with the EMA weights of the run's last checkpoint, eval batches):
-    the run's experiment rebuilt in this process from gin/quickstart.gin and its overrides."""
+    the run's experiment rebuilt in this process from its gin file (sweep.json) and overrides."""
     import torch
 
-    from ulframe import cli
+    from ulframe import wiring
     from ulframe.data.pipeline import build_loader, first_example
     from ulframe.protocols import BuildContext
     from ulframe.train import checkpoint
 
+    meta_path = result.workdir / "sweep.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    gin_file = ROOT / meta.get("gin", str(GIN_FILE.relative_to(ROOT)))
     bindings = [f"{k} = {v}" for k, v in {**FIXED, **result.overrides}.items()]
-    cli._load([str(GIN_FILE)], bindings)
-    experiment = cli._build_experiment()
+    wiring.load([str(gin_file)], bindings)
+    experiment = wiring.experiment()
     stage = experiment.stages[0]
     source = experiment.dataset.source("eval")
     stage_dir = result.workdir / "stages" / "stage1"
@@ -280,6 +315,7 @@ def load_model(result: Result) -> tuple[Any, Any, list[dict[str, Any]]]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags every claim benchmark shares."""
     p.add_argument("--quick", action="store_true", help="smoke settings: minutes, not the docs'")
+    add_data_argument(p)
     p.add_argument(
         "--sweep-dir", default=str(DEFAULT_SWEEP_DIR), help="where runs live (reused by name)"
     )
@@ -293,16 +329,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out-dir",
         default=None,
         help="where plots (PNG) and tables (Markdown) go (default: docs/results; with --quick "
-        "runs/sweep-quick-results, so a smoke run never overwrites the published results)",
+        "runs/sweep-quick-results/<data>, so a smoke run never overwrites the published results)",
+    )
+
+
+def add_data_argument(p: argparse.ArgumentParser) -> None:
+    """`--data {digits,photos}`: which quickstart the benchmark runs (default digits)."""
+    p.add_argument(
+        "--data",
+        choices=DATA_SETS,
+        default=DEFAULT_DATA,
+        help="digits: gin/quickstart.gin (handwritten digits, the default); photos: "
+        "gin/quickstart_photos.gin (the embedded photographs, the older setting)",
     )
 
 
 def output_dir(args: argparse.Namespace) -> Path:
     """--out-dir, or its default for the setting; created."""
-    default = DEFAULT_SWEEP_DIR.parent / "sweep-quick-results" if args.quick else RESULTS_DIR
+    quick = DEFAULT_SWEEP_DIR.parent / "sweep-quick-results" / getattr(args, "data", DEFAULT_DATA)
+    default = quick if args.quick else RESULTS_DIR
     out = Path(args.out_dir) if args.out_dir else default
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def artifact(args: argparse.Namespace, filename: str) -> str:
+    """The file name of a table or plot for --data: photos keep the published names
+    (`lf_sweep.png`), digits get a suffix (`lf_sweep_digits.png`), so neither overwrites the
+    other in docs/results."""
+    data = getattr(args, "data", DEFAULT_DATA)
+    if data == "photos":
+        return filename
+    stem, dot, ext = filename.rpartition(".")
+    return f"{stem}_{data}{dot}{ext}" if dot else f"{filename}_{data}"
+
+
+def data_label(args: argparse.Namespace) -> str:
+    """A short name of the data for titles and printed lines."""
+    return {"digits": "digits", "photos": "photo crops"}[getattr(args, "data", DEFAULT_DATA)]
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -325,3 +389,97 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+# ---- trained runs with a sampling stage (claims 5 and 6) ---------------------------------------
+@dataclass
+class Opened:
+    """A trained run read back: its experiment, every stage with its EMA model, the registry."""
+
+    experiment: Any
+    stages: list[tuple[Any, Any, Path]]  # (stage, model in eval mode, stage dir)
+    device: Any
+    registry: Any
+
+
+def open_trained(workdir: Path, files: Sequence[str], bindings: Sequence[str] = ()) -> Opened:
+    """Every stage of the run in `workdir` rebuilt from `files` + `bindings` with its EMA weights
+    (`ulframe.trained.open_run`; `ulframe.cli._restore_stages` where that does not exist yet)."""
+    try:
+        from ulframe.trained import open_run
+    except ImportError:  # an older ulframe
+        from ulframe import cli
+
+        ns = argparse.Namespace(files=list(files), workdir=Path(workdir))
+        experiment, restored, device, registry = cli._restore_stages(ns, list(bindings))
+        return Opened(experiment, [tuple(r) for r in restored], device, registry)
+    run = open_run(Path(workdir), list(files), list(bindings))
+    stages = [(r.stage, r.model, r.stage_dir) for r in run.stages]
+    return Opened(run.experiment, stages, run.device, run.registry)
+
+
+def split_examples(experiment: Any, split: str, n: int) -> Any:
+    """Up to n examples' `x` of a split (N, C, *S), in the split's own order, on CPU."""
+    try:
+        from ulframe.trained import split_examples as split_x
+    except ImportError:
+        from ulframe import cli
+
+        return cli._split_images(experiment, split, n)
+    return split_x(experiment, split, n)
+
+
+def sample_metric(opened: Opened) -> tuple[Any, str]:
+    """(metric, name): the experiment's own `Experiment.sample_metric` (metrics.fd_digits for
+    digits), else metrics.fd_photos (the photo quickstart names none)."""
+    from ulframe import wiring
+
+    factory = getattr(opened.experiment, "sample_metric", None)
+    if factory is None:
+        return opened.registry.get("metrics", "fd_photos").factory(), "fd_photos"
+    metric = wiring.call(factory)
+    return metric, str(getattr(metric, "name", getattr(factory, "__name__", "fd")))
+
+
+def judge(metric: Any, reference: Any, samples: Any, labels: Any = None) -> dict[str, float]:
+    """{"fd": Fréchet distance of `samples` to `reference`} and, when the metric classifies and
+    `labels` (the classes the samples were drawn for) are given, {"class_accuracy": ...}."""
+    if labels is not None and callable(getattr(metric, "classify", None)):
+        values = dict(metric(reference, samples, labels=labels))
+    else:
+        values = dict(metric(reference, samples))
+    first = next(iter(values))
+    out = {"fd": float(values.pop(first))}
+    out.update({k: float(v) for k, v in values.items()})
+    return out
+
+
+def draw(
+    stage: Any,
+    model: Any,
+    n: int,
+    labels: Any,
+    guidance: float,
+    seed: int,
+    chunk: int = 64,
+) -> Any:
+    """n end-to-end samples of a sampling stage (labels (n,) or None: unconditional), in chunks,
+    with one generator seeded `seed`; through the stage's `sample` (protocols.SamplingStage), or
+    the model's where the stage has none yet."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            part = None if labels is None else labels[start : start + k]
+            if callable(getattr(stage, "sample_settings", None)):
+                x = stage.sample(model, k, part, guidance, generator)
+            else:
+                x = model.sample(
+                    k, generator, part, stage.sampler, stage.sample_steps,
+                    stage.decoder_sample_steps, guidance, stage.guidance_interval,
+                )  # fmt: skip
+            out.append(x.cpu())
+    return torch.cat(out)

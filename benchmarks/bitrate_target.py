@@ -1,7 +1,7 @@
 """Claim 7: a target bitrate. `hooks.bitrate_controller` steers c_lf so bits/pixel settles at a
 target, and the model it ends with matches a run trained at its final c_lf from the start.
 
-Two stage-1 runs of gin/quickstart.gin:
+Stage-1 runs of the quickstart (`--data digits|photos`, benchmarks/_sweep.py):
 
 1. controlled: starts at c_lf = --start-loss-factor (the quickstart's 3.0, far from the answer) with
    `hooks.bitrate_controller` (target --target bits/pixel; one update per logged window of
@@ -19,7 +19,8 @@ lf_sweep.py (docs/results.md, claim 1).
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bitrate_target.py --quick   # smoke
 
 Writes `bitrate_target.md`, `bitrate_target_bpp.png` (training bits/pixel of both runs and the
-target) and `bitrate_target_lf.png` (c_lf over training) into --out-dir.
+target) and `bitrate_target_lf.png` (c_lf over training) into --out-dir (`*_digits.*` for
+--data digits).
 Last line: `bitrate target T: ... final c_lf C; fixed c_lf C: bpp A vs B, psnr X vs Y dB`.
 """
 
@@ -35,9 +36,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _plot import Series, xy_figure
-from _sweep import Result, Sweep, add_arguments, interpolate, markdown_table, output_dir
+from _sweep import (
+    Result,
+    Sweep,
+    add_arguments,
+    artifact,
+    data_label,
+    interpolate,
+    markdown_table,
+    output_dir,
+)
 
-TARGET = 0.08
+TARGET = {"photos": 0.08, "digits": 0.15}  # per --data: inside the range a c_lf sweep reaches
 START_LOSS_FACTOR = 3.0
 BIAS = 2.0
 LOG_EVERY = 256  # samples per controller update
@@ -60,10 +70,17 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(p)
-    p.add_argument("--target", type=float, default=TARGET, help="bits/pixel to reach")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="bits/pixel to reach (default: 0.08 for photos, 0.15 for digits)",
+    )
     p.add_argument("--start-loss-factor", type=float, default=START_LOSS_FACTOR)
     p.add_argument("--bias", type=float, default=BIAS)
     args = p.parse_args()
+    if args.target is None:
+        args.target = TARGET[args.data]
     sweep = Sweep.from_args(args)
     out_dir = output_dir(args)
     common = {
@@ -71,7 +88,7 @@ def main() -> int:
         "stage1/TrainSettings.log_every_samples": LOG_EVERY,
     }
 
-    print(f"bitrate target {args.target:g} bits/pixel: {sweep.budget}", flush=True)
+    print(f"bitrate target {args.target:g} bits/pixel on {args.data}: {sweep.budget}", flush=True)
     controlled = sweep.run(
         common
         | {
@@ -133,7 +150,11 @@ def main() -> int:
         f"evaluation {controlled.bits_per_pixel:.4f} ({eval_err:+.1%}); {len(states)} controller "
         f"updates, c_lf {args.start_loss_factor:g} -> {final_c:g}.\n"
     )
-    (out_dir / "bitrate_target.md").write_text(table + summary)
+    names = {
+        n: artifact(args, n)
+        for n in ("bitrate_target.md", "bitrate_target_bpp.png", "bitrate_target_lf.png")
+    }
+    (out_dir / names["bitrate_target.md"]).write_text(table + summary)
     curves = [
         Series("controlled: training bits/pixel", ctl_bpp, markers=False),
         Series(
@@ -154,13 +175,14 @@ def main() -> int:
         )
     xy_figure(
         curves,
-        f"training bits/pixel (windows of {LOG_EVERY} samples; log scale), target {args.target:g}",
+        f"training bits/pixel, {data_label(args)} (windows of {LOG_EVERY} samples; log scale), "
+        f"target {args.target:g}",
         "samples seen",
         "bits/pixel",
         hlines=[(args.target, "target")],
         logy=True,
         legend="upper right",
-    ).save(out_dir / "bitrate_target_bpp.png")
+    ).save(out_dir / names["bitrate_target_bpp.png"])
     xy_figure(
         [
             Series(
@@ -170,20 +192,20 @@ def main() -> int:
                 markers=False,
             )
         ],
-        "loss factor set by the controller",
+        f"loss factor set by the controller, {data_label(args)}",
         "samples seen",
         "c_lf",
         hlines=[(final_c, f"final {final_c:g}")],
         legend="upper right",
-    ).save(out_dir / "bitrate_target_lf.png")
+    ).save(out_dir / names["bitrate_target_lf.png"])
 
     print()
     print(table + summary)
-    print(f"wrote {out_dir}/bitrate_target.md, bitrate_target_bpp.png, bitrate_target_lf.png")
+    print(f"wrote {', '.join(str(out_dir / n) for n in names.values())}")
     print(f"training wall time of these runs: {sweep.total_train_s() / 60:.1f} min")
     within = "yes" if abs(train_err) <= TOLERANCE and abs(eval_err) <= TOLERANCE else "no"
     line = (
-        f"bitrate target {args.target:g}: within 10%: {within} (train {settled:.4f}, eval "
+        f"bitrate target {args.target:g} ({args.data}): within 10%: {within} (train {settled:.4f}, eval "
         f"{controlled.bits_per_pixel:.4f}), final c_lf {final_c:g}; fixed c_lf {final_c:g}: "
         f"bpp {fixed.bits_per_pixel:.4f} vs {controlled.bits_per_pixel:.4f}, psnr "
         f"{fixed.psnr:.2f} vs {controlled.psnr:.2f} dB"

@@ -1,22 +1,33 @@
 """Paper claim 6 (UL paper, Fig. 4: compute efficiency) at toy scale: the same base model,
 trained for the same FLOPs on UL latents and on the latents of an SD-style KL autoencoder,
-compared by the Fréchet distance of end-to-end samples.
+compared by the Fréchet distance of end-to-end samples (and, on digits, their class accuracy).
 
     python benchmarks/compute_efficiency.py --quick     # under 10 minutes on 2 CPU cores
-    python benchmarks/compute_efficiency.py             # the full setting (~40 minutes)
-    python benchmarks/compute_efficiency.py --sweep-dir runs/compute_efficiency   # reuse runs
+    python benchmarks/compute_efficiency.py             # the full setting (~40+ minutes)
+    python benchmarks/compute_efficiency.py --data photos   # the photo quickstarts
+
+`--data digits` (default): gin/quickstart.gin and gin/quickstart_kl_ae.gin (handwritten digits;
+FD on the shipped digit judge's features, `metrics.fd_digits`, and the judge's class accuracy of
+the guided samples); `--data photos`: gin/quickstart_photos.gin and gin/quickstart_kl_ae_photos.gin
+(FD on `metrics.fd_photos` features). The metric is the experiment's own `Experiment.sample_metric`
+(fd_photos where it names none).
 
 Runs (one at a time, `ulframe run` in a subprocess with OMP_NUM_THREADS=1, each in
-`SWEEP_DIR/<quick|full>/<name>`; a finished stage is reused, not trained again, and every
+`SWEEP_DIR/<data>/<quick|full>/<name>`; a finished stage is reused, not trained again, and every
 measurement is kept in `<name>/compute_efficiency.json`, so a rerun computes only what is new):
 
-- `ul`: gin/quickstart.gin: UL stage 1 (encoder, diffusion prior, diffusion decoder), then the
+- `ul`: the UL quickstart: UL stage 1 (encoder, diffusion prior, diffusion decoder), then the
   base model on its z_clean (λ ∈ [-15, λ_z(0) = 5]).
-- `kl-ae`: gin/quickstart_kl_ae.gin: `stages.kl_ae` (same encoder architecture with 2·Cz
+- `kl-ae`: the KL-AE quickstart: `stages.kl_ae` (same encoder architecture with 2·Cz
   channels, mirrored conv decoder, L1 + 1e-6·KL; no perceptual or GAN loss) for the same number
   of stage-1 samples, batch and optimizer (comparable training cost), then the same base model,
   optimizer, batch, schedule family and weighting on its posterior means scaled to unit
   variance (λ ∈ [-15, 7], SD's endpoint).
+- `kl-ae-rate` (matched rate): the same KL autoencoder with a KL weight large enough
+  (`--matched-kl-weight`) that its rate (KL, bits/pixel) is near the UL latent's (the bound of
+  its prior), so both base models model latents carrying about as many bits; its
+  reconstruction quality is reported beside UL's (rFD, PSNR): at equal samples, equal FLOPs and
+  about equal rate, the comparison the paper's claim is about.
 - full setting only (`--ablation` adds the first to --quick): `kl-ae@5`, the same KL stage 1
   (copied) with the base model stopping at λ = 5 as UL's does; `ul/s1` and `kl-ae/s1`, both
   base models trained again with `Experiment.seed = 1` on the same stage 1 (a second training
@@ -49,7 +60,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +68,22 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
-from ulframe import cli
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _sweep import add_data_argument, judge, open_trained, sample_metric, split_examples
+from _sweep import draw as draw_stage
+
 from ulframe.eval.metrics import psnr
 from ulframe.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP_DIR = ROOT / "runs" / "compute_efficiency"
-DEFAULT_PLOT = ROOT / "docs" / "results" / "compute_efficiency.png"
+RESULTS_DIR = ROOT / "docs" / "results"
+UL_GIN = {"digits": "gin/quickstart.gin", "photos": "gin/quickstart_photos.gin"}
+KL_GIN = {"digits": "gin/quickstart_kl_ae.gin", "photos": "gin/quickstart_kl_ae_photos.gin"}
+# KL weight of the matched-rate KL autoencoder: its KL lands near the UL latent's rate (~0.1
+# bits/pixel at 16384 samples on digits); calibrated with short stage-1 runs (docs/results.md).
+MATCHED_KL_WEIGHT = {"digits": 0.3, "photos": 0.3}
 
 
 @dataclass(frozen=True)
@@ -104,26 +124,31 @@ class Variant:
     stage1_from: str | None = None  # copy this variant's finished stage 1 instead of training
     group: str = ""  # the replicates of one comparison arm share a group ("" = its own name)
     replicate: bool = False  # a second training seed of the base model
+    always: bool = False  # in every setting (the ablations and replicates are full-only)
 
     @property
     def arm(self) -> str:
         return self.group or self.name
 
 
-VARIANTS = (
-    Variant("ul", "gin/quickstart.gin"),
-    Variant("kl-ae", "gin/quickstart_kl_ae.gin"),
-    Variant(
-        "kl-ae@5",
-        "gin/quickstart_kl_ae.gin",
-        ("stage1/stages.kl_ae.latent_logsnr_max = 5.0",),
-        stage1_from="kl-ae",
-    ),
-    Variant("ul/s1", "gin/quickstart.gin", ("Experiment.seed = 1",), "ul", "ul", True),
-    Variant(
-        "kl-ae/s1", "gin/quickstart_kl_ae.gin", ("Experiment.seed = 1",), "kl-ae", "kl-ae", True
-    ),
-)
+def variants_for(data: str, matched_kl_weight: float) -> tuple[Variant, ...]:
+    """The runs of one comparison on `data` (see the module docstring)."""
+    ul, kl = UL_GIN[data], KL_GIN[data]
+    return (
+        Variant("ul", ul),
+        Variant("kl-ae", kl),
+        Variant(
+            "kl-ae-rate",
+            kl,
+            (f"stage1/stages.kl_ae.kl_weight = {matched_kl_weight!r}",),
+            always=True,
+        ),
+        Variant(
+            "kl-ae@5", kl, ("stage1/stages.kl_ae.latent_logsnr_max = 5.0",), stage1_from="kl-ae"
+        ),
+        Variant("ul/s1", ul, ("Experiment.seed = 1",), "ul", "ul", True),
+        Variant("kl-ae/s1", kl, ("Experiment.seed = 1",), "kl-ae", "kl-ae", True),
+    )
 
 
 def overrides(setting: Setting) -> list[str]:
@@ -144,7 +169,8 @@ def overrides(setting: Setting) -> list[str]:
 
 
 def train(variant: Variant, bindings: Sequence[str], workdir: Path, sweep: Path) -> float:
-    """`ulframe run` of the variant into `workdir` (finished stages are skipped); wall seconds."""
+    """`ulframe run` of the variant into `workdir` (finished stages are skipped); wall seconds.
+    The run's log goes to `workdir/benchmark_stdout.txt`."""
     if variant.stage1_from and not (workdir / "stages" / "stage1" / "DONE.json").is_file():
         source = sweep / variant.stage1_from.replace("/", "_") / "stages" / "stage1"
         shutil.copytree(source, workdir / "stages" / "stage1", dirs_exist_ok=True)
@@ -152,10 +178,13 @@ def train(variant: Variant, bindings: Sequence[str], workdir: Path, sweep: Path)
     for b in bindings:
         args += ["--gin_param", b]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    done = subprocess.run(args, cwd=ROOT, env=env, check=False)
+    with (workdir / "benchmark_stdout.txt").open("a") as out:
+        done = subprocess.run(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise SystemExit(f"{variant.name}: `{' '.join(args)}` failed ({done.returncode})")
+        tail = (workdir / "benchmark_stdout.txt").read_text()[-3000:]
+        raise SystemExit(f"{variant.name}: `{' '.join(args)}` failed ({done.returncode}):\n{tail}")
     return time.perf_counter() - t0
 
 
@@ -190,24 +219,25 @@ def stage1_training_flops(model2: Any) -> int:
     return 3 * total
 
 
+def sample_labels(stage: Any, n: int, num_classes: int) -> torch.Tensor | None:
+    """The labels guided samples are drawn for: the classes in turn, in chunks of 64 (the
+    order the photo results were measured with)."""
+    parts = [
+        stage.sample_labels(min(64, n - start), torch.device("cpu"), num_classes)
+        for start in range(0, n, 64)
+    ]
+    return None if parts[0] is None else torch.cat(parts)
+
+
 @torch.no_grad()
 def draw_samples(
     stage: Any, model: Any, n: int, num_classes: int, seed: int, guided: bool
-) -> torch.Tensor:
-    """n end-to-end samples: guided (the stage's w, labels in turn) or unconditional."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, 64):
-        k = min(64, n - start)
-        labels = stage.sample_labels(k, torch.device("cpu"), num_classes) if guided else None
-        w = stage.guidance_scale if guided else 1.0
-        steps, decoder_steps = stage.sample_steps, stage.decoder_sample_steps
-        out.append(
-            model.sample(
-                k, g, labels, stage.sampler, steps, decoder_steps, w, stage.guidance_interval
-            )
-        )
-    return torch.cat(out)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n end-to-end samples and their labels: guided (the stage's w, labels in turn) or
+    unconditional (labels None)."""
+    labels = sample_labels(stage, n, num_classes) if guided else None
+    w = stage.guidance_scale if guided else 1.0
+    return draw_stage(stage, model, n, labels, w, seed), labels
 
 
 @torch.no_grad()
@@ -225,7 +255,7 @@ def reconstructions(stage: Any, model: Any, x: torch.Tensor, seed: int) -> torch
 
 
 def fd(metric: Any, reference: torch.Tensor, images: torch.Tensor) -> float:
-    return float(next(iter(metric(reference, images).values())))
+    return judge(metric, reference, images)["fd"]
 
 
 class Measured:
@@ -242,16 +272,27 @@ class Measured:
             self.path.write_text(json.dumps(self.values, indent=1) + "\n")
         return self.values[key]
 
+    def get_many(self, key: str, compute: Any) -> dict[str, float]:
+        """Several values under `key:NAME`, computed together by `compute() -> {NAME: value}`;
+        recomputed only when `key:fd` is missing."""
+        if f"{key}:fd" not in self.values:
+            for name, value in compute().items():
+                self.values[f"{key}:{name}"] = float(value)
+            self.path.write_text(json.dumps(self.values, indent=1) + "\n")
+        prefix = f"{key}:"
+        return {k[len(prefix) :]: v for k, v in self.values.items() if k.startswith(prefix)}
+
 
 def evaluate(variant: Variant, bindings: Sequence[str], workdir: Path, setting: Setting) -> dict:
     """FD at every budget, unconditional FD, rFD/PSNR, FLOPs and latent statistics of a run."""
-    ns = argparse.Namespace(files=[str(ROOT / variant.gin)], workdir=workdir)
-    experiment, restored, _, registry = cli._restore_stages(ns, list(bindings))
-    stage2, model2, stage2_dir = restored[-1]
-    metric = registry.get("metrics", "fd_photos").factory()
-    reference = cli._eval_images(experiment, setting.fd_samples)
+    opened = open_trained(workdir, [str(ROOT / variant.gin)], list(bindings))
+    experiment = opened.experiment
+    stage2, model2, stage2_dir = opened.stages[-1]
+    metric, metric_name = sample_metric(opened)
+    reference = split_examples(experiment, "eval", setting.fd_samples)
     num_classes, seed = experiment.dataset.num_classes, experiment.seed
-    result: dict[str, Any] = {"name": variant.name, "fd": {}}
+    result: dict[str, Any] = {"name": variant.name, "fd": {}, "class_accuracy": {}}
+    result["metric"] = metric_name
     result["flops_per_sample"] = base_training_flops(model2)
     result["stage1_flops_per_sample"] = stage1_training_flops(model2)
     result["latent_shape"] = list(model2.latent_shape)
@@ -273,6 +314,9 @@ def evaluate(variant: Variant, bindings: Sequence[str], workdir: Path, setting: 
         return x_hat[0]
 
     result["rfd"] = measured.get(f"rfd:{seed}:{n}", lambda: fd(metric, reference, recon()))
+    result["fd_real"] = measured.get(
+        f"fd_real:{n}", lambda: fd(metric, reference, split_examples(experiment, "train", n))
+    )
     result["recon_psnr"] = measured.get(
         f"recon_psnr:{seed}:{n}", lambda: psnr(reference, recon()).mean()
     )
@@ -281,17 +325,20 @@ def evaluate(variant: Variant, bindings: Sequence[str], workdir: Path, setting: 
         for p in checkpoint.list_checkpoints(stage2_dir / "checkpoints")
     }
 
-    def sample_fd(sample_seed: int, guided: bool) -> float:
+    def sample_scores(sample_seed: int, guided: bool) -> dict[str, float]:
         t0 = time.perf_counter()
-        images = draw_samples(stage2, model2, n, num_classes, sample_seed, guided)
-        value = fd(metric, reference, images)
+        images, labels = draw_samples(stage2, model2, n, num_classes, sample_seed, guided)
+        scores = judge(metric, reference, images, labels)
         kind = "guided" if guided else "unconditional"
+        acc = (
+            f", class accuracy {scores['class_accuracy']:.3f}" if "class_accuracy" in scores else ""
+        )
         print(
-            f"  {variant.name}: {budget} samples, seed {sample_seed}, {kind}: fd {value:.2f} "
-            f"({time.perf_counter() - t0:.0f} s)",
+            f"  {variant.name}: {budget} samples, seed {sample_seed}, {kind}: fd "
+            f"{scores['fd']:.2f}{acc} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-        return value
+        return scores
 
     result["fd_seeds"] = []
     for budget in setting.budgets:
@@ -301,15 +348,19 @@ def evaluate(variant: Variant, bindings: Sequence[str], workdir: Path, setting: 
         model2.eval()
         final = budget == setting.budgets[-1] and not variant.replicate  # replicates: 1 set
         seeds = range(seed, seed + (setting.final_seeds if final else 1))
-        values = [
-            measured.get(f"fd:{budget}:{s}:guided:{n}", lambda s=s: sample_fd(s, True))
+        scores = [
+            measured.get_many(f"{budget}:{s}:guided:{n}", lambda s=s: sample_scores(s, True))
             for s in seeds
         ]
+        values = [v["fd"] for v in scores]
         result["fd"][budget] = sum(values) / len(values)
         result["fd_seeds"] = values  # of the last (largest) budget
-    result["fd_unconditional"] = measured.get(
-        f"fd:{budget}:{seed}:unconditional:{n}", lambda: sample_fd(seed, False)
-    )
+        accs = [v["class_accuracy"] for v in scores if "class_accuracy" in v]
+        if accs:
+            result["class_accuracy"][budget] = sum(accs) / len(accs)
+    result["fd_unconditional"] = measured.get_many(
+        f"{budget}:{seed}:unconditional:{n}", lambda: sample_scores(seed, False)
+    )["fd"]
     result["fd_samples"] = n
     return result
 
@@ -326,6 +377,7 @@ def plot(
     title: str,
     path: Path,
     floors: dict[str, float] | None = None,
+    metric_name: str = "fd_photos",
 ) -> Path:
     """FD (y) against base-model training FLOPs (x, log scale) per series, as a PNG; `floors`
     (per series, e.g. the FD of its stage-1 reconstructions) are drawn as dotted lines."""
@@ -337,7 +389,7 @@ def plot(
     x0, y0, x1, y1 = left, top, width - right, height - bottom
     draw.text((width // 2, 8), title, fill="black", font=font, anchor="mt")
     draw.text(((x0 + x1) // 2, height - 6), "base-model training FLOPs", "black", font, "mb")
-    draw.text((4, y0 - 4), "FD (fd_photos)", fill="black", font=font, anchor="lb")
+    draw.text((4, y0 - 4), f"FD ({metric_name})", fill="black", font=font, anchor="lb")
     floors = floors or {}
     points = [p for s in series.values() for p in s]
     lx = [math.log10(p[0]) for p in points]
@@ -392,19 +444,41 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="short runs, 128 FD samples (<10 min)")
+    add_data_argument(p)
     p.add_argument("--sweep-dir", type=Path, default=DEFAULT_SWEEP_DIR)
     p.add_argument("--plot", type=Path, default=None, help="PNG path of the FD-vs-FLOPs plot")
     p.add_argument("--ablation", action="store_true", help="also kl-ae@5 (on in the full setting)")
+    p.add_argument(
+        "--no-replicates",
+        action="store_true",
+        help="full setting without the seed-1 base models (ul/s1, kl-ae/s1) and kl-ae@5",
+    )
+    p.add_argument(
+        "--matched-kl-weight",
+        type=float,
+        default=None,
+        help="KL weight of the matched-rate KL autoencoder (default: per --data, see "
+        "MATCHED_KL_WEIGHT); 0 leaves that run out",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     setting = QUICK if args.quick else FULL
+    if args.no_replicates:
+        setting = replace(setting, replicates=False, ablation=False)
     mode = "quick" if args.quick else "full"
-    sweep = args.sweep_dir / mode
+    sweep = args.sweep_dir / args.data / mode
     bindings = overrides(setting)
+    kl_weight = (
+        MATCHED_KL_WEIGHT[args.data] if args.matched_kl_weight is None else args.matched_kl_weight
+    )
     variants = [
         v
-        for v in VARIANTS
-        if (setting.replicates if v.replicate else v.stage1_from is None or setting.ablation)
+        for v in variants_for(args.data, kl_weight or 1.0)
+        if (v.always and kl_weight > 0)
+        or (
+            not v.always
+            and (setting.replicates if v.replicate else v.stage1_from is None or setting.ablation)
+        )
         or (args.ablation and v.name == "kl-ae@5")
     ]
     t_start = time.perf_counter()
@@ -422,24 +496,30 @@ def main() -> int:
     flops = {r["name"]: r["flops_per_sample"] for r in results}
     shapes = {r["name"]: tuple(r["latent_shape"]) for r in results}
     print()
-    print(f"setting: {mode}   runs: {sweep}   FD: metrics.fd_photos (not FID), "
-          f"{results[0]['fd_samples']} held-out crops vs as many guided samples")  # fmt: skip
+    metric_name = results[0]["metric"]
+    print(f"setting: {mode}   data: {args.data}   runs: {sweep}   FD: metrics.{metric_name} "
+          f"(not FID), {results[0]['fd_samples']} held-out images vs as many guided samples; "
+          f"fd_real (train vs held-out images) {results[0]['fd_real']:.2f}")  # fmt: skip
     for name in flops:
-        print(f"base model on {name:<8} latent {shapes[name]}: {flops[name]:,} training FLOPs "
+        print(f"base model on {name:<10} latent {shapes[name]}: {flops[name]:,} training FLOPs "
               f"per sample (3 x forward)")  # fmt: skip
     for r in results:
-        print(f"stage 1 {r['name']:<8}: {r['stage1_flops_per_sample']:,} training FLOPs per "
+        print(f"stage 1 {r['name']:<10}: {r['stage1_flops_per_sample']:,} training FLOPs per "
               f"sample, {setting.stage1_samples} samples")  # fmt: skip
     if len(set(flops.values())) == 1:
         print("same latent shape, same FLOPs per sample: equal FLOPs = equal training samples")
     print()
-    print(f"{'stage 1':<9} {'λ_max':>5} {'bpp':>7} {'PSNR':>6} {'SSIM':>5} {'rFD':>7} "
-          f"{'latent std':>10} {'uncond FD':>9}")  # fmt: skip
+    print(f"{'stage 1':<10} {'λ_max':>5} {'bpp':>7} {'PSNR':>6} {'SSIM':>5} {'rFD':>7} "
+          f"{'rPSNR':>6} {'latent std':>10} {'uncond FD':>9}")  # fmt: skip
     for r in results:
         s = r["stage1"]
-        print(f"{r['name']:<9} {r['logsnr_max']:>5.1f} {s['bits_per_pixel']:>7.3f} "
-              f"{s['psnr']:>6.2f} {s['ssim']:>5.3f} {r['rfd']:>7.2f} {r['latent_std']:>10.3f} "
-              f"{r['fd_unconditional']:>9.2f}")  # fmt: skip
+        print(f"{r['name']:<10} {r['logsnr_max']:>5.1f} {s['bits_per_pixel']:>7.3f} "
+              f"{s['psnr']:>6.2f} {s['ssim']:>5.3f} {r['rfd']:>7.2f} {r['recon_psnr']:>6.2f} "
+              f"{r['latent_std']:>10.3f} {r['fd_unconditional']:>9.2f}")  # fmt: skip
+    print(
+        "bpp: UL the prior's bound of z_0, KL-AE the KL; PSNR: the stage's own evaluation; "
+        "rFD / rPSNR: decode(encode(x)) of the held-out images (the floor of the end-to-end FD)"
+    )
     print()
     names = [r["name"] for r in results]
     arms: dict[str, list[dict]] = {}
@@ -449,15 +529,25 @@ def main() -> int:
     def arm_fd(arm: str, budget: int) -> float:  # mean over the arm's training seeds
         return sum(r["fd"][budget] for r in arms[arm]) / len(arms[arm])
 
-    print(f"{'base samples':>12} {'train FLOPs':>12} " + " ".join(f"{n:>9}" for n in names)
-          + f" {'ul/kl-ae':>9}")  # fmt: skip
+    rate = "kl-ae-rate" in arms
+    print(f"{'base samples':>12} {'train FLOPs':>12} " + " ".join(f"{n:>10}" for n in names)
+          + f" {'ul/kl-ae':>9}" + (f" {'ul/rate':>8}" if rate else ""))  # fmt: skip
     for budget in setting.budgets:
         row = [r["fd"][budget] for r in results]  # the last row: mean over sample sets
         ratio = arm_fd("ul", budget) / arm_fd("kl-ae", budget)
+        extra = f" {arm_fd('ul', budget) / arm_fd('kl-ae-rate', budget):>8.2f}" if rate else ""
         print(f"{budget:>12} {budget * flops['ul']:>12.3e} "
-              + " ".join(f"{v:>9.2f}" for v in row) + f" {ratio:>9.2f}")  # fmt: skip
+              + " ".join(f"{v:>10.2f}" for v in row) + f" {ratio:>9.2f}" + extra)  # fmt: skip
     if any(len(members) > 1 for members in arms.values()):
         print("ul/kl-ae: ratio of the FDs averaged over the training seeds of each arm")
+    if any(r["class_accuracy"] for r in results):
+        print()
+        print("class accuracy of the guided samples (the metric's classifier):")
+        print(f"{'base samples':>12} " + " ".join(f"{n:>10}" for n in names))
+        for budget in setting.budgets:
+            print(f"{budget:>12} "
+                  + " ".join(f"{r['class_accuracy'].get(budget, math.nan):>10.3f}"
+                             for r in results))  # fmt: skip
     final = setting.budgets[-1]
     for r in results:
         seeds = ", ".join(f"{v:.2f}" for v in r["fd_seeds"])
@@ -468,13 +558,23 @@ def main() -> int:
         ]
         for arm, m in arms.items()
     }
-    path = args.plot or (DEFAULT_PLOT if not args.quick else sweep / "compute_efficiency.png")
+    default_plot = RESULTS_DIR / (
+        "compute_efficiency.png" if args.data == "photos" else f"compute_efficiency_{args.data}.png"
+    )
+    path = args.plot or (default_plot if not args.quick else sweep / "compute_efficiency.png")
     floors = {
         name: arms[name.split(" ")[0]][0]["rfd"] for name in series if not name.startswith("kl-ae@")
     }
-    plot(series, f"FD of guided samples vs base-model FLOPs ({mode})", path, floors)
+    title = f"FD ({metric_name}) of guided samples vs base-model FLOPs ({args.data}, {mode})"
+    plot(series, title, path, floors, metric_name)
     print(f"plot: {path}   total wall time {time.perf_counter() - t_start:.0f} s")
-    print(f"fd ratio ul/kl-ae at equal flops: {arm_fd('ul', final) / arm_fd('kl-ae', final):.2f}")
+    line = (
+        f"fd ratio ul/kl-ae at equal flops ({args.data}): "
+        f"{arm_fd('ul', final) / arm_fd('kl-ae', final):.2f}"
+    )
+    if rate:
+        line += f"; at matched rate: {arm_fd('ul', final) / arm_fd('kl-ae-rate', final):.2f}"
+    print(line)
     return 0
 
 

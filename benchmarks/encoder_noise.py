@@ -1,6 +1,6 @@
 """Claim 3 (UL paper ablation B): λ_z(0) = 10 instead of 5 breaks the bitrate estimate.
 
-Two stage-1 runs of gin/quickstart.gin that differ only in the log-SNR of the fixed encoder noise,
+Two stage-1 runs of the quickstart (`--data digits|photos`, benchmarks/_sweep.py) that differ only in the log-SNR of the fixed encoder noise,
 `stage1/stages.ul_joint.latent_logsnr_max` (5, the paper's, and 10). The paper reports bits/pixel
 0.008 and rFID 28.3 at 10: the rate estimate collapses and reconstructions degrade. Besides the
 final evaluation this prints what the encoder did (the scale of z_clean against the encoder noise
@@ -10,11 +10,13 @@ sigma_0) from the run's EMA weights, to see why.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/encoder_noise.py --quick   # smoke
 
 The full setting also trains λ_z(0) = 10 for 16384 samples (`--long-samples`), to see where its
-rate is heading, and splits each run's rate by log-SNR band of the prior's ELBO (where the bits go).
+rate is heading (`--long-both`: λ_z(0) = 5 as well, for a comparison at equal samples: needed
+where the learning rate decays over the run, as on digits, so a longer run is not a continuation), and splits each run's rate by log-SNR band of the prior's ELBO (where the bits go).
 
 Writes `encoder_noise.md` (tables), `encoder_noise.png` (training bits/pixel of every run) and
 `encoder_noise_recon_lz5.png` / `encoder_noise_recon_lz10.png` (inputs beside reconstructions,
-copied from the runs) into --out-dir.
+copied from the runs) into --out-dir (`encoder_noise_digits.*`, `encoder_noise_recon_lz*_digits.png`
+for --data digits).
 Last line: `lambda_z(0) 10 vs 5: bpp A vs B, psnr C vs D dB`.
 """
 
@@ -29,12 +31,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _plot import Series, xy_figure
-from _sweep import Result, Sweep, add_arguments, load_model, markdown_table, output_dir
+from _sweep import (
+    Result,
+    Sweep,
+    add_arguments,
+    artifact,
+    data_label,
+    load_model,
+    markdown_table,
+    output_dir,
+)
 
 LOSS_FACTOR = 3.0  # where the latent carries content at this scale (docs/results.md, claim 1)
 BIAS = 2.0
 LONG_SAMPLES = (16384,)  # a longer λ_z(0) = 10 run: is its rate still falling?
-PIXELS = 32 * 32  # H·W of the quickstart's crops
+PIXELS = 32 * 32  # H·W of the quickstarts' images
 LATENT_LOGSNRS = (5.0, 10.0)
 LATENT_KEY = "stage1/stages.ul_joint.latent_logsnr_max"
 BANDS = ((-15.0, -5.0), (-5.0, 0.0), (0.0, 5.0), (5.0, 10.0))  # log-SNR bands of the rate split
@@ -111,16 +122,22 @@ def main() -> int:
         default=None,
         help="also train λ_z(0) = 10 for these many samples (default: 16384 in the full setting)",
     )
+    p.add_argument(
+        "--long-both",
+        action="store_true",
+        help="train λ_z(0) = 5 for the --long-samples as well (a comparison at equal samples)",
+    )
     args = p.parse_args()
     sweep = Sweep.from_args(args)
     if args.long_samples is None:
         args.long_samples = [] if args.quick else list(LONG_SAMPLES)
     out_dir = output_dir(args)
 
-    print(f"encoder noise λ_z(0) in {LATENT_LOGSNRS}: {sweep.budget}", flush=True)
+    print(f"encoder noise λ_z(0) in {LATENT_LOGSNRS} on {args.data}: {sweep.budget}", flush=True)
     runs: dict[tuple[float, int], Result] = {}
     for samples in (sweep.budget.train_samples, *args.long_samples):
-        for lz in LATENT_LOGSNRS if samples == sweep.budget.train_samples else LATENT_LOGSNRS[1:]:
+        both = samples == sweep.budget.train_samples or args.long_both
+        for lz in LATENT_LOGSNRS if both else LATENT_LOGSNRS[1:]:
             settings: dict[str, float] = {"LOSS_FACTOR": args.loss_factor}
             settings["weightings.sigmoid.bias"] = args.bias
             if lz != 5.0:  # 5 is the quickstart's: the same run as the other benchmarks'
@@ -161,10 +178,10 @@ def main() -> int:
         band_rows,
     )  # fmt: skip
     text = (
-        table + "\nWhere the prior spends the rate (nats per 32x32 crop, by log-SNR band of its "
-        "diffusion ELBO; 8 uniform λ per crop and band):\n\n" + band_table
+        table + "\nWhere the prior spends the rate (nats per 32x32 image, by log-SNR band of its "
+        "diffusion ELBO; 8 uniform λ per image and band):\n\n" + band_table
     )  # fmt: skip
-    (out_dir / "encoder_noise.md").write_text(text)
+    (out_dir / artifact(args, "encoder_noise.md")).write_text(text)
     xy_figure(
         [
             Series(
@@ -174,23 +191,33 @@ def main() -> int:
             )
             for (lz, samples), r in runs.items()
         ],
-        f"training bits/pixel, c_lf {args.loss_factor:g}, b {args.bias:g} (log scale)",
+        f"training bits/pixel, {data_label(args)}, c_lf {args.loss_factor:g}, b {args.bias:g} "
+        "(log scale)",
         "samples seen",
         "bits/pixel",
         logy=True,
         legend="upper right",
-    ).save(out_dir / "encoder_noise.png")
+    ).save(out_dir / artifact(args, "encoder_noise.png"))
     for lz, r in results.items():
         images = sorted((r.workdir / "stages" / "stage1" / "images").glob("reconstructions-*.png"))
         if images:
-            shutil.copyfile(images[-1], out_dir / f"encoder_noise_recon_lz{lz:g}.png")
+            shutil.copyfile(
+                images[-1], out_dir / artifact(args, f"encoder_noise_recon_lz{lz:g}.png")
+            )
 
     print()
     print(text)
-    print(f"wrote {out_dir}/encoder_noise.md, encoder_noise.png, encoder_noise_recon_lz*.png")
+    print(f"wrote {out_dir}/{artifact(args, 'encoder_noise.md')} and the plots beside it")
+    for samples in args.long_samples:
+        if (LATENT_LOGSNRS[0], samples) in runs:
+            lo, hi = runs[LATENT_LOGSNRS[0], samples], runs[LATENT_LOGSNRS[1], samples]
+            print(
+                f"at {samples} samples: bpp {hi.bits_per_pixel:.4f} vs {lo.bits_per_pixel:.4f}, "
+                f"psnr {hi.psnr:.2f} vs {lo.psnr:.2f} dB"
+            )
     low, high = results[LATENT_LOGSNRS[0]], results[LATENT_LOGSNRS[1]]
     print(
-        f"lambda_z(0) 10 vs 5: bpp {high.bits_per_pixel:.4f} vs {low.bits_per_pixel:.4f}, "
+        f"lambda_z(0) 10 vs 5 ({args.data}): bpp {high.bits_per_pixel:.4f} vs {low.bits_per_pixel:.4f}, "
         f"psnr {high.psnr:.2f} vs {low.psnr:.2f} dB"
     )
     return 0

@@ -1,7 +1,8 @@
 """Claim 1 (UL paper Table 2): raising the loss factor c_lf raises both bits/pixel and PSNR.
 
-Stage 1 of gin/quickstart.gin (embedded photographs, 32x32) at c_lf in {1.3, 1.5, 1.7, 1.9, 2.1}
-and a fixed sigmoid bias b, one run each (benchmarks/_sweep.py: runs are reused by name across the
+Stage 1 of the quickstart (`--data digits`, the default: gin/quickstart.gin, handwritten digits;
+`--data photos`: gin/quickstart_photos.gin, photo crops; both 32x32) at c_lf in
+{1.3, 1.5, 1.7, 1.9, 2.1} and a fixed sigmoid bias b, one run each (benchmarks/_sweep.py: runs are reused by name across the
 claim benchmarks). The final evaluation (EMA weights, `eval_batches` x 16 held-out crops, 32 t per
 example for the rate) gives bits/pixel, PSNR and SSIM. The full setting also trains
 c_lf 1.7 and 3.0 with another seed: the seed-to-seed spread is the noise the differences are read
@@ -11,7 +12,8 @@ against. c_lf 3 and 5 (beyond the paper's range) are trained too and shown, outs
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lf_sweep.py --quick    # smoke: c_lf 1.7, 3
 
 Writes `lf_sweep.md` (tables), `lf_sweep.png` (bits/pixel vs PSNR) and `lf_sweep_training.png`
-(training bits/pixel against samples seen, one curve per c_lf) into --out-dir.
+(training bits/pixel against samples seen, one curve per c_lf) into --out-dir (`lf_sweep_digits.*`
+for --data digits).
 Last line: `lf sweep monotone: yes|no (bpp ..., psnr ...)`.
 """
 
@@ -24,7 +26,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _plot import Series, xy_figure
-from _sweep import Result, Sweep, add_arguments, markdown_table, monotone, output_dir
+from _sweep import (
+    Result,
+    Sweep,
+    add_arguments,
+    artifact,
+    data_label,
+    markdown_table,
+    monotone,
+    output_dir,
+)
 
 from ulframe_plugins.hooks.tensorboard import rate_distortion_figure
 
@@ -66,7 +77,7 @@ def main() -> int:
     )
     out_dir = output_dir(args)
 
-    print(f"loss factor sweep at bias {args.bias:g}: {sweep.budget}", flush=True)
+    print(f"loss factor sweep at bias {args.bias:g} on {args.data}: {sweep.budget}", flush=True)
     results = [sweep.run({"LOSS_FACTOR": c, "weightings.sigmoid.bias": args.bias}) for c in factors]
     extra_c = (
         args.extra_loss_factors
@@ -120,13 +131,15 @@ def main() -> int:
                 ("c_lf", "bits/pixel", "bpp range", "PSNR (dB)", "PSNR range (dB)"), noise_rows
             )
         )
-    (out_dir / "lf_sweep.md").write_text(table + noise)
+    names = {n: artifact(args, n) for n in ("lf_sweep.md", "lf_sweep.png", "lf_sweep_training.png")}
+    (out_dir / names["lf_sweep.md"]).write_text(table + noise)
     all_c, all_r = [*factors, *extra_c], [*results, *extra]
     figure = rate_distortion_figure(
         [(r.bits_per_pixel, r.psnr, f"c={c:g}") for c, r in zip(all_c, all_r, strict=True)],
-        title=f"loss factor sweep (bias {args.bias:g}, {sweep.budget.train_samples} samples)",
+        title=f"loss factor sweep, {data_label(args)} (bias {args.bias:g}, "
+        f"{sweep.budget.train_samples} samples)",
     )
-    figure.save(out_dir / "lf_sweep.png")
+    figure.save(out_dir / names["lf_sweep.png"])
     xy_figure(
         [
             Series(f"c_lf = {c:g}", training_curve(r), markers=False)
@@ -137,16 +150,16 @@ def main() -> int:
         "bits/pixel",
         logy=True,
         legend="upper right",
-    ).save(out_dir / "lf_sweep_training.png")
+    ).save(out_dir / names["lf_sweep_training.png"])
     print()
     print(table + noise)
-    print(f"wrote {out_dir}/lf_sweep.md, lf_sweep.png, lf_sweep_training.png")
+    print(f"wrote {', '.join(str(out_dir / n) for n in names.values())}")
     print(f"training wall time of these runs: {sweep.total_train_s() / 60:.1f} min")
     bpps = [r.bits_per_pixel for r in results]
     psnrs = [r.psnr for r in results]
     verdict = "yes" if monotone(bpps) and monotone(psnrs) else "no"
     print(
-        f"lf sweep monotone: {verdict} (bpp {', '.join(f'{b:.4f}' for b in bpps)}, "
+        f"lf sweep monotone ({args.data}): {verdict} (bpp {', '.join(f'{b:.4f}' for b in bpps)}, "
         f"psnr {', '.join(f'{q:.2f}' for q in psnrs)})"
     )
     return 0

@@ -1,7 +1,7 @@
 """Claim 4 (UL paper Table 5): at the same reconstruction quality a diffusion prior needs fewer
 bits than a Normal prior.
 
-Two loss-factor sweeps of stage 1 of gin/quickstart.gin: the diffusion prior (`priors.vit`, the
+Two loss-factor sweeps of stage 1 of the quickstart (`--data digits|photos`, benchmarks/_sweep.py): the diffusion prior (`priors.vit`, the
 quickstart's) and the Normal prior N(0, I) (`priors.normal`: the same objective with a network
 that predicts v = 0, so the prior loss is KL(q(z_0|x) || N(0, I)); plugins/networks/normal_prior.py).
 Each sweep gives a bits/pixel–PSNR curve; bits/pixel of each curve is interpolated (linearly
@@ -11,7 +11,8 @@ between neighbouring runs, in PSNR) at a PSNR both curves reach.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/normal_vs_diffusion.py --quick   # smoke
 
 The diffusion sweep shares its runs with lf_sweep.py (same overrides, same runs).
-Writes `normal_vs_diffusion.md` and `normal_vs_diffusion.png` into --out-dir.
+Writes `normal_vs_diffusion.md` and `normal_vs_diffusion.png` into --out-dir (`*_digits.*` for
+--data digits).
 Last line: `bpp at psnr X dB: diffusion A, normal B (ratio B/A)`.
 """
 
@@ -25,7 +26,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _plot import Series, xy_figure
-from _sweep import Result, Sweep, add_arguments, interpolate, markdown_table, output_dir
+from _sweep import (
+    Result,
+    Sweep,
+    add_arguments,
+    artifact,
+    data_label,
+    interpolate,
+    markdown_table,
+    output_dir,
+)
 
 BIAS = 2.0
 DIFFUSION_LOSS_FACTORS = (1.3, 1.5, 1.7, 1.9, 2.1, 3.0, 5.0)
@@ -34,7 +44,7 @@ QUICK_DIFFUSION = (3.0, 5.0)
 QUICK_NORMAL = (0.3, 1.7)
 NORMAL = "@priors.normal"
 PRIOR_KEY = "stage1/stages.ul_joint.prior"
-LATENT_DIMS_PER_PIXEL = 4 * 8 * 8 / (32 * 32)  # the quickstart's 4x8x8 latent of 32x32 images
+LATENT_DIMS_PER_PIXEL = 4 * 8 * 8 / (32 * 32)  # the quickstarts' 4x8x8 latent of 32x32 images
 
 
 def normal_prior_floor_bpp(latent_logsnr_max: float = 5.0) -> float:
@@ -72,7 +82,9 @@ def main() -> int:
     norm_c = args.normal_loss_factors or (QUICK_NORMAL if args.quick else NORMAL_LOSS_FACTORS)
     out_dir = output_dir(args)
 
-    print(f"diffusion vs Normal prior, bias {args.bias:g}: {sweep.budget}", flush=True)
+    print(
+        f"diffusion vs Normal prior on {args.data}, bias {args.bias:g}: {sweep.budget}", flush=True
+    )
     diffusion = [
         sweep.run({"LOSS_FACTOR": c, "weightings.sigmoid.bias": args.bias}) for c in diff_c
     ]
@@ -105,7 +117,8 @@ def main() -> int:
         "\n" + where
         + f"The Normal prior's floor (a latent that carries nothing) is {floor:.4f} bits/pixel.\n"
     )  # fmt: skip
-    (out_dir / "normal_vs_diffusion.md").write_text(table + summary)
+    names = {n: artifact(args, n) for n in ("normal_vs_diffusion.md", "normal_vs_diffusion.png")}
+    (out_dir / names["normal_vs_diffusion.md"]).write_text(table + summary)
     xy_figure(
         [
             Series(
@@ -119,20 +132,22 @@ def main() -> int:
                 [f"c={c:g}" for c in norm_c],
             ),
         ],
-        f"diffusion vs Normal prior (bias {args.bias:g}, {sweep.budget.train_samples} samples; "
-        "dashed: Normal floor)",
+        f"diffusion vs Normal prior, {data_label(args)} (bias {args.bias:g}, "
+        f"{sweep.budget.train_samples} samples; dashed: Normal floor)",
         "bits/pixel (log scale)",
         "PSNR (dB)",
         logx=True,
         vlines=[(floor, "Normal floor")],
         hlines=[] if math.isnan(psnr) else [(psnr, f"compared at {psnr:.2f} dB")],
-    ).save(out_dir / "normal_vs_diffusion.png")
+    ).save(out_dir / names["normal_vs_diffusion.png"])
 
     print()
     print(table + summary)
-    print(f"wrote {out_dir}/normal_vs_diffusion.md and normal_vs_diffusion.png")
+    print(f"wrote {', '.join(str(out_dir / n) for n in names.values())}")
     print(f"training wall time of these runs: {sweep.total_train_s() / 60:.1f} min")
-    print(f"bpp at psnr {psnr:.2f} dB: diffusion {a:.4f}, normal {b:.4f} (ratio {b / a:.2f})")
+    print(
+        f"bpp at psnr {psnr:.2f} dB ({args.data}): diffusion {a:.4f}, normal {b:.4f} (ratio {b / a:.2f})"
+    )
     return 0
 
 

@@ -9,22 +9,22 @@ warm-up and is dropped), and each is reported as the median over rounds of its m
 
 - ``ulframe train_stage``: the real path. ``ulframe.train.loop.train_stage`` runs a ``ULJoint``
   stage (``ULJoint.build`` -> ``ULJointModel``) for ``steps * batch_size`` samples with no hooks
-  but a start timestamp, logging and intermediate evaluations/checkpoints off. The loop has no
-  single-step function, so the timed window runs from the ``ulframe_after_build`` hook (the
-  networks, optimizer, EMA and data loader are built) to the moment the loop calls the stage's
-  final ``evaluate`` (replaced by a timestamp: evaluation is not per-step work). It includes the
-  loop's data pipeline (torchdata: sampler, decode = an index into preloaded examples, batching,
-  a prefetch thread), per-step reseeding from (seed, rank, samples seen), the learning-rate
-  update, the autocast context, forward, backward, gradient clipping, AdamW, the EMA update and
-  the accumulation of the logged metrics. The fixed cost of a ``train_stage`` call (building,
-  first example, final checkpoint) is reported separately.
+  but a start timestamp, logging and intermediate evaluations/checkpoints off. The timed window
+  runs from the ``ulframe_after_build`` hook (the networks, optimizer, EMA and data loader are
+  built) to the moment the loop calls the stage's final ``evaluate`` (replaced by a timestamp:
+  evaluation is not per-step work). It includes the loop's data pipeline (torchdata: sampler,
+  decode = an index into preloaded examples, batching, a prefetch thread) and every call of
+  ``train_step`` (per-step reseeding from (seed, rank, samples seen), the learning-rate update,
+  the autocast context, forward, backward, gradient clipping, the skip check, AdamW, the EMA
+  update) and the accumulation of the logged metrics. The fixed cost of a ``train_stage`` call
+  (building, first example, final checkpoint) is reported separately.
 - ``plain PyTorch``: a hand-written loop over the same modules: preloaded batches, one
   generator, the UL loss written inline with torch only (docs/method.md, "Stage 1"), AdamW,
   clipping, the same warm-up of the learning rate and an EMA of the weights
   (``torch._foreach_lerp_``).
-- ``ulframe step, no loader``: ``ULJointModel`` and the loop's per-step calls re-enacted by hand
-  (same order as ``train_stage``'s loop body) on the preloaded batches: it separates the cost of
-  the data pipeline from that of the model, loss record, seeding and EMA.
+- ``ulframe step, no loader``: the loop's own step function, ``ulframe.train.loop.train_step``
+  (on a ``Trainer`` built as ``train_stage`` builds it), called on the preloaded batches: it
+  separates the cost of the data pipeline from that of the model, loss record, seeding and EMA.
 
 Before timing, the inline loss is checked against ``ULJointModel`` (same weights, same
 generator): the three variants compute the same objective. Two clocks are reported: wall-clock
@@ -57,8 +57,7 @@ from ulframe.hookspecs import RunInfo, hookimpl, plugin_manager
 from ulframe.protocols import BuildContext, EvalReport
 from ulframe.rundir import MetricsFile
 from ulframe.train.distributed import World, pick_device
-from ulframe.train.loop import RunContext, seed_for, train_stage
-from ulframe.train.optim import EMA
+from ulframe.train.loop import RunContext, Trainer, seed_for, train_stage, train_step
 from ulframe.train.settings import TrainSettings
 from ulframe_plugins.datasets.photos import Photos
 from ulframe_plugins.networks.decoders import UViTDecoder
@@ -274,36 +273,21 @@ class Bench:
         return window / self.steps
 
     def ulframe_step_no_loader(self, round_index: int) -> Clock:
-        """The loop body of train_stage, re-enacted on preloaded batches (see module docstring)."""
+        """`ulframe.train.loop.train_step` (the loop's own step) on preloaded batches."""
         settings = make_stage(self.size, self.batch_size, self.steps).train
-        model = copy.deepcopy(self.initial)
-        ema = EMA(model, settings.ema_halflife_samples)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = settings.build_optimizer(params)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=False)
+        world = World(0, 1, 0, self.device)
+        trainer = Trainer.build(copy.deepcopy(self.initial), settings, world, SEED)
+        trainer.wrapped.train()
         sums: dict[str, Tensor] = {}
         samples_seen = 0
         t0 = Clock.now(self.device)
         for step in range(self.steps):
             cpu_batch = self.batches[step % len(self.batches)]
             batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu_batch.items()}
-            seed = seed_for(SEED, 0, samples_seen)
-            torch.manual_seed(seed)
-            generator = torch.Generator(self.device).manual_seed(seed)
-            for group in opt.param_groups:
-                group["lr"] = settings.lr_at(samples_seen)
-            model.train()
-            with autocast:
-                terms = model(batch, generator)
-            loss = terms.total_nats().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
-            ema.update(model, settings.batch_size)
+            result = train_step(trainer, batch, samples_seen)
             samples_seen += settings.batch_size
-            for k, v in (terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}).items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            for k, v in result.scalars.items():  # what the loop accumulates for its log
+                sums[k] = sums.get(k, 0.0) + v.float()
         return (Clock.now(self.device) - t0) / self.steps
 
     def plain(self, round_index: int) -> Clock:

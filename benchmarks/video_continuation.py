@@ -228,6 +228,8 @@ def main() -> int:
         path = save_gif(shown[:16].flatten(0, 1), args.gif, ncols=6)
         print(f"gif: {path} (per clip: true, continued with its label, copy-last)")
     print(f"total {time.perf_counter() - t_start:.0f} s")
+    blank_ratio = mse["model, clip label"] / mse["blank frame"]
+    print(f"continuation mse ratio model/blank: {blank_ratio:.2f}")
     ratio = mse["model, clip label"] / mse["copy last context frame"]
     print(f"continuation mse ratio model/copy-last: {ratio:.2f}")
     return 0

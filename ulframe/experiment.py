@@ -17,7 +17,7 @@ class Experiment:
     """What to run, in order.
 
     Args:
-        stages: stage objects (`@stage1/stages.ul_joint()`, ...), run in order; each stage's
+        stages: stage objects (`@stage1/stages.NAME()`, ...), run in order; each stage's
             `name` is its folder under `workdir/stages/`, so names must differ.
         dataset: the dataset object (`@datasets.photos()`); stages measure shapes from it.
         hooks: lifecycle plugins (`@hooks.console()`, `@hooks.tensorboard()`).

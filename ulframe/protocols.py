@@ -17,7 +17,8 @@ Call signatures (one per role):
 - schedules:  factory(logsnr_min, logsnr_max, resolution, **hyper) -> schedule
 - datasets:   factory(**hyper) -> dataset;  dataset.source(split) -> Source (plain, picklable)
 - stages:     factory(**hyper) -> stage (see `Stage`)
-- samplers:   sampler(eps_fn, x_1, logsnrs, generator=None) -> x_0   (a plain function)
+- samplers:   sampler(eps_fn, x_1, logsnrs, generator=None, clip_x=None, final="x_hat") -> x
+              (a plain function; final="state": the chain's state at the last grid point)
 - metrics:    factory(**hyper) -> metric;  metric(reference, estimate) -> dict[str, float]
 - hooks:      factory(**hyper) -> object with pluggy hook implementations (see hookspecs.py)
 
@@ -27,7 +28,7 @@ Shapes: images are (B, C, H, W), videos (B, C, T, H, W); `logsnr` is (B,).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, runtime_checkable
@@ -97,6 +98,45 @@ class LossTerms(Protocol):
     def metrics(self) -> dict[str, Tensor]: ...
 
 
+@runtime_checkable
+class LatentModel(Protocol):
+    """The hand-off between stages: a finished stage's model whose latents a later stage models.
+
+    UL: the stage-1 model (encoder, prior, decoder) under the base model of stage 2; a KL
+    autoencoder implements it as well. What the later stage needs, and nothing more:
+
+    - `latent_shape`: (Cz, *s), the shape of one latent.
+    - `latent_logsnr_max`: λ_max of the later stage's diffusion over the latents (UL: λ_z(0) = 5,
+      the encoding noise the decoder was trained on).
+    - `noisy_latent`: True when `decode_latents` takes the latent *at* λ = `latent_logsnr_max`
+      (UL: z_0): the later stage's sampling chain hands over its own state there
+      (`sampler(..., final="state")`, UL paper Algorithm 2). False when it takes a clean latent
+      (an autoencoder): the chain hands over its clean estimate at its last grid point.
+    - `encode_clean(x)`: x (B, C, *S) -> the clean latent (B, *latent_shape), float32,
+      deterministic (what the later stage models and caches).
+    - `decode_latents(z, generator, sampler, steps)`: latents (B, *latent_shape) -> data
+      (B, C, *S) in [-1, 1] (UL: the diffusion decoder run with `sampler` for `steps` steps; an
+      autoencoder: its deterministic decoder, `sampler` and `steps` unused).
+    - `latent_state()`: the tensors `encode_clean` depends on (they key latent caches).
+    """
+
+    latent_shape: tuple[int, ...]
+    latent_logsnr_max: float
+    noisy_latent: bool
+
+    def encode_clean(self, x: Tensor) -> Tensor: ...
+
+    def decode_latents(
+        self,
+        z: Tensor,
+        generator: torch.Generator | None,
+        sampler: Callable[..., Tensor],
+        steps: int,
+    ) -> Tensor: ...
+
+    def latent_state(self) -> dict[str, Tensor]: ...
+
+
 @dataclass
 class BuildContext:
     """What a stage may know when it builds its networks: facts measured from the data."""
@@ -138,6 +178,52 @@ class Stage(Protocol):
         batches: Sequence[dict[str, Tensor]],
         generator: torch.Generator,
     ) -> EvalReport: ...
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How a sampling stage draws: its own defaults, or the command line's overrides."""
+
+    guidance: float  # classifier-free guidance scale (1: none)
+    steps: int  # sampler steps
+    continues: bool = False  # samples continue real examples, passed to `sample` as `context`
+    facts: dict[str, Any] = field(default_factory=dict)  # more to report (e.g. context length)
+
+
+@runtime_checkable
+class SamplingStage(Stage, Protocol):
+    """A stage that draws samples from its trained model (UL stage 2: end-to-end samples).
+
+    What `ulframe sample` and the sample metrics of `ulframe eval` call; the CLI knows nothing
+    else about a stage. Sampler, steps and guidance are the stage's own (`sample_settings`);
+    `guidance` and `steps` given to `sample` override them.
+
+    - `sample_labels(n, device, num_classes)`: n labels covering the classes in class order
+      (None without classes), for samples drawn "of every class".
+    - `sample_settings(model, guidance=None, steps=None)`: the settings `sample` uses with
+      these overrides (None: the stage's), and whether samples continue real examples.
+    - `sample(model, n, labels, guidance, generator, steps=None, context=None)`: n samples
+      (n, C, *S) in [-1, 1] from `model` (the stage's built module with its EMA weights);
+      `labels` (n,) or None (unconditional); `context` (n, C, *S) real examples the samples
+      continue, when `sample_settings(...).continues`.
+    """
+
+    def sample_labels(self, n: int, device: torch.device, num_classes: int) -> Tensor | None: ...
+
+    def sample_settings(
+        self, model: torch.nn.Module, guidance: float | None = None, steps: int | None = None
+    ) -> SampleSettings: ...
+
+    def sample(
+        self,
+        model: torch.nn.Module,
+        n: int,
+        labels: Tensor | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor: ...
 
 
 PROTOCOLS: dict[str, Any] = {

@@ -67,12 +67,14 @@ def prepare(workdir: Path) -> Path:
 
 # ---- atomic writes -----------------------------------------------------------------------------
 @contextlib.contextmanager
-def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
+def replacing(path: Path, durable: bool = False, unique: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path` (fsynced if `durable`).
 
     On any error the temporary file is removed; a full disk becomes `DiskFullError(path)`.
+    `unique`: the temporary file is named after this process (`NAME.<pid>.tmp`), for files
+    several processes may write at once (each renames a whole file into place).
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if unique else f"{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
@@ -97,8 +99,9 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
-def write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
-    with replacing(path, durable) as tmp:
+def write_bytes(path: Path, data: bytes, durable: bool = False, unique: bool = False) -> None:
+    """Write `data` to `path` atomically (see `replacing`)."""
+    with replacing(path, durable, unique) as tmp:
         tmp.write_bytes(data)
 
 

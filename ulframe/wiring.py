@@ -674,3 +674,20 @@ def _selector_called(name: str, obj: str) -> str:
         if f"{_registered[s].__module__}.{getattr(_registered[s], '__qualname__', '')}" in obj
     ]  # fmt: skip
     return (exact or found or [name])[0]
+
+
+# ---- one call for the commands -----------------------------------------------------------------
+def load(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> Registry:
+    """Discover plugins, register them, parse files and overrides and check them (required
+    bindings, value types) before any constructor runs; the registry."""
+    registry = Registry()
+    register(registry)
+    parse(files, bindings)
+    check_required()
+    check_values()
+    return registry
+
+
+def experiment() -> Any:
+    """The configured `Experiment` (gin calls every constructor it references)."""
+    return call(configured(f"{ENGINE_MODULE}.Experiment"))

@@ -13,10 +13,10 @@ the grey channel for networks or metrics that want RGB.
 
 Split: fixed and stratified. Within each class the digits are ordered by a seeded permutation
 (:data:`SPLIT_SEED`, fixed so that the split never changes with ``Experiment.seed``) and every
-:data:`EVAL_EVERY`-th goes to ``eval``: 360 eval digits (36 per class), 1,437 train digits.
+:data:`EVAL_EVERY`-th goes to ``eval``: 364 eval digits (36 or 37 per class), 1,433 train digits.
 No eval digit is ever trained on, by the stage networks or by the judge.
 
-A train epoch is the 1,437 train digits (the loader reshuffles them each epoch); no augmentation.
+A train epoch is the 1,433 train digits (the loader reshuffles them each epoch); no augmentation.
 Examples are ``{"x": float32 (channels, R, R) in [-1, 1], "label": int}``.
 """
 
@@ -77,7 +77,9 @@ def resize_digit(image: np.ndarray, resolution: int) -> np.ndarray:
     """An (8, 8) digit in [0, 1] at (resolution, resolution), bilinear, still in [0, 1]."""
     if image.shape == (resolution, resolution):
         return image
-    resized = Image.fromarray(image, mode="F").resize((resolution, resolution), Image.BILINEAR)
+    resized = Image.fromarray(image, mode="F").resize(
+        (resolution, resolution), Image.Resampling.BILINEAR
+    )
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 

@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,7 @@ class FDDigits(FeatureFrechetMetric):
     def __init__(self, weights_path: str | None = None, batch_size: int = 256) -> None:
         self.weights_path = weights_path
         self.batch_size = batch_size
+        self.network: Any
         self.network, self.meta = load_digit_judge(weights_path)
 
     def embed(self, x: Tensor) -> Tensor:

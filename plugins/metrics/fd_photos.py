@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,7 @@ class FDPhotos(FeatureFrechetMetric):
     def __init__(self, weights_path: str | None = None, batch_size: int = 256) -> None:
         self.weights_path = weights_path
         self.batch_size = batch_size
+        self.network: Any
         self.network, self.meta = load_photo_net(weights_path, "metrics.fd_photos.weights_path")
         self.resolution = int(self.meta.get("resolution", RESOLUTION))
 

@@ -12,6 +12,7 @@ untrained denoiser predicts ``v = 0`` (the networks predict velocity, not noise)
 """
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ def conv_nd(
     padding: int | tuple[int, ...] = 0,
 ) -> nn.Module:
     """A ``ndim``-dimensional convolution (Conv1d / Conv2d / Conv3d)."""
-    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    convs: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
     if ndim not in convs:
         raise ConfigError(f"conv_nd supports 1 to 3 spatial dims, got {ndim}")
     return convs[ndim](in_channels, out_channels, kernel_size, stride=stride, padding=padding)
@@ -241,7 +242,7 @@ class LogSNREmbedding(nn.Module):
         freqs = math.pi * LOGSNR_MAX_FREQUENCY**exponent  # (F/2,)
         angles = (logsnr.float() / LOGSNR_SCALE)[:, None] * freqs[None, :]  # (B, F/2)
         features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (B, F)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (B, dim)
+        return self.mlp(features.to(next(self.mlp.parameters()).dtype))  # (B, dim)
 
 
 def sincos_position_embedding(

@@ -8,6 +8,7 @@ level, so it is registered under its own kind (``ulframe.ae_decoders``, protocol
 """
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ class ConvDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.stem(z)  # (B, C_last, *grid)
         for i, stage in enumerate(self.stages):
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):
                 h = block(h)  # (B, C_i, *S_i)
             if i < len(self.upsamplers):
                 h = self.upsamplers[i](h)  # (B, C_{i-1}, *S_i * factor)

@@ -1,6 +1,7 @@
 """Diffusion decoder D: v_hat(x_t, logsnr, z_0) in pixel space (U-ViT), a velocity prediction."""
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,7 @@ class UViTDecoder(nn.Module):
         h = self.stem(space_to_depth(x_t, self.patch))  # (B, C0, *S / patch)
         skips = []
         for stage, down in zip(self.down_stages, self.downsamplers, strict=True):
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):
                 h = block(h, emb)  # (B, C_i, *S_i)
             skips.append(h)
             h = down(h)  # (B, C_i, *S_i / factor_i)
@@ -185,7 +186,7 @@ class UViTDecoder(nn.Module):
 
         for up, stage in zip(self.upsamplers, self.up_stages, strict=True):
             h = torch.cat([up(h), skips.pop()], dim=1)  # (B, C + C_i, *S_i)
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):
                 h = block(h, emb)  # (B, C_i, *S_i)
         h = self.out_conv(F.silu(self.out_norm(h)))  # (B, C * prod(patch), *S / patch)
         return depth_to_space(h, self.patch)  # (B, C, *S)

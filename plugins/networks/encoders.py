@@ -1,6 +1,7 @@
 """Deterministic UL encoder E: ``z_clean = E(x)`` (paper section Architectures)."""
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,7 @@ class ResNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(space_to_depth(x, self.patch))  # (B, C0, *S / patch)
         for i, stage in enumerate(self.stages):
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):
                 h = block(h)  # (B, C_i, *S_i)
             if i < len(self.downsamplers):
                 h = self.downsamplers[i](h)  # (B, C_i, *S_i / factor_i)

@@ -17,13 +17,14 @@ up to a constant, so the record's terms are nats up to that constant. `logvar` i
 [-30, 20] as in SD. With β = 1e-6 the latent is nearly unregularised: its scale is whatever the
 encoder makes it, and its KL (reported as `bits_per_pixel` = KL / (ln 2 · H · W)) is large.
 
-The latent a base model sees (the stage-1 latent interface of `stages.ul_base`, documented
-there): `encode_clean(x) = mean(x) · s`, the posterior mean scaled to unit variance as SD does
+The latent a base model sees (the hand-off between stages, `ulframe.protocols.LatentModel`,
+documented there): `encode_clean(x) = mean(x) · s`, the posterior mean scaled to unit variance as SD does
 before its latent diffusion model (SD: `scale_factor = 1 / std` of the first batch's latents).
 Here `s = 1 / sqrt(latent_var)`, where the buffer `latent_var` is a running average of the
 variance of `mean` over the training batches (half-life `latent_stats_halflife_samples`), so the
 scale travels with the weights in every checkpoint. `decode_latents(z) = D(z / s)`, clipped to
-[-1, 1]: no noise is added and no sampler is run. `latent_logsnr_max` is where a base model on
+[-1, 1]: no noise is added and no sampler is run (`noisy_latent = False`: a base model hands
+over its clean estimate, not its chain's state). `latent_logsnr_max` is where a base model on
 these latents stops its diffusion (the stage-1 loss does not use it); see docs/method.md,
 "KL autoencoder baseline".
 
@@ -45,7 +46,8 @@ from torch import Tensor, nn
 
 from ulframe.diffusion import BatchNoise
 from ulframe.errors import ConfigError
-from ulframe.eval.metrics import psnr, ssim
+from ulframe.eval.batches import Measured, evaluate_batches
+from ulframe.eval.metrics import bits_per_pixel, psnr
 from ulframe.protocols import BuildContext, EvalReport, check_built
 from ulframe.train.settings import TrainSettings
 
@@ -73,7 +75,7 @@ class KLAETerms:
             "reconstruction_nats": self.reconstruction_nats.mean(),
             "kl_nats": self.kl_nats.mean(),
             "total_nats": self.total_nats().mean(),
-            "bits_per_pixel": self.kl_nats.mean() / (math.log(2) * self.pixels),
+            "bits_per_pixel": bits_per_pixel(self.kl_nats.mean(), self.pixels),
         }
         if self.psnr is not None:
             out["psnr"] = self.psnr.mean()
@@ -95,9 +97,12 @@ def kl_diagonal_gaussian_nats(mean: Tensor, logvar: Tensor) -> Tensor:
 class KLAEModel(nn.Module):
     """Encoder and deterministic decoder; `forward(batch, noise)` is the KL autoencoder loss.
 
-    Also implements the stage-1 latent interface of `stages.ul_base` (`encode_clean`,
-    `decode_latents`, `latent_state`, `latent_logsnr_max`).
+    Also implements the hand-off to a later stage (`ulframe.protocols.LatentModel`:
+    `encode_clean`, `decode_latents`, `latent_state`, `latent_shape`, `latent_logsnr_max`).
     """
+
+    latent_var: Tensor
+    latent_stats_samples: Tensor
 
     def __init__(
         self,
@@ -108,6 +113,7 @@ class KLAEModel(nn.Module):
         latent_logsnr_max: float,
         pixels: int,
         latent_stats_halflife_samples: int,
+        latent_shape: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -117,6 +123,7 @@ class KLAEModel(nn.Module):
         self.latent_logsnr_max = latent_logsnr_max
         self.pixels = pixels
         self.latent_stats_halflife_samples = latent_stats_halflife_samples
+        self.latent_shape = tuple(latent_shape)  # (Cz, *s)
         # Running variance of the posterior mean over training batches (1 until the first one).
         self.register_buffer("latent_var", torch.ones(()))
         self.register_buffer("latent_stats_samples", torch.zeros((), dtype=torch.long))
@@ -159,7 +166,9 @@ class KLAEModel(nn.Module):
             psnr(x, x_hat.detach()),
         )
 
-    # -- the stage-1 latent interface of stages.ul_base ----------------------------------------
+    # -- the hand-off to a later stage (ulframe.protocols.LatentModel) ---------------------------
+    noisy_latent = False  # decode_latents takes the clean latent: the base model's clean estimate
+
     @torch.no_grad()
     def encode_clean(self, x: Tensor) -> Tensor:
         """The latent a base model models: the posterior mean at unit variance, (B, Cz, *s)."""
@@ -248,7 +257,7 @@ class KLAutoencoder:
         )
         return KLAEModel(
             encoder, decoder, self.reconstruction, self.kl_weight, self.latent_logsnr_max,
-            math.prod(shape[1:]), self.latent_stats_halflife_samples,
+            math.prod(shape[1:]), self.latent_stats_halflife_samples, self.latent_shape,
         )  # fmt: skip
 
     def train_source(self, source: Any) -> Any:
@@ -261,34 +270,22 @@ class KLAutoencoder:
     ) -> EvalReport:
         """Loss terms, bits/pixel of the KL, PSNR and SSIM of D(mean), latent statistics."""
         assert isinstance(model, KLAEModel)
-        sums: dict[str, float] = {}
-        n = 0
-        shown: list[Tensor] = []
-        latents: list[Tensor] = []
-        for batch in batches:
+
+        def measure(batch: dict[str, Tensor]) -> Measured:
             x = batch["x"]
-            b = x.shape[0]
             values = {k: float(v) for k, v in model(batch, generator).metrics().items()}
-            values.pop("psnr", None)  # of a posterior sample; reported below for the mean
+            values.pop("psnr", None)  # of a posterior sample; reported for the mean instead
             mean, logvar = model.posterior(x)
-            x_hat = model.decoder(mean).float().clamp(-1, 1)
-            values["psnr"] = float(psnr(x, x_hat).mean())
-            if x.dim() == 4:  # images: structural similarity too
-                values["ssim"] = float(ssim(x, x_hat).mean())
             values["latent_std"] = float(mean.std())
             values["posterior_logsnr"] = float(mean.var().log() - logvar.exp().mean().log())
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * b
-            n += b
-            if sum(len(s) for s in shown) < 2 * self.eval_images:
-                k = min(b, self.eval_images)
-                shown.append(torch.stack([x[:k], x_hat[:k]], 1).flatten(0, 1))  # input, recon
-                latents.append(mean[:k] * model.latent_scale())
-        scalars = {k: v / max(n, 1) for k, v in sums.items()}
-        scalars["latent_scale"] = float(model.latent_scale())
+            x_hat = model.decoder(mean).float().clamp(-1, 1)
+            return Measured(values, x_hat, {"latents": mean * model.latent_scale()})
+
+        result = evaluate_batches(batches, measure, pairs=self.eval_images)
+        scalars = result.scalars | {"latent_scale": float(model.latent_scale())}
         images: dict[str, Tensor] = {}
-        if shown:
-            images["reconstructions"] = torch.cat(shown)[: 2 * self.eval_images]
+        if result.pairs is not None:
+            images["reconstructions"] = result.pairs
             if len(self.latent_shape) == 3:  # (Cz, h, w): latent channels of the inputs shown
-                images["latents"] = torch.cat(latents)[: self.eval_images]
+                images["latents"] = result.shown["latents"]
         return EvalReport(scalars, images)

@@ -1,8 +1,9 @@
 """End-to-end sampling of Unified Latents (UL paper, Algorithm 2) with classifier-free guidance.
 
-    z_clean ~ base model, from z_1 ~ N(0, I) at λ_min up to λ_max = λ_z(0) = 5 (its x_hat there)
-    z_0     = alpha(5) z_clean + sigma(5) eps            (the encoding noise of stage 1)
-    x       ~ decoder, from x_1 ~ N(0, I), conditioned on z_0
+    z_0 ~ base model: its chain from z_1 ~ N(0, I) at λ_min down to λ_max = λ_z(0) = 5; the
+          chain's own state there is z_0, a sample of the noisy latent the decoder was trained
+          on (`sampler(..., final="state")`), not its clean estimate noised again
+    x   ~ decoder, from x_1 ~ N(0, I), conditioned on z_0
 
 Guidance (Ho & Salimans 2022): ``eps = eps_uncond + w (eps_cond - eps_uncond)``, applied only
 where λ lies in ``interval`` (the conditional prediction elsewhere). ``w = 1`` is the
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ulframe.diffusion import diffuse, expand_like, logsnr_grid
+from ulframe.diffusion import expand_like, logsnr_grid
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -60,16 +61,10 @@ def sample_latents(
     generator: torch.Generator | None,
     guidance: float = 1.0,
     interval: tuple[float, float] | None = None,
+    final: str = "state",
 ) -> Tensor:
-    """Run the base model's sampler from ``z_1`` along its schedule: z_clean at λ_max, shape of z_1."""
+    """Run the base model's sampler from ``z_1`` along its schedule, shape of z_1: the chain's
+    state at λ_max (``final="state"``: UL's z_0) or its clean estimate there (``"x_hat"``)."""
     grid = logsnr_grid(schedule, steps).to(z_1.device, z_1.dtype)  # type: ignore[arg-type]
     eps_fn = guided_eps_fn(eps_cond, eps_uncond, guidance, interval)
-    return sampler(eps_fn, z_1, grid, generator=generator)
-
-
-@torch.no_grad()
-def noisy_latent(z_clean: Tensor, logsnr_max: float, generator: torch.Generator | None) -> Tensor:
-    """z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps, as the stage-1 encoder's output."""
-    logsnr_0 = torch.full((z_clean.shape[0],), logsnr_max, device=z_clean.device)
-    eps = torch.randn(z_clean.shape, generator=generator, device=z_clean.device)
-    return diffuse(z_clean, logsnr_0, eps)
+    return sampler(eps_fn, z_1, grid, generator=generator, final=final)

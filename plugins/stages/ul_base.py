@@ -15,50 +15,33 @@ The network predicts v, as in stage 1 (`eps_from_v`).
 The stage-1 model comes from the stage named `source_stage` (its folder in `ctx.previous`): the
 stage object `stage1` (gin: `stage2/stages.ul_base.stage1 = @stage1/stages.ul_joint()`, the same
 scoped configuration as the first stage, so the same networks) is built again and its EMA
-weights are loaded from the newest checkpoint. Encoder and decoder (and the stage-1 prior) are
-frozen: `requires_grad=False`, kept in eval mode even when the loop calls `.train()`; only the
-base model's parameters are trainable.
+weights are loaded from the newest checkpoint (`ulframe.train.checkpoint.load_stage_ema`).
+Encoder and decoder (and the stage-1 prior) are frozen: `requires_grad=False`, kept in eval mode
+even when the loop calls `.train()`; only the base model's parameters are trainable.
 
-Latent cache (`cache_latents=True`): the train split is encoded once into
-`stage_dir/latent_cache/latents-<key>.pt`, key = SHA-256 of the encoder's weights and of the
-pickled train Source (its items and settings), so a cache of another encoder or dataset is never
-used. The file is written to a temporary name, fsynced and renamed; a marker
-`latents-<key>.json` with the file's SHA-256 is written last. A file without a valid marker (a
-run killed mid-write) is rebuilt. Training then reads `{"z": (Cz, h, w), "label"}` examples from
-memory (`LatentSource`); the training loop asks the stage for it through the optional
-`train_source(source)` method. Random augmentation inside the dataset's decode is frozen by the
-cache (one draw per item). The key covers the Source's configuration (paths, crop boxes,
-resolution), not the bytes of files it reads: replacing an image file in place is not noticed.
-With several processes every rank encodes and renames the same file into place (safe, but the
-work is repeated).
+Stage 1 is reached only through the hand-off between stages (`ulframe.protocols.LatentModel`:
+`encode_clean`, `decode_latents`, `latent_state`, `latent_shape`, `latent_logsnr_max`,
+`noisy_latent`), which `ULJointModel` and the KL autoencoder baseline (`stages.kl_ae`) implement
+themselves. With `cache_latents` the train split is encoded once (`latent_cache.py`); the loop
+trains on the stage's `train_source(source)`.
 
-Stage 1 is reached only through the stage-1 latent interface (`LatentModel`, below): any stage-1
-model that implements `encode_clean`, `decode_latents`, `latent_state` and `latent_logsnr_max`
-can sit under a base model. The KL autoencoder baseline (`stages.kl_ae`) implements it itself; a
-UL stage-1 model (`ULJointModel`) is adapted by `ULJointLatents` (z_0 = alpha(λ_z(0)) z_clean +
-sigma(λ_z(0)) eps, then the diffusion decoder), which draws exactly what this stage drew before
-the interface existed, so UL's samples, losses and cache keys are unchanged.
+End-to-end samples (UL paper Algorithm 2, `sampling.py`): the base model's chain runs from
+z_1 ~ N(0, I) to λ_max, and its state there (UL: z_0) goes to the stage-1 decoder as it is.
 
 Evaluation reports `base_nats` (the weighted loss), `bits_per_pixel_base` (the unweighted ELBO
 of z_clean under the base model, `eval_t_per_example` t per example, plus KL(q(z_1)||N(0,I)),
 divided by ln 2 · H · W: the bitrate bound of UL paper Table 5, "bpd with base model") and a grid
-of end-to-end samples (`sampling.py`).
+of end-to-end samples.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import math
-import os
-import pickle
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,106 +54,30 @@ from ulframe.diffusion import (
     elbo_term_nats,
     eps_from_v,
     kl_standard_normal_nats,
-    logsnr_grid,
     sample_ddim,
     stratified_t,
 )
 from ulframe.errors import ConfigError
-from ulframe.protocols import BuildContext, EvalReport, check_built
-from ulframe.train import checkpoint
+from ulframe.eval.batches import Measured, evaluate_batches
+from ulframe.eval.metrics import bits_per_pixel
+from ulframe.protocols import BuildContext, EvalReport, LatentModel, SampleSettings, check_built
+from ulframe.train.checkpoint import load_stage_ema
 from ulframe.train.settings import TrainSettings
 
-from .sampling import noisy_latent, sample_latents
+from . import latent_cache
+from .sampling import sample_latents
 
 log = logging.getLogger(__name__)
-CACHE_DIR = "latent_cache"
-CACHE_FORMAT = 2  # bump when the cache layout changes: old caches get another key
-STALE_TMP_S = 600.0  # a temporary cache file this old was left by a killed run
 
 
-# ------------------------------------------------------------------------------ stage-1 latents
-@runtime_checkable
-class LatentModel(Protocol):
-    """What a base model needs of a stage-1 model: the stage-1 latent interface.
-
-    - `latent_logsnr_max`: λ_max of the base model's diffusion (UL: λ_z(0) = 5, the encoding
-      noise the decoder was trained on).
-    - `encode_clean(x)`: x (B, C, *S) -> z_clean (B, Cz, *s) float32, the latent the base
-      model models (deterministic).
-    - `decode_latents(z_clean, generator, sampler, steps)`: z_clean (B, Cz, *s) -> images
-      (B, C, *S) in [-1, 1] (UL: add the encoding noise, run the diffusion decoder with
-      `sampler` for `steps` steps; an autoencoder: its deterministic decoder).
-    - `latent_state()`: the tensors `encode_clean` depends on (keys the latent cache).
-    """
-
-    latent_logsnr_max: float
-
-    def encode_clean(self, x: Tensor) -> Tensor: ...
-
-    def decode_latents(
-        self,
-        z_clean: Tensor,
-        generator: torch.Generator | None,
-        sampler: Callable[..., Tensor],
-        steps: int,
-    ) -> Tensor: ...
-
-    def latent_state(self) -> dict[str, Tensor]: ...
-
-
-class ULJointLatents:
-    """The stage-1 latent interface of a UL stage-1 model (`ULJointModel`: encoder, decoder_eps,
-    decoder_schedule, latent_logsnr_max); `image_shape` (C, *S) sizes the decoder's x_1."""
-
-    def __init__(self, model: nn.Module, image_shape: Sequence[int]) -> None:
-        self.model = model
-        self.image_shape = tuple(image_shape)
-        self.latent_logsnr_max = float(model.latent_logsnr_max)
-
-    @torch.no_grad()
-    def encode_clean(self, x: Tensor) -> Tensor:
-        """z_clean = E(x) of the frozen encoder, float32."""
-        return self.model.encoder(x).float()
-
-    @torch.no_grad()
-    def decode_latents(
-        self,
-        z_clean: Tensor,
-        generator: torch.Generator | None,
-        sampler: Callable[..., Tensor],
-        steps: int,
-    ) -> Tensor:
-        """z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps; the decoder from x_1 ~ N(0, I)."""
-        z_0 = noisy_latent(z_clean, self.latent_logsnr_max, generator)
-        x_1 = torch.randn(
-            (z_clean.shape[0], *self.image_shape), generator=generator, device=z_clean.device
-        )
-        grid = logsnr_grid(self.model.decoder_schedule, steps).to(z_clean.device, torch.float32)
-        return sampler(
-            lambda x_t, logsnr: self.model.decoder_eps(x_t, logsnr, z_0),
-            x_1,
-            grid,
-            generator=generator,
-            clip_x=1.0,
-        )
-
-    def latent_state(self) -> dict[str, Tensor]:
-        return self.model.encoder.state_dict()
-
-
-UL_STAGE1_ATTRIBUTES = ("encoder", "decoder_eps", "decoder_schedule", "latent_logsnr_max")
-
-
-def latent_model(stage1: nn.Module, image_shape: Sequence[int]) -> LatentModel:
-    """`stage1` itself when it implements `LatentModel`, a UL model adapted, else ConfigError."""
+def latent_model(stage1: nn.Module) -> LatentModel:
+    """`stage1` when it implements the hand-off (`LatentModel`), else ConfigError."""
     if isinstance(stage1, LatentModel):
         return stage1
-    if all(hasattr(stage1, a) for a in UL_STAGE1_ATTRIBUTES):
-        return ULJointLatents(stage1, image_shape)
     raise ConfigError(
-        f"ul_base.stage1 built a {type(stage1).__name__}, which does not provide the stage-1 "
-        "latent interface (latent_logsnr_max, encode_clean, decode_latents, latent_state; "
-        "see plugins/stages/ul_base.py, LatentModel)"
+        f"ul_base.stage1 built a {type(stage1).__name__}, which does not provide the hand-off "
+        "between stages (ulframe.protocols.LatentModel: latent_shape, latent_logsnr_max, "
+        "noisy_latent, encode_clean, decode_latents, latent_state)"
     )
 
 
@@ -192,7 +99,7 @@ class ULBaseTerms:
             "base_nats": self.base_nats.mean(),
             "total_nats": self.total_nats().mean(),
             "elbo_nats_base": self.elbo_nats.mean(),
-            "bits_per_pixel_base": self.elbo_nats.mean() / (math.log(2) * self.pixels),
+            "bits_per_pixel_base": bits_per_pixel(self.elbo_nats.mean(), self.pixels),
         }
 
 
@@ -226,8 +133,8 @@ class ULBaseModel(nn.Module):
         self.context_frames = context_frames
 
     def latents(self) -> LatentModel:
-        """The stage-1 latent interface of the frozen stage-1 model."""
-        return latent_model(self.stage1, self.image_shape)
+        """The frozen stage-1 model, as the hand-off between stages."""
+        return latent_model(self.stage1)
 
     def train(self, mode: bool = True) -> ULBaseModel:
         """Only the base model changes mode: the frozen stage-1 networks stay in eval mode."""
@@ -329,7 +236,7 @@ class ULBaseModel(nn.Module):
         total = torch.zeros(b, device=z_clean.device)
         for k in range(num_t):
             total += self.terms(z_clean, label, t[:, k], generator, context)[1] / num_t
-        return (total + self.kl1(z_clean)) / (math.log(2) * self.pixels)
+        return bits_per_pixel(total + self.kl1(z_clean), self.pixels)
 
     @torch.no_grad()
     def sample(
@@ -369,11 +276,16 @@ class ULBaseModel(nn.Module):
         def eps_uncond(z_t: Tensor, logsnr: Tensor) -> Tensor:
             return self.base_eps(z_t, logsnr, null, z_context)
 
+        latents = self.latents()
         z_1 = torch.randn((n, *self.latent_shape), generator=generator, device=device)
-        z_clean = sample_latents(
-            eps_cond, eps_uncond, z_1, self.schedule, sampler, steps, generator, guidance, interval
-        )
-        x = self.latents().decode_latents(z_clean, generator, sampler, decoder_steps or steps)
+        # UL: the chain's own state at λ_max = λ_z(0) is z_0 (Algorithm 2); an autoencoder
+        # decodes the chain's clean estimate there.
+        final = "state" if latents.noisy_latent else "x_hat"
+        z = sample_latents(
+            eps_cond, eps_uncond, z_1, self.schedule, sampler, steps, generator, guidance,
+            interval, final,
+        )  # fmt: skip
+        x = latents.decode_latents(z, generator, sampler, decoder_steps or steps)
         if context is not None and self.context_frames:
             x[:, :, : self.context_frames] = context[:, :, : self.context_frames].to(x.dtype)
         return x
@@ -382,155 +294,12 @@ class ULBaseModel(nn.Module):
 def context_clip(x: Tensor, frames: int) -> Tensor:
     """Clips (B, C, T, H, W) cut to their first `frames` frames, the last repeated to T."""
     if x.dim() != 5 or not 0 < frames < x.shape[2]:
-        raise ValueError(f"context of {frames} frames needs clips (B, C, T > {frames}, H, W)")
+        raise ConfigError(
+            f"ul_base.context_frames={frames} needs clips (B, C, T > {frames}, H, W); "
+            f"got {tuple(x.shape)}"
+        )
     last = x[:, :, frames - 1 : frames].expand(-1, -1, x.shape[2] - frames, -1, -1)
     return torch.cat([x[:, :, :frames], last], 2)
-
-
-# ------------------------------------------------------------------------------ stage 1 weights
-def checkpoint_dir(stage_dir: Path) -> Path:
-    """Where a stage's checkpoints are (single process: checkpoints/, else checkpoints/rank0)."""
-    directory = stage_dir / "checkpoints"
-    if not checkpoint.list_checkpoints(directory) and (directory / "rank0").is_dir():
-        return directory / "rank0"
-    return directory
-
-
-def load_stage_ema(stage: Any, ctx: BuildContext, stage_dir: Path) -> nn.Module:
-    """Build `stage`'s module as it was built in its own run and load its newest EMA weights."""
-    sub = BuildContext(ctx.example, ctx.num_classes, ctx.device, stage_dir, dict(ctx.previous))
-    model = stage.build(sub)
-    state = checkpoint.load_latest(checkpoint_dir(stage_dir), map_location="cpu")
-    if state is None:
-        raise ConfigError(
-            f"stage '{stage.name}' at {stage_dir} has no valid checkpoint to load its EMA weights from"
-        )
-    model.load_state_dict(state["ema"])
-    return model
-
-
-# ------------------------------------------------------------------------------ latent cache
-class LatentSource:
-    """In-memory Source of cached latents: items are indices, decode gives {"z", "label"}
-    (and "context", the latent of the clip's first frames, when the stage conditions on them)."""
-
-    def __init__(self, z: Tensor, labels: Tensor, context: Tensor | None = None) -> None:
-        self.z = z
-        self.labels = labels
-        self.context = context
-        self.items = list(range(z.shape[0]))
-
-    def decode(self, item: int) -> dict[str, Any]:
-        example = {"z": self.z[item], "label": int(self.labels[item])}
-        if self.context is not None:
-            example["context"] = self.context[item]
-        return example
-
-
-def cache_key(
-    encoder: nn.Module | Mapping[str, Tensor], source: Any, context_frames: int = 0
-) -> str:
-    """SHA-256 of the encoder's weights (a module or the `latent_state()` of a stage-1 model),
-    the context length and the Source (pickled; repr if unpicklable)."""
-    h = hashlib.sha256(f"ulframe-latent-cache-{CACHE_FORMAT}-{context_frames}".encode())
-    state = encoder.state_dict() if isinstance(encoder, nn.Module) else encoder
-    for name, value in sorted(state.items()):
-        h.update(name.encode())
-        h.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    try:
-        h.update(pickle.dumps(source, protocol=4))
-    except Exception:  # an unpicklable Source: its type and repr
-        h.update(f"{type(source).__qualname__}:{source!r}".encode())
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_cache(directory: Path, key: str) -> dict[str, Tensor] | None:
-    """The cached {"z", "label"[, "context"]} for `key`, or None when absent, unfinished or
-    corrupt."""
-    data_path, marker = directory / f"latents-{key}.pt", directory / f"latents-{key}.json"
-    if not (data_path.is_file() and marker.is_file()):
-        return None
-    try:
-        meta = json.loads(marker.read_text())
-        data = data_path.read_bytes()
-        if meta.get("key") != key or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            return None
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if not {"z", "label"} <= state.keys():
-            return None
-        return dict(state)
-    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError):
-        return None
-
-
-def write_cache(directory: Path, key: str, latents: dict[str, Tensor]) -> Path:
-    """Write the cache atomically: data (temp + rename), then the completion marker."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for old in directory.glob("latents-*"):
-        if old.name.endswith(".tmp"):  # another writer's, or left by a killed run
-            if now - old.stat().st_mtime > STALE_TMP_S:
-                old.unlink(missing_ok=True)
-        elif not old.name.startswith(f"latents-{key}."):  # another key: stale
-            old.unlink(missing_ok=True)
-    buf = io.BytesIO()
-    torch.save(latents, buf)
-    data = buf.getvalue()
-    path = directory / f"latents-{key}.pt"
-    _atomic_write(path, data)
-    count = int(latents["z"].shape[0])
-    meta = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "count": count}
-    _atomic_write(directory / f"latents-{key}.json", json.dumps(meta).encode())
-    return path
-
-
-@torch.no_grad()
-def encode_source(
-    encoder: Callable[[Tensor], Tensor],
-    source: Any,
-    device: torch.device,
-    batch_size: int = 64,
-    context_frames: int = 0,
-) -> dict[str, Tensor]:
-    """{"z": encoder(x) (N, Cz, *s) float32, "label": (N,)} of every readable item of `source`,
-    on CPU (`encoder`: a module or a stage-1 model's `encode_clean`); with `context_frames` also
-    "context", the latents of the clips' first frames."""
-    zs: list[Tensor] = []
-    contexts: list[Tensor] = []
-    labels: list[int] = []
-    pending: list[Tensor] = []
-
-    def flush() -> None:
-        if pending:
-            x = torch.stack(pending).to(device)
-            zs.append(encoder(x).float().cpu())
-            if context_frames:
-                contexts.append(encoder(context_clip(x, context_frames)).float().cpu())
-            pending.clear()
-
-    for item in source.items:
-        example = source.decode(item)
-        if example is None:
-            continue
-        pending.append(example["x"])
-        labels.append(int(example.get("label", 0)))
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    out = {"z": torch.cat(zs), "label": torch.tensor(labels, dtype=torch.long)}
-    if context_frames:
-        out["context"] = torch.cat(contexts)
-    return out
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -595,6 +364,12 @@ class ULBase:
             raise ConfigError(
                 f"ul_base.guidance_interval must be (lo, hi), got {guidance_interval}"
             )
+        if sample_steps < 1:
+            raise ConfigError(f"ul_base.sample_steps must be >= 1, got {sample_steps}")
+        if decoder_sample_steps is not None and decoder_sample_steps < 1:
+            raise ConfigError(
+                f"ul_base.decoder_sample_steps must be >= 1 (or None), got {decoder_sample_steps}"
+            )
         self.stage1 = stage1
         self.base_factory = base
         self.train = train
@@ -608,7 +383,11 @@ class ULBase:
         self.sample_steps = sample_steps
         self.decoder_sample_steps = decoder_sample_steps
         self.guidance_scale = guidance_scale
-        self.guidance_interval = tuple(guidance_interval) if guidance_interval else None
+        self.guidance_interval: tuple[float, float] | None = (
+            (float(guidance_interval[0]), float(guidance_interval[1]))
+            if guidance_interval
+            else None
+        )
         self.eval_t_per_example = eval_t_per_example
         self.eval_images = eval_images
         self.context_frames = context_frames
@@ -624,7 +403,7 @@ class ULBase:
             )
         stage1 = load_stage_ema(self.stage1, ctx, ctx.previous[self.source_stage])
         image_shape = tuple(ctx.example["x"].shape)
-        latents = latent_model(stage1, image_shape)
+        latents = latent_model(stage1)
         if self.context_frames and not (
             len(image_shape) == 4 and self.context_frames < image_shape[1]
         ):
@@ -632,8 +411,7 @@ class ULBase:
                 f"ul_base.context_frames={self.context_frames} needs video clips (C, T, H, W) "
                 f"with more than {self.context_frames} frames; the data gives {image_shape}"
             )
-        with torch.no_grad():
-            latent_shape = tuple(latents.encode_clean(ctx.example["x"][None].float()).shape[1:])
+        latent_shape = tuple(latents.latent_shape)
         extra = {"context_channels": latent_shape[0]} if self.context_frames else {}
         base = check_built(
             "priors",
@@ -656,21 +434,24 @@ class ULBase:
             return source
         if self._model is None or self._stage_dir is None:
             raise RuntimeError("ul_base.train_source is called after build")
-        latents = self._model.latents()
-        key = cache_key(latents.latent_state(), source, self.context_frames)
-        directory = self._stage_dir / CACHE_DIR
-        cached = read_cache(directory, key)
+        model = self._model
+        latents = model.latents()
+        key = latent_cache.cache_key(latents.latent_state(), source, self.context_frames)
+        directory = self._stage_dir / latent_cache.CACHE_DIR
+        cached = latent_cache.read_cache(directory, key)
         if cached is None:
-            device = next(self._model.stage1.parameters()).device
+            device = next(model.stage1.parameters()).device
             log.info("stage %s: encoding the train split into %s", self.name, directory)
-            cached = encode_source(
-                latents.encode_clean, source, device, context_frames=self.context_frames
+            context = model.encode_context if self.context_frames else None
+            cached = latent_cache.encode_source(
+                latents.encode_clean, source, device, context=context
             )
-            write_cache(directory, key, cached)
+            latent_cache.write_cache(directory, key, cached)
         else:
             log.info("stage %s: %d cached latents from %s", self.name, len(cached["z"]), directory)
-        return LatentSource(cached["z"], cached["label"], cached.get("context"))
+        return latent_cache.LatentSource(cached["z"], cached["label"], cached.get("context"))
 
+    # -- sampling (ulframe.protocols.SamplingStage) ---------------------------------------------
     def sample_labels(self, n: int, device: torch.device, num_classes: int) -> Tensor | None:
         """n labels covering the classes evenly, in class order (so a grid of n = k *
         num_classes samples with k columns shows one class per row); None without classes."""
@@ -678,40 +459,72 @@ class ULBase:
             return None
         return torch.arange(n, device=device) * num_classes // max(n, 1)
 
+    def sample_settings(
+        self, model: nn.Module, guidance: float | None = None, steps: int | None = None
+    ) -> SampleSettings:
+        """The guidance and base-model steps `sample` uses; clips continue real clips when the
+        model conditions on their first frames."""
+        assert isinstance(model, ULBaseModel)
+        frames = model.context_frames
+        return SampleSettings(
+            guidance=self.guidance_scale if guidance is None else guidance,
+            steps=self.sample_steps if steps is None else steps,
+            continues=bool(frames),
+            facts={"context_frames": frames} if frames else {},
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: nn.Module,
+        n: int,
+        labels: Tensor | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """n end-to-end samples (Algorithm 2) with the stage's sampler; `steps` (None: the
+        stage's `sample_steps` and `decoder_sample_steps`) sets the base model's and the
+        decoder's steps, `guidance` (None: `guidance_scale`) the guidance scale."""
+        assert isinstance(model, ULBaseModel)
+        if generator is None:
+            generator = torch.Generator(next(model.parameters()).device)
+        return model.sample(
+            n, generator, labels, self.sampler,
+            self.sample_steps if steps is None else steps,
+            self.decoder_sample_steps if steps is None else steps,
+            self.guidance_scale if guidance is None else guidance,
+            self.guidance_interval, context,
+        )  # fmt: skip
+
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator
     ) -> EvalReport:
         """Weighted loss, bits/pixel under the base model, and a grid of end-to-end samples."""
         assert isinstance(model, ULBaseModel)
-        sums: dict[str, float] = {}
-        n = 0
-        for batch in batches:
-            b = next(iter(batch.values())).shape[0]
+
+        def measure(batch: dict[str, Tensor]) -> Measured:
             terms = model(batch, generator)
             values = {"base_nats": float(terms.base_nats.mean())}
             values["bits_per_pixel_base"] = float(
                 model.bits_per_pixel(batch, generator, self.eval_t_per_example).mean()
             )
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * b
-            n += b
-        scalars = {k: v / max(n, 1) for k, v in sums.items()}
+            return Measured(values)
+
+        scalars = evaluate_batches(batches, measure).scalars
         images: dict[str, Tensor] = {}
         if self.eval_images > 0:
             device = next(model.parameters()).device
             context = None
             if model.context_frames:  # continue real clips of the eval split
-                clips = torch.cat([b["x"] for b in batches if "x" in b])[: self.eval_images]
-                context = clips
+                context = torch.cat([b["x"] for b in batches if "x" in b])[: self.eval_images]
             count = self.eval_images if context is None else len(context)
             labels = self.sample_labels(count, device, model.num_classes)
             if context is not None and "label" in batches[0]:
                 labels = torch.cat([b["label"] for b in batches])[:count].to(device)
-            samples = model.sample(
-                count, generator, labels, self.sampler, self.sample_steps,
-                self.decoder_sample_steps, self.guidance_scale, self.guidance_interval, context,
-            )  # fmt: skip
+            samples = self.sample(model, count, labels, generator=generator, context=context)
             if context is None:
                 images["samples"] = samples
             else:  # each real clip, then its continuation

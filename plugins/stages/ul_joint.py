@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from ulframe.diffusion import (
     ELBOWeighting,
     ShiftedCosineSchedule,
     SigmoidWeighting,
+    Weighting,
     diffuse,
     elbo_term_nats,
     eps_from_v,
@@ -48,7 +49,8 @@ from ulframe.diffusion import (
     stratified_t,
 )
 from ulframe.errors import ConfigError
-from ulframe.eval.metrics import psnr, ssim
+from ulframe.eval.batches import Measured, evaluate_batches
+from ulframe.eval.metrics import bits_per_pixel
 from ulframe.protocols import BuildContext, EvalReport, check_built
 from ulframe.train.settings import TrainSettings
 
@@ -81,7 +83,7 @@ class ULJointTerms:
             "prior_kl1_nats": self.prior_kl1_nats.mean(),
             "decoder_nats": self.decoder_nats.mean(),
             "total_nats": self.total_nats().mean(),
-            "bits_per_pixel": self.prior_nats.mean() / (math.log(2) * self.pixels),
+            "bits_per_pixel": bits_per_pixel(self.prior_nats.mean(), self.pixels),
         }
         if self.crossing_logsnr is not None:
             out["crossing_logsnr"] = torch.tensor(self.crossing_logsnr)
@@ -112,6 +114,8 @@ class ULJointModel(nn.Module):
         loss_factor: float,
         latent_logsnr_max: float,
         pixels: int,
+        image_shape: Sequence[int] = (),
+        latent_shape: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -123,6 +127,8 @@ class ULJointModel(nn.Module):
         self.register_buffer("loss_factor", torch.tensor(float(loss_factor), dtype=torch.float32))
         self.latent_logsnr_max = latent_logsnr_max
         self.pixels = pixels
+        self.image_shape = tuple(image_shape)  # (C, *S)
+        self.latent_shape = tuple(latent_shape)  # (Cz, *s)
         self._crossing_key: tuple[int, int] | None = None  # (id, version) of the buffer seen
         self._crossing: float | None = None
         self.register_load_state_dict_pre_hook(_default_loss_factor)
@@ -208,7 +214,7 @@ class ULJointModel(nn.Module):
         for k in range(num_t):
             diffusion, kl1 = self.prior_terms(z_clean, t[:, k], generator)
             total += diffusion / num_t
-        return (total + kl1) / (math.log(2) * self.pixels)
+        return bits_per_pixel(total + kl1, self.pixels)
 
     @torch.no_grad()
     def reconstruct(
@@ -216,39 +222,58 @@ class ULJointModel(nn.Module):
     ) -> Tensor:
         """Encode, draw z_0, and sample the decoder from pure noise: x_hat, shape of x."""
         _, z_0 = self.encode(x, generator)
-        x_1 = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        grid = logsnr_grid(self.decoder_schedule, steps).to(x.device, torch.float32)
+        return self.decode_latents(z_0, generator, sampler, steps)
+
+    @torch.no_grad()
+    def sample_latents(
+        self, n: int, generator: torch.Generator, sampler: Callable[..., Tensor], steps: int
+    ) -> Tensor:
+        """n latents z_0 drawn from the stage-1 prior: the prior chain's own state at λ_z(0)
+        (UL paper, Algorithm 2; not its clean estimate noised again), (n, Cz, *s)."""
+        device = next(self.parameters()).device
+        z_1 = torch.randn((n, *self.latent_shape), generator=generator, device=device)
+        grid = logsnr_grid(self.prior_schedule, steps).to(device, torch.float32)
+        return sampler(self.prior_eps, z_1, grid, generator=generator, final="state")
+
+    # -- the hand-off to a later stage (ulframe.protocols.LatentModel) ---------------------------
+    noisy_latent = True  # decode_latents takes z_0, the latent at λ_z(0)
+
+    @torch.no_grad()
+    def encode_clean(self, x: Tensor) -> Tensor:
+        """z_clean = E(x), float32: the latent a base model models."""
+        return self.encoder(x).float()
+
+    @torch.no_grad()
+    def decode_latents(
+        self,
+        z_0: Tensor,
+        generator: torch.Generator | None,
+        sampler: Callable[..., Tensor],
+        steps: int,
+    ) -> Tensor:
+        """The diffusion decoder conditioned on z_0 (the latent at λ_z(0)), sampled from
+        x_1 ~ N(0, I) with `sampler` for `steps` steps: (B, C, *S), x_hat clipped to [-1, 1]."""
+        if not self.image_shape:
+            raise ValueError("ULJointModel.decode_latents needs the model's image_shape")
+        x_1 = torch.randn((z_0.shape[0], *self.image_shape), generator=generator, device=z_0.device)
+        grid = logsnr_grid(self.decoder_schedule, steps).to(z_0.device, torch.float32)
 
         def eps_fn(x_t: Tensor, logsnr: Tensor) -> Tensor:
             return self.decoder_eps(x_t, logsnr, z_0)
 
         return sampler(eps_fn, x_1, grid, generator=generator, clip_x=1.0)
 
-    @torch.no_grad()
-    def sample_latents(
-        self,
-        n: int,
-        latent_shape: Sequence[int],
-        generator: torch.Generator,
-        sampler: Callable[..., Tensor],
-        steps: int,
-    ) -> Tensor:
-        """z_0 drawn from the stage-1 prior, from λ_min up to λ_z(0)."""
-        device = next(self.parameters()).device
-        z_1 = torch.randn((n, *latent_shape), generator=generator, device=device)
-        grid = logsnr_grid(self.prior_schedule, steps).to(device, torch.float32)
-        z_clean = sampler(self.prior_eps, z_1, grid, generator=generator)
-        logsnr_0 = torch.full((n,), self.latent_logsnr_max, device=device)
-        return diffuse(
-            z_clean, logsnr_0, torch.randn(z_clean.shape, generator=generator, device=device)
-        )
+    def latent_state(self) -> dict[str, Tensor]:
+        """What `encode_clean` depends on: the encoder's weights (keys the latent cache)."""
+        return self.encoder.state_dict()
 
 
 def _default_loss_factor(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
     """Load-state-dict pre-hook: a state dict without `loss_factor` keeps the module's value."""
-    state_dict.setdefault(prefix + "loss_factor", module.loss_factor.detach().clone())
+    loss_factor = cast(Tensor, module.loss_factor)
+    state_dict.setdefault(prefix + "loss_factor", loss_factor.detach().clone())
 
 
 class ULJoint:
@@ -303,7 +328,9 @@ class ULJoint:
             decoder_weighting if decoder_weighting is not None else SigmoidWeighting(0.0)
         )
         prior_weighting = prior_weighting if prior_weighting is not None else ELBOWeighting()
-        if not is_elbo_weighting(prior_weighting, latent_logsnr_min, latent_logsnr_max):
+        if not is_elbo_weighting(
+            cast(Weighting, prior_weighting), latent_logsnr_min, latent_logsnr_max
+        ):
             raise ConfigError(
                 f"ul_joint.prior_weighting must be the ELBO weighting (w = 1), got {type(prior_weighting).__name__}: "
                 "with any other weighting the encoder can hide information at discounted noise levels "
@@ -313,6 +340,8 @@ class ULJoint:
             raise ConfigError(f"ul_joint.eval_t_per_example must be >= 1, got {eval_t_per_example}")
         if loss_factor <= 0:
             raise ConfigError(f"ul_joint.loss_factor must be positive, got {loss_factor}")
+        if sample_steps < 1:
+            raise ConfigError(f"ul_joint.sample_steps must be >= 1, got {sample_steps}")
         self.loss_factor = loss_factor
         self.latent_logsnr_max = latent_logsnr_max
         self.latent_logsnr_min = latent_logsnr_min
@@ -357,7 +386,7 @@ class ULJoint:
         pixels = math.prod(shape[1:])
         return ULJointModel(
             encoder, prior, decoder, prior_schedule, decoder_schedule, self.decoder_weighting,
-            self.loss_factor, self.latent_logsnr_max, pixels,
+            self.loss_factor, self.latent_logsnr_max, pixels, shape, self.latent_shape,
         )  # fmt: skip
 
     def train_source(self, source: Any) -> Any:
@@ -370,50 +399,27 @@ class ULJoint:
     ) -> EvalReport:
         """Bits/pixel (many t per example), loss terms, PSNR and SSIM of sampled reconstructions."""
         assert isinstance(model, ULJointModel)
-        sums: dict[str, float] = {}
-        n = 0
-        shown: list[Tensor] = []
-        for batch in batches:
+
+        def measure(batch: dict[str, Tensor]) -> Measured:
             x = batch["x"]
-            b = x.shape[0]
             terms = model(batch, generator)
             values = {k: float(v) for k, v in terms.metrics().items() if k != "bits_per_pixel"}
             values["bits_per_pixel"] = float(
                 model.bits_per_pixel(x, generator, self.eval_t_per_example).mean()
             )
-            x_hat = model.reconstruct(x, generator, self.sampler, self.sample_steps)
-            values["psnr"] = float(psnr(x, x_hat).mean())
-            if x.dim() == 4:  # images: structural similarity too
-                values["ssim"] = float(ssim(x, x_hat).mean())
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * b
-            n += b
-            if sum(len(s) for s in shown) < 2 * self.eval_images:
-                k = min(b, self.eval_images)
-                shown.append(
-                    torch.stack([x[:k], x_hat[:k].clamp(-1, 1)], 1).flatten(0, 1)
-                )  # input, recon, ...
-        scalars = {k: v / max(n, 1) for k, v in sums.items()}
+            return Measured(
+                values, model.reconstruct(x, generator, self.sampler, self.sample_steps)
+            )
+
+        result = evaluate_batches(batches, measure, pairs=self.eval_images)
         images: dict[str, Tensor] = {}
-        if shown:  # (N, C, H, W) images or (N, C, T, H, W) videos
-            images["reconstructions"] = torch.cat(shown)[: 2 * self.eval_images]
-            z_0 = model.sample_latents(
-                self.eval_images, self.latent_shape, generator, self.sampler, self.sample_steps
+        if result.pairs is not None:  # (N, C, H, W) images or (N, C, T, H, W) videos
+            images["reconstructions"] = result.pairs
+            z_0 = model.sample_latents(self.eval_images, generator, self.sampler, self.sample_steps)
+            images["prior_samples"] = model.decode_latents(
+                z_0, generator, self.sampler, self.sample_steps
             )
-            x_1 = torch.randn(
-                (self.eval_images, *x.shape[1:]), generator=generator, device=x.device
-            )
-            grid = logsnr_grid(model.decoder_schedule, self.sample_steps).to(
-                x.device, torch.float32
-            )
-            images["prior_samples"] = self.sampler(
-                lambda x_t, logsnr: model.decoder_eps(x_t, logsnr, z_0),
-                x_1,
-                grid,
-                generator=generator,
-                clip_x=1.0,
-            )
-            if len(self.latent_shape) == 3:  # (Cz, h, w): latent channels of the inputs shown
+            if len(model.latent_shape) == 3:  # (Cz, h, w): latent channels of the inputs shown
                 inputs = images["reconstructions"][0::2]
                 images["latents"] = model.encode(inputs, generator)[1]  # z_0
-        return EvalReport(scalars, images)
+        return EvalReport(result.scalars, images)

@@ -96,6 +96,7 @@ TINY_KWARGS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("metrics", "psnr"): {},
     ("metrics", "fd_photos"): {},  # the shipped weights
+    ("metrics", "fd_digits"): {},  # the shipped weights
     ("metrics", "fid_inception"): dict(input_size=75),  # + weights_path: random init, see below
     ("metrics", "fvd_i3d"): dict(input_size=16),  # + weights: a tiny TorchScript net, see below
 }

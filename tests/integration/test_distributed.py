@@ -128,8 +128,9 @@ def test_two_process_gloo_run(run_cli: RunCli, tmp_path: Path, tiny_run: list[st
     for part in ("model", "ema"):
         assert all(torch.equal(ranks[0][part][k], ranks[1][part][k]) for k in ranks[0][part])
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    # The last row: the unreadable files the stage skipped, summed over ranks.
     assert [(r["kind"], r["step"]) for r in records] == [
-        ("train", 1), ("eval", 1), ("train", 2), ("eval", 2),
+        ("train", 1), ("eval", 1), ("train", 2), ("eval", 2), ("data", 2),
     ]  # fmt: skip
     assert (
         json.loads((workdir / "stages" / "stage1" / "DONE.json").read_text())["samples_seen"] == 8

@@ -41,8 +41,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     assert first.returncode == 0, first.stderr[-3000:]
     records = (workdir / "metrics.jsonl").read_text().count("\n")
     again = run_cli("run", *config)
+    # The run directory describes itself: `sample WORKDIR` reads its config.gin (overrides
+    # included); `eval` keeps the older form that names the gin files and overrides.
     sample = run_cli(
-        "sample", *config, "-n", str(SAMPLES_N), "--class", str(CLASS), "--guidance", "2",
+        "sample", workdir, "-n", str(SAMPLES_N), "--class", str(CLASS), "--guidance", "2",
         "--steps", "2",
     )  # fmt: skip
     evaluation = run_cli("eval", *config, "--batches", "1", "--fd_samples", "8")
@@ -102,7 +104,8 @@ def test_sample_writes_png_and_npz(trained: Trained) -> None:
     out = trained.workdir / "samples"
     assert (out / "samples.png").is_file()
     data = np.load(out / "samples.npz")
-    assert data["images"].shape == (SAMPLES_N, 16, 16, 3) and data["images"].dtype == np.uint8
+    images = data["images"]  # (N, H, W, C) of the quickstart's data
+    assert images.shape[0] == SAMPLES_N and images.ndim == 4 and images.dtype == np.uint8
     assert data["labels"].tolist() == [CLASS] * SAMPLES_N
     assert float(data["guidance"]) == 2.0
     assert json.loads(done.stdout.strip().splitlines()[-1])["n"] == SAMPLES_N
@@ -119,7 +122,17 @@ def test_eval_prints_and_writes_the_json(trained: Trained) -> None:
     assert json.loads((trained.workdir / "eval.json").read_text()) == printed
 
 
+def test_next_line_names_the_workdir_alone(trained: Trained) -> None:
+    """The "next:" line of a run can be copied as it is: the workdir names its own config."""
+    (line,) = [ln for ln in trained.first.stderr.splitlines() if "next: " in ln]
+    commands = line.split("next: ", 1)[1]
+    assert commands == f"ulframe sample {trained.workdir} -n 16 && ulframe eval {trained.workdir}"
+
+
 def test_sample_and_eval_need_a_trained_workdir(tmp_path: Path) -> None:
     done = run_cli("eval", "gin/quickstart.gin", "--workdir", tmp_path / "nothing")
     assert done.returncode == 2
     assert "train it first" in done.stderr
+    done = run_cli("sample", tmp_path, "-n", "2")  # a folder that is no run: it says so
+    assert done.returncode == 2
+    assert "has no config.gin" in done.stderr

@@ -103,3 +103,47 @@ def test_export_writes_the_ema_of_the_newest_valid_checkpoint(tmp_path: Path) ->
         assert set(f.keys()) == {"w", "b"}
     code = cli.main(["export", str(tmp_path / "run"), "--stage", "nope", "--out", str(out)])
     assert code == cli.EXIT_USER_ERROR
+
+
+# ---- the checkpoint folder of a stage, and a finished stage's EMA model ------------------------
+def test_checkpoint_dir_is_the_one_layout(tmp_path: Path) -> None:
+    stage_dir = tmp_path / "stages" / "stage1"
+    assert checkpoint.checkpoint_dir(stage_dir, 0, 1) == stage_dir / "checkpoints"
+    assert checkpoint.checkpoint_dir(stage_dir, 1, 2) == stage_dir / "checkpoints" / "rank1"
+    # Reading (world size unknown): the layout on disk, rank 0's folder of a multi-process run.
+    assert checkpoint.checkpoint_dir(stage_dir) == stage_dir / "checkpoints"
+    checkpoint.save(stage_dir / "checkpoints" / "rank0", 4, _state(4))
+    assert checkpoint.checkpoint_dir(stage_dir) == stage_dir / "checkpoints" / "rank0"
+    assert checkpoint.stage_checkpoints(tmp_path) == {"stage1": stage_dir / "checkpoints" / "rank0"}
+    checkpoint.save(stage_dir / "checkpoints", 4, _state(4))
+    assert checkpoint.checkpoint_dir(stage_dir) == stage_dir / "checkpoints"
+
+
+class _Stage:
+    name = "stage1"
+
+    def __init__(self, width: int = 3) -> None:
+        self.width = width
+
+    def build(self, ctx) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Linear(self.width, 2)
+
+
+def test_load_stage_ema_builds_and_loads_the_ema_weights(tmp_path: Path) -> None:
+    from ulframe.errors import ConfigError
+    from ulframe.protocols import BuildContext
+
+    stage_dir = tmp_path / "stages" / "stage1"
+    ctx = BuildContext({}, 0, torch.device("cpu"), tmp_path / "stages" / "stage2")
+    with pytest.raises(ConfigError, match="no valid checkpoint"):
+        checkpoint.load_stage_ema(_Stage(), ctx, stage_dir)
+    trained = torch.nn.Linear(3, 2)
+    ema = {k: v + 1.0 for k, v in trained.state_dict().items()}
+    state = {"model": trained.state_dict(), "ema": ema, "samples_seen": 8}
+    checkpoint.save(checkpoint.checkpoint_dir(stage_dir, 0, 1), 8, state)
+    model = checkpoint.load_stage_ema(_Stage(), ctx, stage_dir)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ema[k])
+    with pytest.raises(ConfigError, match="does not fit this config"):
+        checkpoint.load_stage_ema(_Stage(width=5), ctx, stage_dir)

@@ -26,7 +26,7 @@ from conftest import gin_args, run_cli
 
 from ulframe.diffusion import BatchNoise, logsnr_grid, sample_ddim
 from ulframe.errors import ConfigError
-from ulframe.protocols import BuildContext, check_built
+from ulframe.protocols import BuildContext, LatentModel, check_built
 from ulframe.train import checkpoint
 from ulframe.train.settings import TrainSettings
 from ulframe_plugins.datasets.photos import Photos
@@ -34,9 +34,9 @@ from ulframe_plugins.networks.conv_decoder import ConvDecoder
 from ulframe_plugins.networks.decoders import UViTDecoder
 from ulframe_plugins.networks.encoders import ResNetEncoder
 from ulframe_plugins.networks.priors import ViT
-from ulframe_plugins.stages import ul_base
+from ulframe_plugins.stages import latent_cache, ul_base
 from ulframe_plugins.stages.kl_ae import KLAEModel, KLAETerms, KLAutoencoder
-from ulframe_plugins.stages.ul_base import LatentModel, ULBase, ULBaseModel, ULJointLatents
+from ulframe_plugins.stages.ul_base import ULBase, ULBaseModel
 from ulframe_plugins.stages.ul_joint import ULJoint
 
 NUM_CLASSES = 3
@@ -200,7 +200,9 @@ def _finished_stage1(root: Path) -> Path:
     model = _stage1().build(BuildContext(_example(), NUM_CLASSES, torch.device("cpu"), stage_dir))
     ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     ema["latent_var"] = torch.tensor(EMA_LATENT_VAR)
-    checkpoint.save(stage_dir / "checkpoints", 4, {"model": model.state_dict(), "ema": ema})
+    checkpoint.save(
+        stage_dir / "checkpoints", 4, {"model": model.state_dict(), "ema": ema, "samples_seen": 4}
+    )
     return stage_dir
 
 
@@ -271,13 +273,13 @@ def test_kl_samples_are_the_base_sampler_then_the_decoder(stage2) -> None:
 def test_latent_cache_of_kl_latents_is_keyed_by_the_scale(stage2, monkeypatch) -> None:
     stage, model, _ = stage2
     calls: list[int] = []
-    real = ul_base.encode_source
+    real = latent_cache.encode_source
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ul_base, "encode_source", counting)
+    monkeypatch.setattr(latent_cache, "encode_source", counting)
     source = Photos(resolution=16, crops_per_epoch=6, eval_crops=2, seed=0).source("train")
     latents = stage.train_source(source)
     example = latents.decode(latents.items[0])
@@ -299,8 +301,8 @@ def test_stage2_evaluation_on_kl_latents(stage2) -> None:
     assert report.images["samples"].shape == (2, 3, 16, 16)
 
 
-def test_ul_stage1_is_adapted_without_change() -> None:
-    """A UL model gets the adapter; a model with neither interface is a ConfigError."""
+def test_ul_stage1_implements_the_hand_off() -> None:
+    """A UL stage-1 model is a LatentModel itself; a model that is not is a ConfigError."""
     uvit = dict(channels=(8,), blocks_per_stage=1, width=16, depth=1, heads=2, patch_size=2)
     stage = ULJoint(
         encoder=lambda shape: ResNetEncoder(shape, latent_channels=4, **NET),
@@ -310,11 +312,11 @@ def test_ul_stage1_is_adapted_without_change() -> None:
     )
     torch.manual_seed(0)
     ul = stage.build(BuildContext(_example(), NUM_CLASSES, torch.device("cpu"), Path("unused")))
-    adapted = ul_base.latent_model(ul, (3, 16, 16))
-    assert isinstance(adapted, ULJointLatents) and adapted.latent_logsnr_max == 5.0
-    assert adapted.latent_state().keys() == ul.encoder.state_dict().keys()
-    with pytest.raises(ConfigError, match="latent interface"):
-        ul_base.latent_model(torch.nn.Linear(2, 2), (3, 16, 16))
+    assert ul_base.latent_model(ul) is ul and isinstance(ul, LatentModel)
+    assert ul.latent_logsnr_max == 5.0 and ul.noisy_latent and ul.latent_shape == (4, 4, 4)
+    assert ul.latent_state().keys() == ul.encoder.state_dict().keys()
+    with pytest.raises(ConfigError, match="LatentModel"):
+        ul_base.latent_model(torch.nn.Linear(2, 2))
 
 
 # ------------------------------------------------------------------------------ (f) the CLI

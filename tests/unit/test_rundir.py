@@ -17,7 +17,7 @@ import torch
 
 from ulframe import rundir
 from ulframe.errors import WorkdirError
-from ulframe.eval.images import save_media
+from ulframe.eval.media import save_media
 from ulframe.train import checkpoint
 
 

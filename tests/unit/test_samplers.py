@@ -30,7 +30,9 @@ from ulframe.diffusion import (
     logsnr_grid,
     sample_ancestral,
     sample_ddim,
+    x_from_eps,
 )
+from ulframe.errors import ConfigError
 
 DATA_STD = 0.5  # s
 SCHEDULE = CosineSchedule(-15.0, 15.0)
@@ -78,6 +80,11 @@ def _gain(logsnr: float, s: float) -> float:
 
 def ancestral_output_variance(grid: torch.Tensor, s: float, x_1_var: float = 1.0) -> float:
     """Var of the ancestral sampler's output, from the posterior of UL paper Algorithm 2."""
+    return _gain(grid.tolist()[-1], s) ** 2 * ancestral_state_variance(grid, s, x_1_var)
+
+
+def ancestral_state_variance(grid: torch.Tensor, s: float, x_1_var: float = 1.0) -> float:
+    """Var of the ancestral chain's state z at the last grid point (`final="state"`)."""
     var = x_1_var
     values = grid.tolist()
     for logsnr_t, logsnr_s in itertools.pairwise(values):
@@ -89,7 +96,7 @@ def ancestral_output_variance(grid: torch.Tensor, s: float, x_1_var: float = 1.0
             logsnr_t, s
         )
         var = gain**2 * var + sigma2_ts * sigma_s**2 / sigma_t**2
-    return _gain(values[-1], s) ** 2 * var
+    return var
 
 
 def ddim_output_gain(grid: torch.Tensor, s: float) -> float:
@@ -284,3 +291,40 @@ def test_clip_x(sampler: Sampler) -> None:
         clip_x=1.0,
     )
     torch.testing.assert_close(out, torch.ones(32, 1, dtype=F64))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_final_state_is_the_chain_state_before_the_last_denoise(sampler: Sampler) -> None:
+    """`final="state"` returns the chain's z at the last grid point (N model calls); the default
+    `final="x_hat"` is one more model call there: denoise(z)."""
+    grid = logsnr_grid(CosineSchedule(-15.0, 0.0), 6)
+    calls: list[float] = []
+    eps = gaussian_eps_fn(DATA_STD)
+
+    def counting(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        calls.append(float(logsnr[0]))
+        return eps(z_t, logsnr)
+
+    x_1 = _x_1((64, 1))
+    z = sampler(counting, x_1, grid, generator=torch.Generator().manual_seed(0), final="state")
+    assert len(calls) == 6
+    x_hat = sampler(eps, x_1, grid, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x_hat, x_from_eps(z, eps(z, grid[-1].expand(64)), grid[-1]))
+    with pytest.raises(ConfigError, match="final"):
+        sampler(eps, x_1, grid, final="z")
+
+
+def test_ancestral_final_state_variance() -> None:
+    """For data N(0, s²) with the exact denoiser, the ancestral chain's state at the last grid
+    point has the variance of the closed-form recursion (the marginal α² s² + σ² in the limit of
+    many steps), and the default output x_hat = c(λ) z."""
+    grid = logsnr_grid(CosineSchedule(-15.0, 0.0), 3)
+    g = torch.Generator().manual_seed(3)
+    x_1 = torch.randn((20000, 1), generator=g, dtype=F64)
+    z = sample_ancestral(gaussian_eps_fn(DATA_STD), x_1, grid, generator=g, final="state")
+    expected = ancestral_state_variance(grid, DATA_STD)
+    assert float(z.var()) == pytest.approx(expected, abs=4 * expected * math.sqrt(2 / 20000))
+    many = logsnr_grid(CosineSchedule(-15.0, 0.0), 2000)
+    alpha, sigma = _scales(0.0)
+    marginal = alpha**2 * DATA_STD**2 + sigma**2
+    assert ancestral_state_variance(many, DATA_STD) == pytest.approx(marginal, rel=2e-3)

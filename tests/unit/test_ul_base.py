@@ -33,7 +33,7 @@ from ulframe_plugins.datasets.photos import Photos
 from ulframe_plugins.networks.decoders import UViTDecoder
 from ulframe_plugins.networks.encoders import ResNetEncoder
 from ulframe_plugins.networks.priors import ViT
-from ulframe_plugins.stages import ul_base
+from ulframe_plugins.stages import latent_cache, ul_base
 from ulframe_plugins.stages.sampling import guided_eps_fn
 from ulframe_plugins.stages.ul_base import ULBase, ULBaseModel, ULBaseTerms
 from ulframe_plugins.stages.ul_joint import ULJoint
@@ -79,7 +79,9 @@ def _finished_stage1(root: Path) -> Path:
     ctx = BuildContext(_example(), NUM_CLASSES, torch.device("cpu"), stage_dir)
     model = _stage1().build(ctx)
     ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    checkpoint.save(stage_dir / "checkpoints", 4, {"model": model.state_dict(), "ema": ema})
+    checkpoint.save(
+        stage_dir / "checkpoints", 4, {"model": model.state_dict(), "ema": ema, "samples_seen": 4}
+    )
     return stage_dir
 
 
@@ -109,6 +111,18 @@ def test_stage_satisfies_protocol_and_needs_the_source_stage(tmp_path: Path) -> 
         stage.build(ctx)
     with pytest.raises(ConfigError, match="label_dropout"):
         _stage2(label_dropout=1.0)
+    with pytest.raises(ConfigError, match=r"ul_base\.sample_steps must be >= 1"):
+        _stage2(sample_steps=0)
+    with pytest.raises(ConfigError, match=r"ul_base\.decoder_sample_steps must be >= 1"):
+        _stage2(decoder_sample_steps=0)
+    with pytest.raises(ConfigError, match=r"ul_joint\.sample_steps must be >= 1"):
+        _stage2(stage1=ULJoint(
+            encoder=_stage1().encoder_factory, prior=_stage1().prior_factory,
+            decoder=_stage1().decoder_factory, train=TrainSettings(batch_size=4, train_samples=4),
+            sample_steps=0,
+        ))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"ul_base\.context_frames=5"):
+        ul_base.context_clip(torch.zeros(2, 3, 16, 16), 5)
 
 
 def test_loads_stage1_ema_and_only_the_base_model_trains(built) -> None:
@@ -189,8 +203,10 @@ def _small_source(resolution: int = 16):
 def test_latent_cache_reused_keyed_and_rebuilt(built, monkeypatch) -> None:
     stage, model, _ = built
     calls = []
-    real = ul_base.encode_source
-    monkeypatch.setattr(ul_base, "encode_source", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = latent_cache.encode_source
+    monkeypatch.setattr(
+        latent_cache, "encode_source", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     source = _small_source()
     cached = stage.train_source(source)
     assert len(calls) == 1 and len(cached.items) == 6
@@ -255,9 +271,8 @@ def test_guidance_scale_one_is_the_conditional_model(built) -> None:
     g = torch.Generator().manual_seed(0)
     z_1 = torch.randn((2, *model.latent_shape), generator=g)
     grid = logsnr_grid(model.schedule, 3).float()
-    z = sample_ddim(lambda z_t, lam: model.base_eps(z_t, lam, labels), z_1, grid)
-    a5, s5 = alpha_sigma(torch.tensor(5.0))
-    z_0 = a5 * z + s5 * torch.randn(z.shape, generator=g)
+    # Algorithm 2: the chain's own state at λ_z(0) = 5 is z_0, handed to the decoder as it is.
+    z_0 = sample_ddim(lambda z_t, lam: model.base_eps(z_t, lam, labels), z_1, grid, final="state")
     x_1 = torch.randn((2, 3, 16, 16), generator=g)
     grid_x = logsnr_grid(model.stage1.decoder_schedule, 3).float()
     x = sample_ddim(lambda x_t, lam: model.stage1.decoder_eps(x_t, lam, z_0), x_1, grid_x, clip_x=1)
@@ -268,6 +283,103 @@ def test_guidance_scale_one_is_the_conditional_model(built) -> None:
     z_t, lam = torch.randn(5, 2), torch.zeros(5)
     assert guided_eps_fn(cond, uncond, 1.0) is cond
     torch.testing.assert_close(guided_eps_fn(cond, uncond, 0.0)(z_t, lam), uncond(z_t, lam))
+
+
+class _ZeroV(torch.nn.Module):
+    """A v-predictor that outputs 0: eps_hat = sigma z_t, the exact denoiser of N(0, I) data."""
+
+    num_classes = 0
+
+    def forward(self, z_t, logsnr, label=None, context=None):
+        return torch.zeros_like(z_t)
+
+
+class _RecordingLatents(torch.nn.Module):
+    """A stage-1 model (LatentModel) that records what its decoder is handed."""
+
+    noisy_latent = True
+
+    def __init__(self, latent_logsnr_max: float, latent_shape=(4, 4, 4)) -> None:
+        super().__init__()
+        self.latent_logsnr_max = latent_logsnr_max
+        self.latent_shape = tuple(latent_shape)
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.decoded: list[torch.Tensor] = []
+
+    def encode_clean(self, x):
+        return torch.zeros((x.shape[0], *self.latent_shape))
+
+    def decode_latents(self, z, generator, sampler, steps):
+        self.decoded.append(z)
+        return torch.zeros((z.shape[0], 3, 16, 16))
+
+    def latent_state(self):
+        return {}
+
+
+def _chain_variance(grid: torch.Tensor) -> float:
+    """Var of the ancestral chain's state at the last grid point, from z_1 ~ N(0, I), for N(0, I)
+    data with the exact denoiser x̂ = α z (UL paper Algorithm 2's posterior step)."""
+    var = 1.0
+    for lt, ls in zip(grid.tolist(), grid.tolist()[1:]):
+        alpha_t, alpha_s = math.sqrt(1 / (1 + math.exp(-lt))), math.sqrt(1 / (1 + math.exp(-ls)))
+        r = -math.expm1(lt - ls)  # σ²_ts / σ_t²
+        gain = alpha_s * ((1 - r) / alpha_t + r * alpha_t)
+        var = gain**2 * var + r * (1 - alpha_s**2)
+    return var
+
+
+@pytest.mark.parametrize(
+    ("latent_logsnr_max", "steps", "n"), [(0.0, 4, 4000), (0.0, 200, 2000), (5.0, 200, 40000)]
+)
+def test_decoder_is_handed_the_chain_state_at_latent_logsnr_max(latent_logsnr_max, steps, n):
+    """UL paper Algorithm 2: end-to-end sampling hands the decoder the base model's chain state
+    at λ = λ_z(0). With the exact denoiser of N(0, I) latents (v ≡ 0) the z_0 the decoder gets
+    has the chain's variance (→ α²·1 + σ² = 1 with many steps), not α²·Var(x̂) + σ² (the clean
+    estimate x̂ = α z noised again: → α⁴ + σ², 0.75 at λ = 0, 0.9933 at λ = 5)."""
+    from ulframe.diffusion import sample_ancestral
+
+    latents = _RecordingLatents(latent_logsnr_max)
+    schedule = CosineSchedule(logsnr_min=-15.0, logsnr_max=latent_logsnr_max)
+    model = ULBaseModel(
+        latents, _ZeroV(), schedule, lambda lam: torch.ones_like(lam), 0.0, 0,
+        latents.latent_shape, (3, 16, 16),
+    )  # fmt: skip
+    model.sample(n, torch.Generator().manual_seed(0), None, sample_ancestral, steps=steps)
+    (z_0,) = latents.decoded
+    assert z_0.shape == (n, *latents.latent_shape)
+    chain = _chain_variance(logsnr_grid(schedule, steps))
+    alpha2 = 1 / (1 + math.exp(-latent_logsnr_max))
+    renoised = alpha2 * (alpha2 * chain) + (1 - alpha2)
+    var = float(z_0.double().var())
+    standard_error = chain * math.sqrt(2 / z_0.numel())
+    assert abs(var - chain) < 4 * standard_error, (var, chain, standard_error)
+    assert abs(var - renoised) > 5 * standard_error, (var, renoised)
+    if steps >= 200:
+        assert chain == pytest.approx(1.0, abs=0.025)
+
+
+def test_stage1_prior_samples_are_the_prior_chain_state() -> None:
+    """The stage-1 prior's samples z_0 are its chain's state at λ_z(0) too: with the exact
+    denoiser of N(0, I) latents (`priors.normal`) their variance is 1."""
+    from ulframe.diffusion import ShiftedCosineSchedule, SigmoidWeighting, sample_ancestral
+    from ulframe.protocols import LatentModel
+    from ulframe_plugins.networks.normal_prior import NormalPrior
+    from ulframe_plugins.stages.ul_joint import ULJointModel
+
+    shape = (4, 4, 4)
+    model = ULJointModel(
+        torch.nn.Conv2d(3, 4, 4, stride=4), NormalPrior(shape), torch.nn.Identity(),
+        CosineSchedule(-15.0, 0.0), ShiftedCosineSchedule(-15.0, 15.0, resolution=16),
+        SigmoidWeighting(0.0), 1.5, 0.0, 256, (3, 16, 16), shape,
+    )  # fmt: skip
+    assert isinstance(model, LatentModel) and model.noisy_latent
+    z_0 = model.sample_latents(4000, torch.Generator().manual_seed(0), sample_ancestral, 4)
+    assert z_0.shape == (4000, *shape)
+    expected = _chain_variance(logsnr_grid(model.prior_schedule, 4))
+    assert float(z_0.double().var()) == pytest.approx(expected, abs=4 * math.sqrt(2 / z_0.numel()))
+    alpha2 = 0.5  # λ_z(0) = 0: the clean estimate noised again would have variance ≈ 0.70
+    assert abs(float(z_0.double().var()) - (alpha2**2 * expected + alpha2)) > 0.05
 
 
 def _gaussian_eps(mean: float, std: float):
@@ -350,3 +462,47 @@ def test_eval_fd_uses_end_to_end_samples(built) -> None:
     assert out["fd"] == 1.25 and out["fd_real"] == 2.5 and out["fd_metric"] == "fd_photos"
     assert out["fd_samples"] == 3 and out["speckle"] > 0
     assert seen == [(reference.shape, reference.shape)] * 2
+
+
+def test_the_stage_samples_through_the_sampling_protocol(built) -> None:
+    """`ulframe sample` and `ulframe eval` reach sampling only through protocols.SamplingStage:
+    the stage's defaults (sampler, steps, guidance), overridden per call."""
+    from ulframe.protocols import SamplingStage
+
+    stage, model, _ = built
+    model.eval()
+    assert isinstance(stage, SamplingStage)
+    settings = stage.sample_settings(model)
+    assert (settings.guidance, settings.steps, settings.continues) == (1.0, 2, False)
+    assert stage.sample_settings(model, guidance=3.0, steps=5).guidance == 3.0
+    labels = torch.tensor([0, 2])
+    x = stage.sample(model, 2, labels, None, torch.Generator().manual_seed(0))
+    y = model.sample(2, torch.Generator().manual_seed(0), labels, stage.sampler, 2, None, 1.0)
+    torch.testing.assert_close(x, y)
+    x = stage.sample(model, 2, labels, 2.0, torch.Generator().manual_seed(0), steps=3)
+    y = model.sample(2, torch.Generator().manual_seed(0), labels, stage.sampler, 3, 3, 2.0)
+    torch.testing.assert_close(x, y)
+
+
+def test_latent_cache_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch) -> None:
+    """The cache is written through the engine's atomic writer: ENOSPC removes the temporary
+    file and names the cache file (rundir.DiskFullError)."""
+    import errno
+    import os
+
+    from ulframe import rundir
+
+    real_replace = os.replace
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(os, "replace", full)
+    latents = {"z": torch.zeros(3, 4, 4, 4), "label": torch.zeros(3, dtype=torch.long)}
+    with pytest.raises(rundir.DiskFullError, match=r"latents-k\.pt"):
+        latent_cache.write_cache(tmp_path, "k", latents)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(os, "replace", real_replace)
+    latent_cache.write_cache(tmp_path, "k", latents)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents-k.json", "latents-k.pt"]
+    assert latent_cache.read_cache(tmp_path, "k")["z"].shape == (3, 4, 4, 4)

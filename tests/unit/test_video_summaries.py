@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ulframe.eval.images import grid, save_media
+from ulframe.eval.images import grid
+from ulframe.eval.media import save_media
 from ulframe.eval.video import encode_gif, save_mp4, video_grid_frames
 from ulframe.hookspecs import RunInfo, StageInfo
 from ulframe_plugins.hooks.tensorboard import TensorBoardLogger, latent_video_channels

@@ -1,14 +1,17 @@
 """Samplers: pure functions with one signature (k-diffusion style; UL paper Algorithm 2).
 
-Every sampler is ``sampler(eps_fn, x_1, logsnrs, generator=None, clip_x=None) -> x``:
+Every sampler is ``sampler(eps_fn, x_1, logsnrs, generator=None, clip_x=None, final="x_hat") -> x``:
 
 - ``eps_fn(x_t, logsnr) -> eps_hat`` is any noise-prediction model, ``logsnr`` of shape ``(B,)``
   (condition it with ``functools.partial`` or a closure);
 - ``x_1`` is the starting noise, ``(B, C, *spatial)``, normally ``N(0, I)``;
 - ``logsnrs`` is an increasing grid ``(N + 1,)`` from the noisiest level to the least noisy
-  (see :func:`logsnr_grid`). The sampler takes N steps ``λ_i -> λ_{i+1}`` and returns the
-  model's clean estimate ``x_hat`` at the last grid point (no noise added at the end), so it
-  calls ``eps_fn`` N + 1 times.
+  (see :func:`logsnr_grid`). The sampler takes N steps ``λ_i -> λ_{i+1}``;
+- ``final`` says what it returns: ``"x_hat"`` (default) the model's clean estimate at the last
+  grid point (no noise added at the end; ``eps_fn`` is called N + 1 times), ``"state"`` the
+  chain's own state ``z`` at the last grid point, a sample of the noisy variable at that λ
+  (``eps_fn`` is called N times). UL's end-to-end sampling (Algorithm 2) hands the decoder the
+  base model's state at λ_z(0), not the clean estimate noised again (docs/method.md, "Stage 2").
 
 In a step from t to s, s is the LESS noisy time: ``λ_s > λ_t``.
 """
@@ -27,6 +30,7 @@ from ulframe.diffusion.schedules import Schedule
 from ulframe.errors import ConfigError
 
 __all__ = [
+    "FINALS",
     "EpsFn",
     "Sampler",
     "ancestral_step",
@@ -40,6 +44,9 @@ __all__ = [
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 """``eps_fn(x_t (B, C, *spatial), logsnr (B,)) -> eps_hat (B, C, *spatial)``."""
 
+FINALS = ("x_hat", "state")
+"""What a sampler returns: the clean estimate at the last grid point, or the chain's state there."""
+
 
 @runtime_checkable
 class Sampler(Protocol):
@@ -52,8 +59,10 @@ class Sampler(Protocol):
         logsnrs: Tensor,
         generator: torch.Generator | None = None,
         clip_x: float | None = None,
+        final: str = "x_hat",
     ) -> Tensor:
-        """Sample from ``x_1`` along ``logsnrs``; return ``x_hat`` at the last grid point."""
+        """Sample from ``x_1`` along ``logsnrs``; return ``x_hat`` at the last grid point, or
+        (``final="state"``) the chain's state there."""
         ...
 
 
@@ -158,6 +167,11 @@ def _check_grid(x_1: Tensor, logsnrs: Tensor) -> Tensor:
     return logsnrs.to(device=x_1.device, dtype=x_1.dtype)
 
 
+def _check_final(final: str) -> None:
+    if final not in FINALS:
+        raise ConfigError(f"a sampler's final must be one of {FINALS}, got {final!r}")
+
+
 def _per_example(logsnr: Tensor, x: Tensor) -> Tensor:
     """Broadcast a 0-d grid value to the ``(B,)`` log-SNR that models receive."""
     return logsnr.expand(x.shape[0])  # (B,)
@@ -169,6 +183,7 @@ def sample_ancestral(
     logsnrs: Tensor,
     generator: torch.Generator | None = None,
     clip_x: float | None = None,
+    final: str = "x_hat",
 ) -> Tensor:
     """Ancestral sampling along ``logsnrs`` with :func:`ancestral_step`.
 
@@ -178,10 +193,12 @@ def sample_ancestral(
         logsnrs: increasing grid ``(N + 1,)``.
         generator: torch generator for the step noise (on ``x_1``'s device).
         clip_x: optional bound on ``|x_hat|`` at every step.
+        final: ``"x_hat"`` or ``"state"`` (see the module docstring).
 
     Returns:
-        ``x_hat`` at ``logsnrs[-1]``, shape of ``x_1``.
+        ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
     """
+    _check_final(final)
     grid = _check_grid(x_1, logsnrs)  # (N + 1,)
     z = x_1
     for logsnr_t, logsnr_s in itertools.pairwise(grid):
@@ -189,6 +206,8 @@ def sample_ancestral(
         x_hat, _ = denoise(eps_fn, z, lt, clip_x)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         z = ancestral_step(z, x_hat, lt, ls, noise)
+    if final == "state":
+        return z
     x_hat, _ = denoise(eps_fn, z, _per_example(grid[-1], z), clip_x)
     return x_hat
 
@@ -199,6 +218,7 @@ def sample_ddim(
     logsnrs: Tensor,
     generator: torch.Generator | None = None,
     clip_x: float | None = None,
+    final: str = "x_hat",
 ) -> Tensor:
     """Deterministic DDIM sampling along ``logsnrs`` with :func:`ddim_step`.
 
@@ -208,15 +228,19 @@ def sample_ddim(
         logsnrs: increasing grid ``(N + 1,)``.
         generator: accepted for the common signature and ignored (DDIM draws no noise).
         clip_x: optional bound on ``|x_hat|`` at every step.
+        final: ``"x_hat"`` or ``"state"`` (see the module docstring).
 
     Returns:
-        ``x_hat`` at ``logsnrs[-1]``, shape of ``x_1``.
+        ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
     """
     del generator  # deterministic
+    _check_final(final)
     grid = _check_grid(x_1, logsnrs)  # (N + 1,)
     z = x_1
     for logsnr_t, logsnr_s in itertools.pairwise(grid):
         x_hat, eps_hat = denoise(eps_fn, z, _per_example(logsnr_t, z), clip_x)
         z = ddim_step(x_hat, eps_hat, _per_example(logsnr_s, z))
+    if final == "state":
+        return z
     x_hat, _ = denoise(eps_fn, z, _per_example(grid[-1], z), clip_x)
     return x_hat

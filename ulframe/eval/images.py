@@ -1,7 +1,7 @@
 """Image grids: (N, C, H, W) tensors in [-1, 1] to PNG files and uint8 arrays.
 
-`save_media` writes any evaluation tensor: images as PNG grids, videos (N, C, T, H, W) as GIFs
-(see `ulframe.eval.video`).
+`ulframe.eval.media.save_media` writes any evaluation tensor: images as PNG grids (here), videos
+(N, C, T, H, W) as GIFs (`ulframe.eval.video`, which builds on this module).
 """
 
 from __future__ import annotations
@@ -52,25 +52,3 @@ def save_grid(x: torch.Tensor, path: Path, ncols: int | None = None, scale: int 
     img.save(buffer, format="PNG")
     rundir.write_bytes(path, buffer.getvalue())  # atomic; a full disk names the file
     return path
-
-
-def save_media(x: torch.Tensor, stem: Path) -> Path:
-    """Write an evaluation tensor next to `stem` (a path without suffix); returns the file.
-
-    Images (N, C, H, W) in [-1, 1] -> ``stem.png``, their grid (:func:`save_grid`). Videos
-    (N, C, T, H, W) in [-1, 1] -> ``stem.gif``, a looping animation whose frame t is the grid of
-    frame t of the N clips (:func:`ulframe.eval.video.save_gif`, 8 fps). An even N gets an even
-    number of columns, so interleaved pairs (input, reconstruction) stay side by side.
-    """
-    ncols = math.ceil(math.sqrt(x.shape[0]))
-    if x.shape[0] % 2 == 0 and ncols % 2:
-        ncols += 1
-    if x.dim() == 4:
-        return save_grid(x, stem.with_name(stem.name + ".png"), ncols=ncols)
-    if x.dim() == 5:
-        from ulframe.eval.video import save_gif  # video imports this module
-
-        return save_gif(x, stem.with_name(stem.name + ".gif"), ncols=ncols)
-    raise ValueError(
-        f"expected (N, C, H, W) images or (N, C, T, H, W) videos, got {tuple(x.shape)}"
-    )

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def bits_per_pixel(nats: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Nats (of one example, or any tensor of them) as bits per pixel: nats / (ln 2 · pixels),
+    `pixels` = H·W of an image (T·H·W of a clip), not counting channels."""
+    return nats / (math.log(2) * pixels)
 
 
 def psnr(reference: torch.Tensor, estimate: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:

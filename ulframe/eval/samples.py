@@ -1,8 +1,9 @@
 """Judging generated samples against real data: what `ulframe eval` reports about samples.
 
-One function, :func:`judge_samples`, turns (real eval examples, as many samples, the labels
-they were drawn for, as many real train examples) into the scalars a reader needs to tell
-whether the samples are good and what "good" is on this data:
+:func:`draw_samples` draws samples of a sampling stage in chunks; :func:`judge_samples` turns
+(real eval examples, as many samples, the labels they were drawn for, as many real train
+examples) into the scalars a reader needs to tell whether the samples are good and what "good"
+is on this data:
 
 - ``fd`` (images) or ``fvd`` (clips): the sample metric's Fréchet distance, eval vs samples;
 - ``fd_real`` / ``fvd_real``: the same distance between the real eval and train examples (as
@@ -58,3 +59,35 @@ def judge_samples(
     if real is not None and len(real) == len(reference):
         out[f"{key}_real"] = float(next(iter(metric(reference, real).values())))
     return out
+
+
+def draw_samples(
+    stage: Any,
+    model: Any,
+    n: int,
+    num_classes: int,
+    device: Any,
+    seed: int,
+    context: Tensor | None = None,
+    chunk: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """n samples of a sampling stage (`protocols.SamplingStage`) with its own settings, in
+    chunks, for labels covering the classes (`stage.sample_labels`): (samples, labels or None)
+    on CPU. Samples that continue real examples (`sample_settings(model).continues`) continue
+    the examples of `context`, as many."""
+    import torch
+
+    generator = torch.Generator(device).manual_seed(seed)
+    labels = stage.sample_labels(n, device, num_classes)
+    samples = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            part = slice(start, min(n, start + chunk))
+            count = part.stop - part.start
+            samples.append(
+                stage.sample(
+                    model, count, None if labels is None else labels[part], generator=generator,
+                    context=None if context is None else context[part],
+                ).cpu()
+            )  # fmt: skip
+    return torch.cat(samples), (None if labels is None else labels.cpu())

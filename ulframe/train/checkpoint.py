@@ -18,15 +18,78 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ulframe import rundir
-from ulframe.errors import UserError
+from ulframe.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from ulframe.protocols import BuildContext
 
 log = logging.getLogger(__name__)
 PATTERN = "ckpt-{samples:012d}.pt"
+CHECKPOINTS = "checkpoints"  # a stage's checkpoint folder, under stages/<name>/
+
+
+def checkpoint_dir(stage_dir: Path, rank: int = 0, world_size: int | None = None) -> Path:
+    """The folder of a stage's checkpoints: `stage_dir/checkpoints/` under one process,
+    `stage_dir/checkpoints/rank<r>/` under several (each rank keeps its own loader position).
+
+    `world_size` None (reading a run, whatever number of processes trained it): the layout
+    found on disk, `checkpoints/` when it holds checkpoints, else rank `rank`'s folder when
+    there is one."""
+    base = stage_dir / CHECKPOINTS
+    if world_size is None:
+        several = not list_checkpoints(base) and (base / f"rank{rank}").is_dir()
+    else:
+        several = world_size > 1
+    return base / f"rank{rank}" if several else base
+
+
+def stage_checkpoints(workdir: Path) -> dict[str, Path]:
+    """Stage name -> its checkpoint folder (rank 0's under several processes), for every stage
+    of a workdir that has at least one checkpoint file."""
+    found = {}
+    for stage_dir in sorted((workdir / "stages").glob("*")):
+        directory = checkpoint_dir(stage_dir)
+        if list_checkpoints(directory):
+            found[stage_dir.name] = directory
+    return found
+
+
+def load_stage_ema(
+    stage: Any, ctx: BuildContext, stage_dir: Path, map_location: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """A finished (or checkpointed) stage's model: `stage.build(ctx)` as in its own run, with the
+    EMA weights of the newest valid checkpoint under `stage_dir` loaded.
+
+    Raises ConfigError when there is no valid checkpoint, or when the checkpoint does not fit
+    the model built (the config is not the one the stage was trained with)."""
+    from ulframe import protocols
+
+    directory = checkpoint_dir(stage_dir)
+    sub = protocols.BuildContext(
+        ctx.example, ctx.num_classes, ctx.device, stage_dir, dict(ctx.previous)
+    )
+    model = stage.build(sub)
+    state = load_latest(directory, map_location=map_location)
+    if state is None:
+        raise ConfigError(
+            f"stage '{stage.name}' has no valid checkpoint under {directory} to load its EMA "
+            "weights from: train it first with `ulframe run`"
+        )
+    try:
+        model.load_state_dict(state["ema"])
+    except RuntimeError as err:  # shapes differ: not the config the stage was trained with
+        first = str(err).strip().splitlines()[-1].strip()
+        raise ConfigError(
+            f"stage '{stage.name}': the checkpoint in {directory} does not fit this config "
+            f"({first}); run it with the config it was trained with "
+            f"({stage_dir.parent.parent / 'config.gin'})"
+        ) from err
+    return model
 
 
 def all_finite(value: Any) -> bool:

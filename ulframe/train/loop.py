@@ -24,7 +24,7 @@ from ulframe import rundir
 from ulframe.data.pipeline import build_loader, first_example
 from ulframe.diffusion import BatchNoise
 from ulframe.errors import ConfigError, UserError
-from ulframe.eval.images import save_media
+from ulframe.eval.media import save_media
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
 from ulframe.protocols import BuildContext, EvalReport
 from ulframe.rundir import MetricsFile
@@ -149,20 +149,13 @@ class _Evaluator:
 
 
 def _checkpoint(
-    info: StageInfo,
-    ctx: RunContext,
-    model: torch.nn.Module,
-    ema: EMA,
-    opt: torch.optim.Optimizer,
-    loader: Any,
-    samples_seen: int,
-    keep: int,
+    info: StageInfo, ctx: RunContext, trainer: Trainer, loader: Any, samples_seen: int
 ) -> None:
-    ema.sync()  # a sharded average is gathered (every rank takes part)
-    model_state, opt_state = distributed.training_state(model, opt)
+    trainer.ema.sync()  # a sharded average is gathered (every rank takes part)
+    model_state, opt_state = distributed.training_state(trainer.model, trainer.opt)
     state = {
         "model": model_state,
-        "ema": ema.model.state_dict(),
+        "ema": trainer.ema.model.state_dict(),
         "optimizer": opt_state,
         "loader": loader.state_dict(),
         "samples_seen": samples_seen,
@@ -171,14 +164,13 @@ def _checkpoint(
         "config_sha256": checkpoint.config_digest(ctx.config),
     }
     # Every rank's loader state lives in its own file; rank 0 writes the shared rest.
-    directory = (
-        info.stage_dir
-        / "checkpoints"
-        / (f"rank{ctx.world.rank}" if ctx.world.world_size > 1 else "")
-    )
-    if ctx.world.is_main or ctx.world.world_size > 1:
-        path = checkpoint.save(directory, samples_seen, state, keep=keep)
-        if ctx.world.is_main:
+    world = ctx.world
+    if world.is_main or world.world_size > 1:
+        directory = checkpoint.checkpoint_dir(info.stage_dir, world.rank, world.world_size)
+        path = checkpoint.save(
+            directory, samples_seen, state, keep=trainer.settings.keep_checkpoints
+        )
+        if world.is_main:
             ctx.hooks.hook.ulframe_checkpoint_saved(
                 run=ctx.info, stage=info, path=path, samples_seen=samples_seen
             )
@@ -208,6 +200,135 @@ def _restore(ckpt_dir: Path, world: World) -> dict[str, Any] | None:
         limit = lowest  # a rank lost its newest checkpoint (killed mid-save): all step back
 
 
+# ---- one training step -------------------------------------------------------------------------
+@dataclass
+class Trainer:
+    """What a training step reads and changes; built once per stage (`Trainer.build`)."""
+
+    model: torch.nn.Module  # the stage's module: EMA, gradient norms and checkpoints read it
+    wrapped: torch.nn.Module  # what the step calls: `model` wrapped for DDP/FSDP (or itself)
+    ema: EMA
+    opt: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    settings: Any  # ulframe.train.settings.TrainSettings
+    world: World
+    seed: int = 0
+    # (step, scalars) -> a reason to skip the step, or None (the loop asks the hooks)
+    check_step: Callable[[int, dict[str, torch.Tensor]], str | None] = lambda step, s: None
+    stop: list[int] = field(default_factory=list)  # signals received (RunContext.stop)
+    autocast: Any = None
+
+    @classmethod
+    def build(
+        cls, model: torch.nn.Module, settings: Any, world: World, seed: int = 0, **kw: Any
+    ) -> Trainer:
+        """EMA, the DDP/FSDP wrapper and the optimizer (on the trainable parameters) of `model`."""
+        ema = EMA(model, settings.ema_halflife_samples)
+        wrapped = distributed.wrap(model, world, settings.parallelism)  # evaluation: the EMA
+        if distributed.is_sharded(model):
+            ema.track_sharded(model)
+        params = [p for p in model.parameters() if p.requires_grad]  # (sharded ones under FSDP)
+        opt = settings.build_optimizer(params)
+        autocast = torch.autocast(
+            world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
+        )
+        return cls(model, wrapped, ema, opt, params, settings, world, seed, autocast=autocast, **kw)
+
+
+@dataclass
+class StepResult:
+    """What one step did."""
+
+    scalars: dict[str, torch.Tensor]  # detached: the loss terms' metrics, loss_nats, grad_norm
+    module_norms: dict[str, float]  # per-module gradient norms (only when the step logs)
+    skipped: str | None  # why the step changed no weight (None: it stepped)
+    stopping: bool  # a signal arrived (on any rank): checkpoint and stop
+
+
+def train_step(
+    trainer: Trainer, batch: dict[str, torch.Tensor], samples_seen: int, log_due: bool = False
+) -> StepResult:
+    """One optimizer step on `batch` (this rank's rows of the global batch, on the device).
+
+    Seeds every random stream from (seed, samples seen), sets the learning rate, computes the
+    stage's loss `model(batch, noise)` and its gradients, clips them, asks `check_step` whether
+    to skip, and (unless any rank skips) steps the optimizer and the EMA. `log_due`: also
+    measure the per-module gradient norms (before clipping)."""
+    settings, world = trainer.settings, trainer.world
+    # The loss's noise: drawn for the global batch from a seed every rank shares, each rank
+    # keeping its rows (BatchNoise), so W processes compute what one would.
+    generator = torch.Generator(world.device).manual_seed(seed_for(trainer.seed, 0, samples_seen))
+    noise = BatchNoise(generator, world.rank, world.world_size)
+    torch.manual_seed(seed_for(trainer.seed, world.rank, samples_seen))  # dropout etc.
+    for group in trainer.opt.param_groups:
+        group["lr"] = settings.lr_at(samples_seen)
+    with trainer.autocast:
+        terms = trainer.wrapped(batch, noise)
+    loss = terms.total_nats().mean()
+    trainer.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    module_norms = distributed.module_grad_norms(trainer.model, world) if log_due else {}
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        trainer.params, settings.grad_clip if settings.grad_clip > 0 else float("inf")
+    )
+    if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
+    scalars = terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}
+    scalars = {k: v.detach() for k, v in scalars.items()}
+    skip = trainer.check_step(samples_seen // settings.batch_size + 1, scalars)
+    # One all-reduce: skip on every rank if any skips, stop if any got a signal.
+    skipping, stopping = distributed.any_over_ranks([skip is not None, bool(trainer.stop)], world)
+    if not skipping:
+        trainer.opt.step()
+        trainer.ema.update(trainer.model, settings.batch_size)
+    reason = (skip or "(another rank)") if skipping else None
+    return StepResult(scalars, module_norms, reason, stopping)
+
+
+@dataclass
+class _Window:
+    """The train records of one log window: sums of the steps' scalars, counts, times."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    taken: int = 0  # steps that changed the weights
+    steps: int = 0  # all steps, skipped ones too
+    skipped: int = 0
+    seconds: float = 0.0
+    waiting: float = 0.0  # of which waiting for data
+
+    def add(self, result: StepResult, seconds: float, waiting: float) -> None:
+        if result.skipped is None:
+            for k, v in result.scalars.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v.float()
+            self.taken += 1
+        else:
+            self.skipped += 1
+        self.steps += 1
+        self.seconds += seconds
+        self.waiting += waiting
+
+    def write(
+        self, info: StageInfo, ctx: RunContext, trainer: Trainer, samples_seen: int, norms: dict
+    ) -> None:
+        """Log the window's means (a metrics row, the train-step hook)."""
+        world = ctx.world
+        scalars = {k: float(v) / max(self.taken, 1) for k, v in self.sums.items()}
+        scalars["lr"] = trainer.opt.param_groups[0]["lr"]
+        scalars["skipped_steps"] = float(self.skipped)
+        scalars = distributed.mean_over_ranks(scalars, world) | norms
+        scalars["samples_per_s"] = self.steps * info.batch_size / max(self.seconds, 1e-9)
+        scalars["data_wait_fraction"] = self.waiting / max(self.seconds, 1e-9)
+        step = samples_seen // info.batch_size
+        if world.is_main:
+            row = {"stage": info.name, "step": step, "samples_seen": samples_seen, "kind": "train"}
+            ctx.metrics.write(row | scalars)
+        per_step = (self.seconds / self.steps, self.waiting / self.steps)
+        ctx.hooks.hook.ulframe_train_step_end(
+            run=ctx.info, step=StepInfo(info, step, samples_seen, scalars, *per_step)
+        )
+
+
+# ---- one stage ---------------------------------------------------------------------------------
 def train_stage(
     stage: Any,
     index: int,
@@ -216,86 +337,30 @@ def train_stage(
     previous: dict[str, Path],
     ctx: RunContext,
 ) -> dict[str, float]:
-    settings = stage.train
-    world = ctx.world
+    """Build, restore, train, evaluate and checkpoint one stage; its final evaluation."""
+    settings, world = stage.train, ctx.world
     if settings.batch_size % world.world_size:
         raise ConfigError(
             f"TrainSettings.batch_size={settings.batch_size} is not divisible by the {world.world_size} processes"
         )
-    per_rank = settings.batch_size // world.world_size
     stage_dir.mkdir(parents=True, exist_ok=True)
-
-    # -- build: networks measured from the data, optimizer, EMA, data ----------------------------
-    train_source = dataset.source("train")
-    example = first_example(train_source)
-    torch.manual_seed(seed_for(ctx.seed, 0, 0))  # identical initial weights on every rank
-    build_ctx = BuildContext(example, dataset.num_classes, world.device, stage_dir, dict(previous))
-    model = stage.build(build_ctx).to(world.device)
-    # A stage may train on another Source built from the data (ul_base: cached latents).
-    train_source = stage.train_source(train_source)
-    ema = EMA(model, settings.ema_halflife_samples)
-    train_model = distributed.wrap(model, world, settings.parallelism)  # evaluation: the EMA
-    if distributed.is_sharded(model):
-        ema.track_sharded(model)
-    params = [p for p in model.parameters() if p.requires_grad]  # (sharded ones under FSDP)
-    opt = settings.build_optimizer(params)
-    loader = build_loader(
-        train_source,
-        batch_size=per_rank,
-        rank=world.rank,
-        world_size=world.world_size,
-        seed=ctx.seed,
-        num_workers=ctx.num_workers,
-    )
-    eval_loader = build_loader(
-        dataset.source("eval"), batch_size=per_rank, rank=world.rank, world_size=world.world_size,
-        seed=ctx.seed, shuffle=False, repeat=False, drop_last=False, num_workers=ctx.num_workers,
-    )  # fmt: skip
-    eval_batches = [
-        _to_device(b, world.device) for _, b in zip(range(settings.eval_batches), eval_loader)
-    ]
-
-    # -- restore ---------------------------------------------------------------------------------
-    samples_seen = 0
-    ckpt_dir = stage_dir / "checkpoints" / (f"rank{world.rank}" if world.world_size > 1 else "")
-    state = _restore(ckpt_dir, world)
-    if state is not None:
-        checkpoint.check_config(
-            state.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
-        )
-        distributed.load_training_state(model, opt, state["model"], state["optimizer"])
-        ema.load_full(state["ema"])
-        ema.model.load_state_dict(state["ema"])  # buffers too
-        loader.load_state_dict(state["loader"])
-        samples_seen = int(state["samples_seen"])
-        log.info("stage %s: resumed at %d samples", stage.name, samples_seen)
-    elif ckpt_dir.is_dir():
-        log.warning("no valid checkpoint in %s; starting %s from 0", ckpt_dir, stage.name)
-    ctx.commit()  # nothing refused this run: its config and command are now the workdir's
-    ctx.metrics.resume(stage.name, samples_seen, samples_seen >= settings.train_samples)
-
-    ctx.info.operative_config = ctx.operative_config()  # every factory has now been called
+    trainer, loaders, eval_batches = _build(stage, dataset, stage_dir, previous, ctx)
+    ckpt_dir = checkpoint.checkpoint_dir(stage_dir, world.rank, world.world_size)
+    samples_seen = _resume(stage, trainer, loaders[0], ckpt_dir, ctx)
     info = StageInfo(
-        stage.name,
-        index,
-        stage_dir,
-        settings.train_samples,
-        samples_seen,
-        settings.batch_size,
+        stage.name, index, stage_dir, settings.train_samples, samples_seen, settings.batch_size,
         world.is_main,
-    )
+    )  # fmt: skip
+    ctx.info.operative_config = ctx.operative_config()  # every factory has now been called
     ctx.hooks.hook.ulframe_stage_start(run=ctx.info, stage=info)
-    ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=model)
-    train_model.train()
-    evaluate = _Evaluator(stage, eval_batches, info, ctx)
-    autocast = torch.autocast(
-        world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
+    ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=trainer.model)
+    trainer.check_step = lambda step, scalars: ctx.hooks.hook.ulframe_check_step(
+        run=ctx.info, stage=info, step=step, scalars=scalars
     )
-    batches: Iterator[dict[str, torch.Tensor]] = iter(loader)
-    sums: dict[str, torch.Tensor] = {}
-    n_sum, n_steps, skipped, t_window, wait_window = 0, 0, 0, 0.0, 0.0
-
-    # -- train -----------------------------------------------------------------------------------
+    trainer.wrapped.train()
+    evaluate = _Evaluator(stage, eval_batches, info, ctx)
+    batches: Iterator[dict[str, torch.Tensor]] = iter(loaders[0])
+    window = _Window()
     try:
         with _stop_on_signals(ctx.stop):
             stopping = False
@@ -303,125 +368,117 @@ def train_stage(
                 t0 = time.perf_counter()
                 batch = _to_device(next(batches), world.device)
                 t_data = time.perf_counter() - t0
-                # The loss's noise: drawn for the global batch from a seed every rank shares,
-                # each rank keeping its rows (BatchNoise), so W processes compute what one would.
-                generator = torch.Generator(world.device).manual_seed(
-                    seed_for(ctx.seed, 0, samples_seen)
-                )
-                noise = BatchNoise(generator, world.rank, world.world_size)
-                torch.manual_seed(seed_for(ctx.seed, world.rank, samples_seen))  # dropout etc.
-                for group in opt.param_groups:
-                    group["lr"] = settings.lr_at(samples_seen)
-                with autocast:
-                    terms = train_model(batch, noise)
-                loss = terms.total_nats().mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                log_due = _crossed(
-                    samples_seen, samples_seen + settings.batch_size, settings.log_every_samples
-                )
-                module_norms = distributed.module_grad_norms(model, world) if log_due else {}
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, settings.grad_clip if settings.grad_clip > 0 else float("inf")
-                )
-                if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a replicated DTensor
-                    grad_norm = grad_norm.full_tensor()
-                step_scalars = terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}
-                step_scalars = {k: v.detach() for k, v in step_scalars.items()}
-                skip = ctx.hooks.hook.ulframe_check_step(
-                    run=ctx.info,
-                    stage=info,
-                    step=samples_seen // settings.batch_size + 1,
-                    scalars=step_scalars,
-                )
-                # One all-reduce: skip on every rank if any skips, stop if any got a signal.
-                skipping, stopping = distributed.any_over_ranks(
-                    [skip is not None, bool(ctx.stop)], world
-                )
-                before = samples_seen
-                if skipping:  # a skipped step does not count: the stage trains one more
-                    skipped += 1
-                    log.warning("stage %s: step skipped: %s", stage.name, skip or "(another rank)")
-                else:
-                    opt.step()
-                    ema.update(model, settings.batch_size)
-                    for k, v in step_scalars.items():
-                        sums[k] = sums.get(k, 0.0) + v.float()
-                    n_sum += 1
-                    samples_seen += settings.batch_size
-                log_now = log_due and not skipping
-                n_steps += 1
-                t_window += time.perf_counter() - t0
-                wait_window += t_data
-
-                if log_now:  # -- log ------------------------------------------------------------
-                    scalars = {k: float(v) / max(n_sum, 1) for k, v in sums.items()}
-                    scalars["lr"] = opt.param_groups[0]["lr"]
-                    scalars["skipped_steps"] = float(skipped)
-                    scalars = distributed.mean_over_ranks(scalars, world) | module_norms
-                    scalars["samples_per_s"] = n_steps * settings.batch_size / max(t_window, 1e-9)
-                    scalars["data_wait_fraction"] = wait_window / max(t_window, 1e-9)
-                    step = samples_seen // settings.batch_size
-                    if world.is_main:
-                        ctx.metrics.write(
-                            {
-                                "stage": stage.name,
-                                "step": step,
-                                "samples_seen": samples_seen,
-                                "kind": "train",
-                            }
-                            | scalars
-                        )
-                    per_step = (t_window / n_steps, wait_window / n_steps)
-                    ctx.hooks.hook.ulframe_train_step_end(
-                        run=ctx.info, step=StepInfo(info, step, samples_seen, scalars, *per_step)
-                    )
-                    sums, n_sum, n_steps, skipped = {}, 0, 0, 0
-                    t_window, wait_window = 0.0, 0.0
-                if (
-                    _crossed(before, samples_seen, settings.eval_every_samples)
-                    and samples_seen < settings.train_samples
-                ):
-                    ema.sync()
-                    evaluate(ema.model, samples_seen)
-                if (
-                    _crossed(before, samples_seen, settings.checkpoint_every_samples)
-                    and samples_seen < settings.train_samples
-                ):
-                    _checkpoint(
-                        info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints
-                    )
-
-            if stopping:  # -- pre-empted: save what we have and stop -------------------------
+                before, after = samples_seen, samples_seen + settings.batch_size
+                log_due = _crossed(before, after, settings.log_every_samples)
+                result = train_step(trainer, batch, samples_seen, log_due)
+                stopping = result.stopping
+                if result.skipped is None:
+                    samples_seen = after
+                else:  # a skipped step does not count: the stage trains one more
+                    log.warning("stage %s: step skipped: %s", stage.name, result.skipped)
+                window.add(result, time.perf_counter() - t0, t_data)
+                if log_due and result.skipped is None:
+                    window.write(info, ctx, trainer, samples_seen, result.module_norms)
+                    window = _Window()
+                unfinished = samples_seen < settings.train_samples
+                if _crossed(before, samples_seen, settings.eval_every_samples) and unfinished:
+                    trainer.ema.sync()
+                    evaluate(trainer.ema.model, samples_seen)
+                if _crossed(before, samples_seen, settings.checkpoint_every_samples) and unfinished:
+                    _checkpoint(info, ctx, trainer, loaders[0], samples_seen)
+            if stopping:  # pre-empted: save what we have and stop
                 signum = ctx.stop[0] if ctx.stop else signal.SIGTERM  # (another rank's signal)
                 raise StopRequested(
                     f"stopped by signal {int(signum)} at {samples_seen} samples; "
                     "checkpoint saved, re-run to resume"
                 )
     except StopTraining as err:  # StopRequested, or a hook: skipped steps changed no weight
-        _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
+        _checkpoint(info, ctx, trainer, loaders[0], samples_seen)
         if isinstance(err, StopRequested):
             raise
         raise StopTraining(
             f"{err}; checkpoint saved at {samples_seen} samples; "
             f"last finite checkpoint: {_last_finite(ckpt_dir)}"
         ) from err
+    return _finish(info, ctx, trainer, loaders, evaluate, samples_seen, ckpt_dir)
 
-    # -- finish: final evaluation, checkpoint, DONE ----------------------------------------------
-    ema.sync()
-    final = evaluate(ema.model, samples_seen)
-    _checkpoint(info, ctx, model, ema, opt, loader, samples_seen, settings.keep_checkpoints)
-    _log_unreadable(info, ctx, {"train": loader, "eval": eval_loader}, samples_seen)
-    if distributed.any_over_ranks([not _finite(model, ema.model)], world)[0]:
+
+def _build(
+    stage: Any, dataset: Any, stage_dir: Path, previous: dict[str, Path], ctx: RunContext
+) -> tuple[Trainer, tuple[Any, Any], list[dict[str, torch.Tensor]]]:
+    """The stage's networks (measured from the data), trainer, loaders and eval batches."""
+    settings, world = stage.train, ctx.world
+    per_rank = settings.batch_size // world.world_size
+    train_source = dataset.source("train")
+    example = first_example(train_source)
+    torch.manual_seed(seed_for(ctx.seed, 0, 0))  # identical initial weights on every rank
+    build_ctx = BuildContext(example, dataset.num_classes, world.device, stage_dir, dict(previous))
+    model = stage.build(build_ctx).to(world.device)
+    # A stage may train on another Source built from the data (e.g. cached latents).
+    train_source = stage.train_source(train_source)
+    trainer = Trainer.build(model, settings, world, ctx.seed, stop=ctx.stop)
+    loader = build_loader(
+        train_source, batch_size=per_rank, rank=world.rank, world_size=world.world_size,
+        seed=ctx.seed, num_workers=ctx.num_workers,
+    )  # fmt: skip
+    eval_loader = build_loader(
+        dataset.source("eval"), batch_size=per_rank, rank=world.rank, world_size=world.world_size,
+        seed=ctx.seed, shuffle=False, repeat=False, drop_last=False, num_workers=ctx.num_workers,
+    )  # fmt: skip
+    eval_batches = [
+        _to_device(b, world.device) for _, b in zip(range(settings.eval_batches), eval_loader)
+    ]
+    return trainer, (loader, eval_loader), eval_batches
+
+
+def _resume(stage: Any, trainer: Trainer, loader: Any, ckpt_dir: Path, ctx: RunContext) -> int:
+    """Restore the newest checkpoint valid on every rank (model, optimizer, EMA, loader);
+    commit the run files; the samples seen."""
+    samples_seen = 0
+    state = _restore(ckpt_dir, ctx.world)
+    if state is not None:
+        checkpoint.check_config(
+            state.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
+        )
+        distributed.load_training_state(
+            trainer.model, trainer.opt, state["model"], state["optimizer"]
+        )
+        trainer.ema.load_full(state["ema"])
+        trainer.ema.model.load_state_dict(state["ema"])  # buffers too
+        loader.load_state_dict(state["loader"])
+        samples_seen = int(state["samples_seen"])
+        log.info("stage %s: resumed at %d samples", stage.name, samples_seen)
+    elif ckpt_dir.is_dir():
+        log.warning("no valid checkpoint in %s; starting %s from 0", ckpt_dir, stage.name)
+    ctx.commit()  # nothing refused this run: its config and command are now the workdir's
+    ctx.metrics.resume(stage.name, samples_seen, samples_seen >= stage.train.train_samples)
+    return samples_seen
+
+
+def _finish(
+    info: StageInfo,
+    ctx: RunContext,
+    trainer: Trainer,
+    loaders: tuple[Any, Any],
+    evaluate: _Evaluator,
+    samples_seen: int,
+    ckpt_dir: Path,
+) -> dict[str, float]:
+    """Final evaluation and checkpoint; DONE.json when the weights are finite."""
+    trainer.ema.sync()
+    final = evaluate(trainer.ema.model, samples_seen)
+    _checkpoint(info, ctx, trainer, loaders[0], samples_seen)
+    _log_unreadable(info, ctx, {"train": loaders[0], "eval": loaders[1]}, samples_seen)
+    if distributed.any_over_ranks([not _finite(trainer.model, trainer.ema.model)], ctx.world)[0]:
         raise NonFiniteError(
-            f"stage {stage.name}: the weights are not finite (NaN/Inf) at {samples_seen} "
+            f"stage {info.name}: the weights are not finite (NaN/Inf) at {samples_seen} "
             f"samples; the stage is not marked done; last finite checkpoint: "
             f"{_last_finite(ckpt_dir)}"
         )
-    distributed.barrier(world)
-    if world.is_main:
+    distributed.barrier(ctx.world)
+    if ctx.world.is_main:
         rundir.write_text(
-            stage_dir / DONE_FILE,
+            info.stage_dir / DONE_FILE,
             json.dumps({"samples_seen": samples_seen, "scalars": final}, indent=2),
         )
     ctx.hooks.hook.ulframe_stage_end(run=ctx.info, stage=info, scalars=final)

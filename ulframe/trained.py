@@ -1,0 +1,244 @@
+"""A trained run, read back: its config, its stages with their EMA weights, evaluation, samples.
+
+`ulframe sample|eval WORKDIR` go through here. A run directory describes itself: its
+`config.gin` is the full config the run was trained with, overrides included (written by
+`rundir.RunFiles`), so `config_files(workdir)` is all it takes to rebuild the experiment; gin
+files and `--gin` overrides given on the command line apply on top of it.
+
+Every stage is rebuilt as in its own run and loaded with the EMA weights of its newest valid
+checkpoint (`checkpoint.load_stage_ema`). Sampling and sample metrics go through the stages'
+own methods (`protocols.SamplingStage`): nothing here knows what a stage is made of.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ulframe import rundir
+from ulframe.errors import UserError
+from ulframe.protocols import SamplingStage
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.gin"
+EVAL_FILE = "eval.json"
+SAMPLES_DIR = "samples"
+# The Fréchet-distance metric `ulframe eval` reports as "fd" when the experiment names none
+# (`Experiment.sample_metric`) and it is installed.
+FD_METRIC = "fd_photos"
+
+
+def config_files(workdir: Path, extra: Sequence[str | Path] = ()) -> list[str]:
+    """The run's own config (`workdir/config.gin`), then `extra` gin files."""
+    config = workdir / CONFIG_FILE
+    if not config.is_file():
+        raise UserError(
+            f"{workdir} has no {CONFIG_FILE}: not a run directory written by `ulframe run` "
+            f"(or name the run's gin files: `ulframe COMMAND FILE.gin --workdir {workdir}`)"
+        )
+    return [str(config), *map(str, extra)]
+
+
+@dataclass
+class Restored:
+    """One stage of a trained run: the stage, its module with EMA weights (eval mode), folder."""
+
+    stage: Any
+    model: torch.nn.Module
+    stage_dir: Path
+
+
+@dataclass
+class TrainedRun:
+    """A trained run's experiment and every stage restored."""
+
+    workdir: Path
+    experiment: Any
+    registry: Any
+    device: torch.device
+    stages: list[Restored]
+
+    def sampling(self) -> Restored | None:
+        """The last stage that draws samples (`SamplingStage`), or None."""
+        found = [r for r in self.stages if isinstance(r.stage, SamplingStage)]
+        return found[-1] if found else None
+
+
+def open_run(
+    workdir: Path, files: Sequence[str | Path], bindings: Sequence[str] = ()
+) -> TrainedRun:
+    """Parse `files` and `bindings`, build the experiment and restore every stage's EMA model
+    from `workdir`."""
+    from ulframe import wiring
+    from ulframe.data.pipeline import first_example
+    from ulframe.protocols import BuildContext
+    from ulframe.train import checkpoint, distributed
+
+    registry = wiring.load(files, bindings)
+    experiment = wiring.experiment()
+    device = distributed.pick_device(experiment.device, 0)
+    if not (workdir / "stages").is_dir():
+        raise UserError(f"{workdir} holds no run: train it first with `ulframe run`")
+    example = first_example(experiment.dataset.source("train"))
+    previous: dict[str, Path] = {}
+    restored = []
+    for stage in experiment.stages:
+        stage_dir = workdir / "stages" / stage.name
+        torch.manual_seed(experiment.seed)
+        ctx = BuildContext(
+            example, experiment.dataset.num_classes, device, stage_dir, dict(previous)
+        )
+        model = checkpoint.load_stage_ema(stage, ctx, stage_dir)
+        restored.append(Restored(stage, model.to(device).eval(), stage_dir))
+        previous[stage.name] = stage_dir
+    return TrainedRun(workdir, experiment, registry, device, restored)
+
+
+def split_examples(experiment: Any, split: str, n: int) -> torch.Tensor:
+    """Up to n examples' `x` of a split, in the split's own order, (N, C, *S) on CPU."""
+    from ulframe.data.pipeline import build_loader
+
+    loader = build_loader(
+        experiment.dataset.source(split), batch_size=min(n, 64), seed=experiment.seed,
+        shuffle=False, repeat=False, drop_last=False,
+    )  # fmt: skip
+    images = []
+    for batch in loader:
+        images.append(batch["x"])
+        if sum(len(x) for x in images) >= n:
+            break
+    return torch.cat(images)[:n]
+
+
+# ---- ulframe eval ------------------------------------------------------------------------------
+def evaluate(run: TrainedRun, batches: int | None = None, fd_samples: int = 256) -> dict[str, Any]:
+    """Every stage's evaluation on the eval split (its own `eval_batches` unless `batches`),
+    merged (later stages win on a shared name) with `"stages": {name: scalars}`, plus the
+    sample metrics of the last sampling stage (`fd_samples` samples; 0: none). Written to
+    `workdir/eval.json`."""
+    from ulframe.data.pipeline import build_loader
+
+    experiment, device = run.experiment, run.device
+    merged: dict[str, Any] = {}
+    per_stage: dict[str, dict[str, float]] = {}
+    for r in run.stages:
+        count = r.stage.train.eval_batches if batches is None else batches
+        loader = build_loader(
+            experiment.dataset.source("eval"), batch_size=r.stage.train.batch_size,
+            seed=experiment.seed, shuffle=False, repeat=False, drop_last=False,
+        )  # fmt: skip
+        data = [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(count), loader)]
+        generator = torch.Generator(device).manual_seed(experiment.seed)
+        with torch.no_grad():
+            report = r.stage.evaluate(r.model, data, generator)
+        per_stage[r.stage.name] = dict(report.scalars)
+        merged.update(report.scalars)
+    if fd_samples > 0:
+        merged |= sample_metrics(run, fd_samples)
+    result = merged | {"stages": per_stage}
+    rundir.write_text(run.workdir / EVAL_FILE, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def sample_metrics(run: TrainedRun, n: int) -> dict[str, Any]:
+    """`judge_samples` of n samples of the last sampling stage against n eval examples (empty
+    without a sampling stage). The metric: `Experiment.sample_metric`, else `FD_METRIC` for
+    images when installed; a UserError of the metric (e.g. a missing weights file) stops."""
+    from ulframe import wiring
+    from ulframe.eval.samples import draw_samples, judge_samples
+
+    sampling = run.sampling()
+    if sampling is None:
+        return {}
+    experiment = run.experiment
+    factory = experiment.sample_metric
+    if factory is None and FD_METRIC in run.registry.names("metrics"):
+        factory = wiring.configured(f"metrics.{FD_METRIC}")
+    reference = split_examples(experiment, "eval", n)
+    if factory is not experiment.sample_metric and reference.dim() != 4:
+        factory = None  # the default metric compares images; name a video metric for clips
+    metric = wiring.call(factory) if factory is not None else None
+    continues = sampling.stage.sample_settings(sampling.model).continues
+    samples, labels = draw_samples(
+        sampling.stage, sampling.model, len(reference), experiment.dataset.num_classes,
+        run.device, experiment.seed, context=reference if continues else None,
+    )  # fmt: skip
+    real = split_examples(experiment, "train", len(reference)) if metric else None
+    return judge_samples(metric, reference, samples, labels, real)
+
+
+# ---- ulframe sample ----------------------------------------------------------------------------
+def write_samples(
+    run: TrainedRun,
+    n: int,
+    label: int | None = None,
+    guidance: float | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """n samples of the last sampling stage, written to `workdir/samples/`: a PNG grid (images;
+    n = k · classes in class order: one class per row) or a GIF and an MP4 (clips; beside the
+    real clips they continue), and `samples.npz` (uint8 `images`, `labels`, `guidance`,
+    `steps`). Returns the summary (paths, n, guidance, and the stage's facts)."""
+    import numpy as np
+    from einops import rearrange
+
+    from ulframe.eval.images import save_grid, to_uint8
+    from ulframe.eval.video import save_gif, save_mp4
+
+    if n < 1:
+        raise UserError(f"-n must be >= 1, got {n}")
+    sampling = run.sampling()
+    if sampling is None:
+        raise UserError("no stage of this experiment draws samples (protocols.SamplingStage)")
+    stage, model, device = sampling.stage, sampling.model, run.device
+    experiment = run.experiment
+    num_classes = experiment.dataset.num_classes
+    settings = stage.sample_settings(model, guidance, steps)
+    context = None
+    if settings.continues:  # real examples give what the samples continue
+        context = split_examples(experiment, "eval", n)
+        if len(context) < n:
+            raise UserError(f"-n {n}: the eval split has only {len(context)} clips")
+    if label is not None:
+        if not 0 <= label < max(num_classes, 1) or num_classes == 0:
+            raise UserError(f"--class must be in [0, {num_classes}), got {label}")
+        labels = torch.full((n,), label, dtype=torch.long, device=device)
+    else:
+        labels = stage.sample_labels(n, device, num_classes)
+    generator = torch.Generator(device).manual_seed(experiment.seed if seed is None else seed)
+    with torch.no_grad():
+        samples = stage.sample(
+            model, n, labels, settings.guidance, generator, steps=steps, context=context
+        ).cpu()
+    out = run.workdir / SAMPLES_DIR
+    npz = out / "samples.npz"
+    label_array = labels.cpu().numpy() if labels is not None else np.full(n, -1)
+    summary: dict[str, Any] = {"npz": str(npz), "n": n, "guidance": settings.guidance}
+    if samples.dim() == 5:  # clips: (N, C, T, H, W)
+        shown = samples if context is None else torch.stack([context, samples], 1).flatten(0, 1)
+        ncols = 2 if context is not None else None
+        summary["gif"] = str(save_gif(shown, out / "samples.gif", ncols=ncols))
+        summary["mp4"] = str(save_mp4(shown, out / "samples.mp4", ncols=ncols))
+        frames = rearrange(to_uint8(rearrange(samples, "n c t h w -> (n t) c h w")),
+                           "(n t) h w c -> n t h w c", n=n)  # fmt: skip
+        if context is not None:
+            summary |= settings.facts
+    else:
+        # n = k * classes samples in class order: k columns, one class per row.
+        per_class = n // num_classes if num_classes and label is None else 0
+        ncols = per_class if per_class and n % num_classes == 0 else None
+        summary["png"] = str(save_grid(samples, out / "samples.png", ncols=ncols))
+        frames = to_uint8(samples)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=frames, labels=label_array, guidance=settings.guidance,
+             steps=settings.steps)  # fmt: skip
+    rundir.write_bytes(npz, buffer.getvalue())  # atomic, like every run file
+    return summary
