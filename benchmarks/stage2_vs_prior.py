@@ -97,7 +97,8 @@ def main() -> int:
         "--grid",
         type=Path,
         default=None,
-        help="also write a PNG: one row of 16 samples per set (held-out images first)",
+        help="also write a PNG: one row of 16 samples per set (held-out images first; the "
+        "guided row spread over the classes)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     p.add_argument(
@@ -161,7 +162,9 @@ def main() -> int:
     if args.grid is not None:
         from ulframe.eval.images import save_grid
 
-        rows = [reference[:16], *(x[:16] for x in sets.values())]
+        # 16 per row; the guided row spread over the classes (its samples are in class order)
+        spread = torch.linspace(0, n - 1, 16).round().long()
+        rows = [reference[:16], *(x[spread] if k == guided else x[:16] for k, x in sets.items())]
         path = save_grid(torch.cat(rows), args.grid, ncols=16, scale=2)
         print(f"grid: {path} (rows: held-out images, {', '.join(sets)})")
     ratio = scores["stage-2 base, unconditional"]["fd"] / scores["stage-1 ELBO prior"]["fd"]

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ulframe import cli
+from ulframe import cli, trained
 
 ROOT = Path(__file__).resolve().parents[1]
 GIN_FILE = ROOT / "gin" / "quickstart_video.gin"
@@ -50,7 +50,7 @@ QUICK_WORKDIR = ROOT / "runs" / "video_continuation_quick"
 # --quick: half the quickstart's training samples of each stage, fewer clips.
 QUICK_OVERRIDES = [
     "TRAIN_SAMPLES = 4096",
-    "BASE_TRAIN_SAMPLES = 8192",
+    "BASE_TRAIN_SAMPLES = 4096",
 ]
 QUICK_CLIPS = 64
 INK_THRESHOLD = 0.25
@@ -106,6 +106,9 @@ def main() -> int:
         f"(default {QUICK_WORKDIR.relative_to(ROOT)}), {QUICK_CLIPS} clips",
     )
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the stage's)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale (default: the stage's)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
     p.add_argument("--judge-weights", default=None, help="digit judge weights (default: shipped)")
     p.add_argument(
@@ -135,22 +138,30 @@ def main() -> int:
     from ulframe_plugins.datasets.moving_digits import MovingDigits
     from ulframe_plugins.metrics.fd_digits import load_digit_judge
 
-    config = args.workdir / "config.gin"
-    files = [str(config)] if config.is_file() else args.gin
-    ns = argparse.Namespace(files=files, workdir=args.workdir)
-    experiment, restored, device, _ = cli._restore_stages(ns, [] if config.is_file() else bindings)
-    stage, model, _ = next(r for r in restored if hasattr(r[1], "sample"))
-    k = int(getattr(model, "context_frames", 0))
-    if not k:
-        raise SystemExit(f"{args.workdir}: its stage 2 does not continue clips (context_frames 0)")
-    dataset = experiment.dataset
+    # The run's own config.gin (its overrides included) when it has one, else the gin files.
+    config = args.workdir / trained.CONFIG_FILE
+    files = trained.config_files(args.workdir) if config.is_file() else args.gin
+    run = trained.open_run(args.workdir, files, [] if config.is_file() else bindings)
+    sampling = run.sampling()
+    if sampling is None:
+        raise SystemExit(f"{args.workdir}: no stage of this run draws samples")
+    stage, model = sampling.stage, sampling.model
+    settings = stage.sample_settings(model, guidance=args.guidance, steps=args.steps)
+    k = int(settings.facts.get("context_frames", 0))
+    if not settings.continues or not k:
+        raise SystemExit(f"{args.workdir}: its stage 2 does not continue clips")
+    dataset = run.experiment.dataset
     if not isinstance(dataset, MovingDigits):
         raise SystemExit(f"{args.workdir}: trained on {type(dataset).__name__}, not MovingDigits")
     size = dataset.digit_size
     note = ""
     if dataset.num_digits != 1:
         note = f" (the run's clips hold {dataset.num_digits} digits: evaluated on 1-digit clips)"
-        dataset = MovingDigits(**{**vars(dataset), "num_digits": 1})
+        dataset = MovingDigits(
+            resolution=dataset.resolution, num_frames=dataset.num_frames, num_digits=1,
+            digit_size=dataset.digit_size, channels=dataset.channels,
+            eval_clips=dataset.eval_clips, max_speed=dataset.max_speed, seed=dataset.seed,
+        )  # fmt: skip
     source = dataset.source("eval")
     if len(source.items) < args.clips:
         raise SystemExit(f"the eval split has {len(source.items)} clips; pass --clips <= that")
@@ -158,23 +169,21 @@ def main() -> int:
     clips = torch.stack([e["x"] for e in examples])  # (N, C, T, H, W)
     labels = torch.tensor([e["label"] for e in examples])
     n, t = len(clips), clips.shape[2]
-    steps = stage.sample_steps if args.steps is None else args.steps
-    decoder_steps = stage.decoder_sample_steps if args.steps is None else args.steps
 
     samples: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     with torch.no_grad():
         for name, use_labels in (("clip label", True), ("null label", False)):
-            generator = torch.Generator(device).manual_seed(args.seed)
+            generator = torch.Generator(run.device).manual_seed(args.seed)
             chunks = []
             for start in range(0, n, 64):
                 part = slice(start, start + 64)
                 m = len(clips[part])
-                cond = labels[part].to(device) if use_labels else None
+                cond = labels[part].to(run.device) if use_labels else None
                 chunks.append(
-                    model.sample(
-                        m, generator, cond, stage.sampler, steps, decoder_steps,
-                        stage.guidance_scale, stage.guidance_interval, context=clips[part],
+                    stage.sample(
+                        model, m, cond, args.guidance, generator, args.steps,
+                        context=clips[part].to(run.device),
                     ).cpu()
                 )  # fmt: skip
             samples[name] = torch.cat(chunks).clamp(-1, 1)
@@ -206,7 +215,7 @@ def main() -> int:
 
     print(
         f"workdir: {args.workdir}   clips: {n} held-out (eval digits){note}   frames: {k} context "
-        f"-> {t - k} generated   sampling: {steps} steps, guidance {stage.guidance_scale} "
+        f"-> {t - k} generated   sampling: {settings.steps} steps, guidance {settings.guidance} "
         f"({sample_s:.0f} s for both label settings)"
     )
     print(f"{'continuation':<26} {'mse':>8}   mse per generated frame ({k}..{t - 1})")

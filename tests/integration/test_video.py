@@ -203,12 +203,12 @@ def test_video_quickstart_runs_tiny_and_continues_moving_digits(
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("stage1", "stage2"):
         assert (workdir / "stages" / stage / "DONE.json").is_file()
-    sampled = run_cli("sample", *TINY_VIDEO_QUICKSTART, "--workdir", workdir, "-n", "2")
+    sampled = run_cli("sample", workdir, "-n", "2")  # the run's own config.gin
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     summary = json.loads(sampled.stdout.strip().splitlines()[-1])
     assert summary["context_frames"] == 5
     clips = np.load(summary["npz"])["images"]
-    assert clips.shape == (2, 16, 32, 32, 3) and clips.dtype == np.uint8
+    assert clips.shape == (2, 16, 32, 32, 1) and clips.dtype == np.uint8  # grey clips: one channel
     # The first 5 frames are the context: the first two eval clips of datasets.moving_digits.
     from ulframe_plugins.datasets.moving_digits import MovingDigits
 
