@@ -18,9 +18,9 @@ fixed by the dataset's seed) this measures
   true future frames and on the copy-last frames is printed beside it (its ceiling here).
 
 The base model is class-conditional. Samples are drawn twice with the same seed: conditioned on
-each clip's label (as the stage's own evaluation does; guidance as configured) and with the null
-label (the class must then come from the context frames alone). The last line uses the
-clip-label samples.
+each clip's label (as the stage's own evaluation does; guidance as configured, or `--guidance`)
+and with the null label (the class must then come from the context frames alone). The last line
+uses the clip-label samples.
 
     python benchmarks/video_continuation.py --workdir runs/quickstart_video   # a finished run
     python benchmarks/video_continuation.py --quick                          # trains one first
@@ -29,7 +29,9 @@ A `--workdir` without a finished stage 2 is trained first (`ulframe run` with th
 plus the `--quick` budget with `--quick`; a partly trained run is resumed). A finished run is
 restored from its own `config.gin`, so the overrides it was trained with apply.
 
-Last line: `continuation mse ratio model/copy-last: X.XX` (below 1: the model predicts motion).
+Last line: `continuation mse ratio model/copy-last: X.XX` (below 1: the generated frames are
+closer to the truth than a frozen last frame, i.e. the model predicts motion; the line before it,
+`model/blank`, says how far from a blank black frame: a blurred or misplaced digit is no better).
 """
 
 from __future__ import annotations
