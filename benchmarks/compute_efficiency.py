@@ -65,7 +65,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sweep import add_data_argument, judge, open_trained, sample_metric, split_examples
 from _sweep import draw as draw_stage
 
+from ulframe.diffusion.logsnr import diffuse
 from ulframe.eval.metrics import psnr
 from ulframe.train import checkpoint
 
@@ -242,13 +242,23 @@ def draw_samples(
 
 @torch.no_grad()
 def reconstructions(stage: Any, model: Any, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Stage-1 reconstructions through the latent interface: decode_latents(encode_clean(x))."""
+    """Stage-1 reconstructions through the latent interface: decode_latents of the encoded x,
+    with the encoding noise at λ = latent_logsnr_max added first where the decoder takes the
+    noisy latent (UL's z_0; `LatentModel.noisy_latent`), as in training and sampling."""
     latents = model.latents()
     g = torch.Generator().manual_seed(seed)
     steps = stage.decoder_sample_steps or stage.sample_steps
+
+    def latent(part: torch.Tensor) -> torch.Tensor:
+        z = latents.encode_clean(part)
+        if not latents.noisy_latent:
+            return z
+        logsnr = torch.full((len(z),), float(latents.latent_logsnr_max))
+        return diffuse(z, logsnr, torch.randn(z.shape, generator=g))
+
     return torch.cat(
         [
-            latents.decode_latents(latents.encode_clean(x[i : i + 64]), g, stage.sampler, steps)
+            latents.decode_latents(latent(x[i : i + 64]), g, stage.sampler, steps)
             for i in range(0, len(x), 64)
         ]
     )
@@ -366,12 +376,6 @@ def evaluate(variant: Variant, bindings: Sequence[str], workdir: Path, setting: 
 
 
 # ------------------------------------------------------------------------------ the plot
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-12) / n))
-    step *= min((1, 2, 5, 10), key=lambda m: abs((hi - lo) / (m * step) - n))
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
 def plot(
     series: dict[str, list[tuple[float, float]]],
     title: str,
@@ -379,63 +383,36 @@ def plot(
     floors: dict[str, float] | None = None,
     metric_name: str = "fd_photos",
 ) -> Path:
-    """FD (y) against base-model training FLOPs (x, log scale) per series, as a PNG; `floors`
-    (per series, e.g. the FD of its stage-1 reconstructions) are drawn as dotted lines."""
-    colours = [(40, 90, 200), (200, 60, 40), (230, 150, 30), (60, 160, 80)]
-    width, height, left, right, top, bottom = 560, 400, 62, 130, 30, 48
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    x0, y0, x1, y1 = left, top, width - right, height - bottom
-    draw.text((width // 2, 8), title, fill="black", font=font, anchor="mt")
-    draw.text(((x0 + x1) // 2, height - 6), "base-model training FLOPs", "black", font, "mb")
-    draw.text((4, y0 - 4), f"FD ({metric_name})", fill="black", font=font, anchor="lb")
+    """FD (y) against base-model training FLOPs (x, log scale) per series, as a PNG drawn with
+    matplotlib; `floors` (per series, e.g. the FD of its stage-1 reconstructions) are drawn as
+    dotted lines."""
+    from ulframe_plugins.hooks.tensorboard import figure_image, new_figure
+
+    colours = ["#285ac8", "#c83c28", "#e6961e", "#3ca050"]
+    fig = new_figure((560, 400))
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("base-model training FLOPs", fontsize=8)
+    ax.set_ylabel(f"FD ({metric_name})", fontsize=8)
+    ax.set_xscale("log")
+    ax.tick_params(labelsize=7)
+    ax.grid(True, color="0.9")
     floors = floors or {}
-    points = [p for s in series.values() for p in s]
-    lx = [math.log10(p[0]) for p in points]
-    ys = [p[1] for p in points] + list(floors.values())
-    xlo, xhi = min(lx) - 0.05, max(lx) + 0.05
-    pad = 0.08 * max(max(ys) - min(ys), 1e-6)
-    ylo, yhi = max(0.0, min(ys) - pad), max(ys) + pad
-
-    def px(flops: float, y: float) -> tuple[float, float]:
-        u = x0 + (math.log10(flops) - xlo) / (xhi - xlo) * (x1 - x0)
-        return u, y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-
-    for flops in sorted({p[0] for p in points}):  # a tick at every budget
-        u = px(flops, ylo)[0]
-        draw.line((u, y0, u, y1), fill=(230, 230, 230))
-        draw.text((u, y1 + 6), f"{flops:.1e}", "black", font, "mt")
-    for v in _ticks(ylo, yhi):
-        w = px(10**xlo, v)[1]
-        draw.line((x0, w, x1, w), fill=(230, 230, 230))
-        draw.text((x0 - 6, w), f"{v:g}", "black", font, "rm")
-    draw.rectangle((x0, y0, x1, y1), outline="black")
-    legend = 0
+    budgets = sorted({p[0] for s in series.values() for p in s})
     for i, (name, pts) in enumerate(series.items()):
         colour = colours[i % len(colours)]
-        line = max(1, 3 - i)  # thinner lines drawn later: overlapping series stay visible
-        radius = max(2, 4 - i)
-        xy = [px(f, y) for f, y in sorted(pts)]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=line)
-        for u, w in xy:
-            draw.ellipse((u - radius, w - radius, u + radius, w + radius), colour, "black")
-        ly = y0 + 12 + 16 * legend
-        draw.line((x1 + 12, ly, x1 + 30, ly), fill=colour, width=line)
-        draw.text((x1 + 34, ly), name, "black", font, "lm")
-        legend += 1
+        xs, ys = zip(*sorted(pts), strict=True) if pts else ((), ())
+        width = max(1, 3 - i)  # thinner lines drawn later: overlapping series stay visible
+        ax.plot(xs, ys, color=colour, linewidth=width, marker="o", markersize=max(3, 6 - i),
+                markeredgecolor="black", markeredgewidth=0.5, label=name)  # fmt: skip
         if name in floors:
-            w = px(10**xlo, floors[name])[1]
-            for u in range(x0, x1, 8):
-                draw.line((u, w, min(u + 3, x1), w), fill=colour, width=1)
-            ly = y0 + 12 + 16 * legend
-            for u in range(x1 + 12, x1 + 30, 6):
-                draw.line((u, ly, u + 3, ly), fill=colour, width=1)
-            draw.text((x1 + 34, ly), f"{name} rFD", "black", font, "lm")
-            legend += 1
+            ax.axhline(floors[name], color=colour, linestyle=":", linewidth=1, label=f"{name} rFD")
+    ax.set_xticks(budgets, [f"{f:.1e}" for f in budgets])  # a tick at every budget
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    figure_image(fig).save(path)
     return path
 
 

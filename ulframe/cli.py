@@ -1,11 +1,18 @@
 """`ulframe`: run, validate and inspect experiments.
 
-    ulframe run FILE.gin [FILE2.gin ...] [--gin.NAME=VALUE ...] [--gin_param 'a.b = 1' ...] [--workdir DIR]
-    ulframe config FILE.gin [...]          parse, validate and print the config; no training
+    ulframe run FILE.gin [FILE2.gin ...] [--gin.NAME=VALUE ...] [--gin-param 'a.b = 1' ...] [--workdir DIR]
+    ulframe config FILE.gin [...]          parse, validate and print the config and the networks'
+                                           parameter counts; no training
     ulframe export WORKDIR [--stage NAME] --out FILE.safetensors   EMA weights of a run
     ulframe sample WORKDIR [EXTRA.gin ...] -n N [--class C] [--guidance G] [--steps S]
     ulframe eval WORKDIR [EXTRA.gin ...]   evaluate a trained run; prints and writes eval.json
     ulframe plugins [--kind KIND] [--markdown]
+    ulframe --version                      ulframe's version, torch's and Python's
+
+Gin files are positional or `--gin-file FILE` (repeatable, the T5X spelling); `--gin-search-path
+DIR` (repeatable) is where file names and `include` lines are also looked up. Flags are dashed
+(`--gin-param`, `--fd-samples`, ...); the underscore spellings (`--gin_param`, `--gin_file`,
+`--gin_search_path`, `--fd_samples`, ...) are accepted as well.
 
 `sample` and `eval` read the run's own config (WORKDIR/config.gin, overrides included); gin
 files and --gin overrides after it apply on top. The older form `ulframe sample FILE.gin
@@ -41,7 +48,8 @@ RUN_EXAMPLES = """examples:
   ulframe run gin/quickstart.gin
   ulframe run gin/quickstart.gin --workdir runs/lf17 --gin.LOSS_FACTOR=1.7
   ulframe run gin/ul_imagenet512.gin --gin.DATA_ROOT="'/data/imagenet'"
-  ulframe run gin/quickstart.gin --gin_param 'stage1/TrainSettings.train_samples = 2048'
+  ulframe run gin/quickstart.gin --gin-param 'stage1/TrainSettings.train_samples = 2048'
+  ulframe run --gin-search-path gin --gin-file quickstart.gin   (T5X-style flags)
   ulframe run gin/quickstart.gin --nproc 2        two processes (one per GPU; gloo on CPU)
 Re-running the same command on the same workdir resumes where it stopped."""
 
@@ -58,7 +66,7 @@ Writes WORKDIR/samples/samples.png (a grid) and samples.npz (uint8 images, label
 
 EVAL_EXAMPLES = """examples:
   ulframe eval runs/quickstart
-  ulframe eval runs/quickstart --fd_samples 0
+  ulframe eval runs/quickstart --fd-samples 0
 Prints one JSON object (bits_per_pixel, psnr, ssim, bits_per_pixel_base, ...) and writes
 WORKDIR/eval.json."""
 
@@ -73,7 +81,9 @@ PLUGINS_EXAMPLES = """examples:
 
 
 def _expand_gin_overrides(argv: Sequence[str]) -> list[str]:
-    """`--gin.NAME=VALUE` (or `--gin.NAME VALUE`) as `--gin_param 'NAME = VALUE'`, in place.
+    """`--gin.NAME=VALUE` (or `--gin.NAME VALUE`) as `--gin-param 'NAME = VALUE'`, in place, and
+    every other flag dashed (`--fd_samples` as `--fd-samples`: the underscore spellings are
+    hidden aliases).
 
     So overrides apply in command-line order whichever form they take: the last one wins.
     """
@@ -84,10 +94,39 @@ def _expand_gin_overrides(argv: Sequence[str]) -> list[str]:
             name, eq, value = arg[len("--gin.") :].partition("=")
             if not eq:
                 value = next(it, "")
-            out += ["--gin_param", f"{name} = {value}"]
+            out += ["--gin-param", f"{name} = {value}"]
+        elif arg.startswith("--") and "_" in arg.partition("=")[0]:
+            flag, eq, value = arg.partition("=")
+            out.append(flag.replace("_", "-") + eq + value)
         else:
             out.append(arg)
     return out
+
+
+def version_text() -> str:
+    """`ulframe X (torch Y, Python Z)`."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    try:
+        ours = importlib.metadata.version("ulframe")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "unknown (not installed)"
+    return f"ulframe {ours} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: computed when asked (importing torch for every `--help` would be slow)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 help: str | None = None) -> None:  # fmt: skip
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        sys.stdout.write(version_text() + "\n")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=MAIN_EXAMPLES,
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p.add_argument("--version", action=_VersionAction, help="ulframe's, torch's, Python's version")
     sub = p.add_subparsers(dest="command", required=True)
 
     def gin_args(sp: argparse.ArgumentParser, run_dir: bool = False) -> None:
@@ -113,11 +153,20 @@ def _parser() -> argparse.ArgumentParser:
                 "gin files of the config)",
             )  # fmt: skip
         else:
-            sp.add_argument("files", nargs="+", metavar="FILE.gin", help="gin files, in order")
+            sp.add_argument("files", nargs="*", metavar="FILE.gin", help="gin files, in order")
         sp.add_argument(
-            "--gin_param", action="append", default=[], metavar="BINDING",
+            "--gin-param", action="append", default=[], metavar="BINDING",
             help="a gin binding string, e.g. 'stage1/TrainSettings.lr = 3e-4' (repeatable); "
             "--gin.NAME=VALUE is the short form",
+        )  # fmt: skip
+        sp.add_argument(
+            "--gin-file", action="append", default=[], metavar="FILE",
+            help="a gin file, parsed after the positional ones (repeatable)",
+        )  # fmt: skip
+        sp.add_argument(
+            "--gin-search-path", action="append", default=[], metavar="DIR",
+            help="a folder where gin file names and `include` lines are looked up too "
+            "(repeatable)",
         )  # fmt: skip
         # SUPPRESS: absent here, `ulframe --debug COMMAND` keeps the top-level value
         sp.add_argument(
@@ -159,12 +208,30 @@ def _parser() -> argparse.ArgumentParser:
     gin_args(cfg)
     cfg.set_defaults(func=cmd_config)
     cfg.add_argument("--operative", action="store_true", help="print only what the experiment uses")
+    cfg.add_argument(
+        "--workdir", type=Path,
+        help="the run whose finished stages' weights later stages build on, for their parameter "
+        "counts (default: runs/<name of the last gin file>)",
+    )  # fmt: skip
     plg = sub.add_parser(
         "plugins", help="list every registered plugin", epilog=PLUGINS_EXAMPLES, formatter_class=fmt
     )
     plg.set_defaults(func=cmd_plugins)
     plg.add_argument("--kind", help="only this kind (encoders, priors, ..., hooks)")
     plg.add_argument("--markdown", action="store_true", help="the gin reference page as Markdown")
+    chk = sub.add_parser(
+        "check-plugins",
+        help="run the plugin contract kit on every plugin of installed distributions",
+        epilog="examples:\n  ulframe check-plugins ulframe-example\n"
+        "One line per plugin and check (PASS, FAIL: what it returned and what is expected, "
+        "SKIP); exit 0 when none fails, 1 otherwise.",
+        formatter_class=fmt,
+    )  # fmt: skip
+    chk.set_defaults(func=cmd_check_plugins)
+    chk.add_argument("dists", nargs="+", metavar="DIST", help="installed distribution names")
+    chk.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     plg.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
@@ -213,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
         help="eval batches per stage (default: each stage's TrainSettings.eval_batches)",
     )  # fmt: skip
     evl.add_argument(
-        "--fd_samples", type=int, default=256,
+        "--fd-samples", type=int, default=256,
         help="end-to-end samples for the Fréchet distance: 'fd' for images (Experiment."
         "sample_metric, default metrics.fd_photos), 'fvd' for videos (e.g. metrics.fvd_i3d "
         "with its weights file); 0: skip",
@@ -242,6 +309,36 @@ def _not_gin(record: logging.LogRecord) -> bool:
     """gin logs its file lookups on the root logger (`system_path_file_exists`, `Path not found`):
     noise next to ulframe's own messages about the same files."""
     return not (record.name == "root" and f"{os.sep}gin{os.sep}" in record.pathname)
+
+
+def _gin_files(args: argparse.Namespace) -> None:
+    """Merge `--gin-file`s into the files of the command (after the positional ones), look file
+    names up in the `--gin-search-path` folders too, and hand the folders to gin (`include`)."""
+    if not hasattr(args, "gin_file"):
+        return
+    search = [Path(d) for d in args.gin_search_path]
+    for d in search:
+        if not d.is_dir():
+            raise UserError(f"--gin-search-path {d}: no such folder")
+
+    def found(name: str) -> str:
+        if Path(name).exists() or Path(name).is_absolute():
+            return name
+        hits = [d / name for d in search if (d / name).is_file()]
+        return str(hits[0]) if hits else name
+
+    if hasattr(args, "files"):
+        args.files = [found(f) for f in [*args.files, *args.gin_file]]
+        if not args.files:
+            raise UserError(f"no gin file given: `ulframe {args.command} FILE.gin` or --gin-file")
+    else:  # sample / eval: WORKDIR [EXTRA.gin ...]
+        args.extra = [found(f) for f in [*args.extra, *args.gin_file]]
+        if Path(args.target).suffix == ".gin":
+            args.target = found(args.target)
+    if search:
+        from ulframe import wiring
+
+        wiring.add_search_paths(search)
 
 
 def _workdir(args: argparse.Namespace) -> Path:
@@ -275,7 +372,8 @@ def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
     registry = wiring.load(args.files, bindings)  # config errors: one message, before launching
     workdir = _workdir(args)
     if args.nproc and not distributed.launched():
-        again = ["run", *args.files, *[a for b in bindings for a in ("--gin_param", b)]]
+        again = ["run", *args.files, *[a for b in bindings for a in ("--gin-param", b)]]
+        again += [a for d in args.gin_search_path for a in ("--gin-search-path", d)]
         again += ["--workdir", str(args.workdir)] if args.workdir else []
         again += ["--allow-config-change"] if args.allow_config_change else []
         again += ["--debug"] if args.debug else []
@@ -336,13 +434,17 @@ def cmd_export(args: argparse.Namespace, bindings: list[str]) -> int:
 
 
 def cmd_config(args: argparse.Namespace, bindings: list[str]) -> int:
-    from ulframe import wiring
+    from ulframe import parameters, wiring
 
     _configure_logging(is_main=True)
     wiring.load(args.files, bindings)
-    wiring.experiment()  # gin calls every constructor; networks are built later, from the data
+    experiment = wiring.experiment()  # gin calls every constructor
+    try:  # the networks, on the meta device: what the operative config then shows too
+        counts = parameters.describe(parameters.stage_parameters(experiment, _workdir(args)))
+    except UserError as err:  # e.g. the data is not here
+        counts = f"# parameters: not counted (the networks are built from the data: {err})\n"
     sys.stdout.write(wiring.operative_config() if args.operative else wiring.full_config())
-    sys.stdout.write("\n# config OK\n")
+    sys.stdout.write("\n" + counts + "# config OK\n")
     return 0
 
 
@@ -361,6 +463,23 @@ def cmd_plugins(args: argparse.Namespace, bindings: list[str]) -> int:
     )
     sys.stdout.write(text)
     return 0
+
+
+def cmd_check_plugins(args: argparse.Namespace, bindings: list[str]) -> int:
+    """The contract kit (`ulframe.testing`) on the plugins of the named distributions."""
+    from ulframe.testing import kit
+
+    _configure_logging(is_main=False)  # warnings only: the verdict lines are the output
+    unknown = [d for d in args.dists if not kit.installed(d)]
+    if unknown:
+        raise UserError(f"not installed: {', '.join(unknown)} (pip install it first)")
+    outcomes = kit.run_all(args.dists)
+    if not outcomes:
+        raise UserError(f"{', '.join(args.dists)} register no ulframe plugins (entry points)")
+    for outcome in outcomes:
+        sys.stdout.write(outcome.line() + "\n")
+        sys.stdout.flush()
+    return 1 if any(o.status == "FAIL" for o in outcomes) else 0
 
 
 def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
@@ -392,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(_expand_gin_overrides(argv))
     bindings = list(getattr(args, "gin_param", []))
     try:
+        _gin_files(args)
         return int(args.func(args, bindings))
     except UserError as err:
         if args.debug:

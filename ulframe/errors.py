@@ -30,6 +30,12 @@ class PluginError(UserError):
     """A plugin that cannot be found, loaded, or does not provide its kind's protocol."""
 
 
+class ContractError(PluginError):
+    """A plugin's product returned what its kind's contract forbids (a dataset's example that
+    is not a float32 C×H×W tensor in [-1, 1], a weighting that is nan): the message names the
+    plugin, what it returned and what is expected."""
+
+
 class DataError(UserError):
     """A dataset that is missing, empty or unreadable."""
 

@@ -4,8 +4,10 @@ workdir/
   config.gin             the full config as parsed (files + overrides)
   operative_config.gin   the parameters actually used (written after the first stage builds)
   command.txt            the command line
-  versions.json          Python, torch, ulframe and every plugin distribution used
-  metrics.jsonl          one JSON object per log step / evaluation
+  versions.json          Python, torch, ulframe and every plugin distribution used, and the
+                         git commit of the ulframe source tree when it is a git checkout
+  metrics.jsonl          one JSON object per log step / evaluation, with its `time` (Unix
+                         seconds)
   run.lock               the lock of the process training here (host, pid, start time)
   stages/<name>/         checkpoints, images and DONE.json of each stage
 
@@ -122,7 +124,31 @@ def versions(distributions: Iterable[str]) -> dict[str, Any]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "?"
+    out |= git_commit(Path(__file__).resolve().parent.parent)
     return out
+
+
+def git_commit(source: Path) -> dict[str, Any]:
+    """`{"git_commit": HEAD, "git_dirty": bool}` of `source` when it is the top of a git
+    checkout (tracked files changed: dirty); `{}` otherwise (an installed wheel, no git)."""
+    import subprocess
+
+    if not (source / ".git").exists():
+        return {}
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), *args], capture_output=True, text=True, check=True,
+            timeout=10,
+        ).stdout.strip()  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError) as err:
+        log.debug("no git commit for versions.json: %s", err)
+        return {}
+    return {"git_commit": commit, "git_dirty": dirty}
 
 
 def write_run_files(workdir: Path, full_config: str, distributions: Iterable[str]) -> None:
@@ -195,7 +221,8 @@ def _plain(v: Any) -> Any:
 
 
 class MetricsFile:
-    """Appends one JSON object per line to `metrics.jsonl` (rank 0 only)."""
+    """Appends one JSON object per line to `metrics.jsonl` (rank 0 only), each with the `time`
+    it was written (Unix seconds) unless it has its own."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
@@ -205,6 +232,7 @@ class MetricsFile:
         """Append one line in one write; on failure the file is cut back to where it was."""
         if not self.enabled:
             return
+        record = {"time": round(time.time(), 3)} | record
         data = (json.dumps({k: _plain(v) for k, v in record.items()}) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         start = os.fstat(fd).st_size

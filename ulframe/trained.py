@@ -24,6 +24,7 @@ import torch
 
 from ulframe import rundir
 from ulframe.errors import UserError
+from ulframe.progress import progress
 from ulframe.protocols import SamplingStage
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def evaluate(run: TrainedRun, batches: int | None = None, fd_samples: int = 256)
         )  # fmt: skip
         data = [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(count), loader)]
         generator = torch.Generator(device).manual_seed(experiment.seed)
+        log.info("evaluating stage %s on %d batches", r.stage.name, len(data))
         with torch.no_grad():
             report = r.stage.evaluate(r.model, data, generator)
         per_stage[r.stage.name] = dict(report.scalars)
@@ -214,10 +216,11 @@ def write_samples(
     else:
         labels = stage.sample_labels(n, device, num_classes)
     generator = torch.Generator(device).manual_seed(experiment.seed if seed is None else seed)
-    with torch.no_grad():
+    with torch.no_grad(), progress(n, phase="sampling", unit="samples") as bar:
         samples = stage.sample(
             model, n, labels, settings.guidance, generator, steps=steps, context=context
         ).cpu()
+        bar.update(n)
     out = run.workdir / SAMPLES_DIR
     npz = out / "samples.npz"
     label_array = labels.cpu().numpy() if labels is not None else np.full(n, -1)

@@ -688,6 +688,14 @@ def load(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> Registry:
     return registry
 
 
+def add_search_paths(folders: Sequence[str | Path]) -> None:
+    """Folders where gin also looks up `include` lines (after the including file's folder and
+    the working directory): `--gin-search-path`."""
+    for folder in folders:
+        if str(folder) not in gin.config._LOCATION_PREFIXES:
+            gin.add_config_file_search_path(str(folder))
+
+
 def experiment() -> Any:
     """The configured `Experiment` (gin calls every constructor it references)."""
     return call(configured(f"{ENGINE_MODULE}.Experiment"))

@@ -6,7 +6,7 @@ TensorBoard shows, playing, in its Images tab. ``SummaryWriter.add_video`` is no
 through ``moviepy.editor``, which moviepy 2 removed, and without it writes an empty summary and
 only prints a message.
 
-The figure is drawn with Pillow (no matplotlib needed). For a sweep, one point per run::
+The figure is drawn with matplotlib (Agg canvas, no display). For a sweep, one point per run::
 
     python -m ulframe_plugins.hooks.tensorboard SWEEP_DIR   # writes SWEEP_DIR/rate_distortion.png
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ulframe.eval.images import grid
 from ulframe.eval.video import DEFAULT_FPS, encode_gif, video_grid_frames
@@ -134,23 +134,20 @@ def config_hparams(operative_config: str, names: Sequence[str], scope: str) -> d
 
 
 # ---- the rate–distortion figure ----------------------------------------------------------------
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    raw = (hi - lo) / count
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+def new_figure(size: tuple[int, int]) -> Any:
+    """A matplotlib `Figure` of `size` pixels on the Agg canvas (no pyplot, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _span(values: list[float]) -> tuple[float, float]:
-    lo, hi = min(values), max(values)
-    pad = max((hi - lo) * 0.08, 0.02 * max(abs(lo), abs(hi)), 0.01)
-    return lo - pad, hi + pad
-
-
-def _label(v: float, step: float) -> str:
-    decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 2
-    return f"{v:.{decimals}f}"
+def figure_image(fig: Any) -> Image.Image:
+    """A matplotlib figure drawn into an RGB image."""
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
 
 
 def rate_distortion_figure(
@@ -159,51 +156,32 @@ def rate_distortion_figure(
     connect: bool = True,
     size: tuple[int, int] = (480, 360),
 ) -> Image.Image:
-    """Bits/pixel (x) against PSNR in dB (y) as an RGB image: axes, numbered ticks, points.
+    """Bits/pixel (x) against PSNR in dB (y) as an RGB image, drawn with matplotlib.
 
     `points` are (bits_per_pixel, psnr, label); non-finite points are left out. `connect`
     joins the points in order (a run's trajectory); labels are written beside the points.
     """
     pts = [(x, y, s) for x, y, s in points if math.isfinite(x) and math.isfinite(y)]
-    width, height = size
-    left, right, top, bottom = 62, 16, 30, 44
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    draw.text((width // 2, 8), title, fill="black", font=font, anchor="mt")
-    x0, y0, x1, y1 = left, top, width - right, height - bottom
-    draw.rectangle((x0, y0, x1, y1), outline="black")
-    draw.text(((x0 + x1) // 2, height - 6), "bits/pixel", fill="black", font=font, anchor="mb")
-    draw.text((4, y0 - 4), "PSNR (dB)", fill="black", font=font, anchor="lb")
+    fig = new_figure(size)
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("bits/pixel", fontsize=8)
+    ax.set_ylabel("PSNR (dB)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, color="0.9")
     if not pts:
-        draw.text(((x0 + x1) // 2, (y0 + y1) // 2), "no points", fill="gray", anchor="mm")
-        return img
-    xlo, xhi = _span([p[0] for p in pts])
-    ylo, yhi = _span([p[1] for p in pts])
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
-
-    xt, yt = _ticks(xlo, xhi), _ticks(ylo, yhi)
-    for v in xt:
-        u = px(v, ylo)[0]
-        draw.line((u, y0, u, y1), fill=(230, 230, 230))
-        draw.line((u, y1, u, y1 + 4), fill="black")
-        draw.text((u, y1 + 6), _label(v, xt[1] - xt[0] if len(xt) > 1 else 0), "black", font, "mt")
-    for v in yt:
-        w = px(xlo, v)[1]
-        draw.line((x0, w, x1, w), fill=(230, 230, 230))
-        draw.line((x0 - 4, w, x0, w), fill="black")
-        draw.text((x0 - 6, w), _label(v, yt[1] - yt[0] if len(yt) > 1 else 0), "black", font, "rm")
-    draw.rectangle((x0, y0, x1, y1), outline="black")
-    xy = [px(x, y) for x, y, _ in pts]
-    if connect and len(xy) > 1:
-        draw.line(xy, fill=(90, 130, 200), width=1)
-    for (u, w), (_, _, label) in zip(xy, pts, strict=True):
-        draw.ellipse((u - 3, w - 3, u + 3, w + 3), fill=(200, 60, 40), outline="black")
+        ax.text(0.5, 0.5, "no points", color="gray", ha="center", va="center",
+                transform=ax.transAxes)  # fmt: skip
+        return figure_image(fig)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if connect and len(pts) > 1:
+        ax.plot(xs, ys, color="#5a82c8", linewidth=1, zorder=1)
+    ax.scatter(xs, ys, s=20, color="#c83c28", edgecolors="black", linewidths=0.5, zorder=2)
+    for x, y, label in pts:
         if label:
-            draw.text((u + 5, w - 5), label, fill="black", font=font, anchor="ls")
-    return img
+            ax.annotate(label, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.margins(0.12)
+    return figure_image(fig)
 
 
 def final_eval_point(metrics_path: Path) -> tuple[float, float] | None:

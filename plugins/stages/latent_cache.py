@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ulframe import rundir
+from ulframe.progress import progress
 
 CACHE_DIR = "latent_cache"
 CACHE_FORMAT = 2  # bump when the cache layout changes: old caches get another key
@@ -139,7 +140,7 @@ def encode_source(
                 contexts.append(context(x).float().cpu())
             pending.clear()
 
-    for item in source.items:
+    for item in progress(source.items, phase="latent caching", unit="examples"):
         example = source.decode(item)
         if example is None:
             continue

@@ -57,6 +57,7 @@ from ulframe.diffusion import (
     sample_ddim,
     stratified_t,
 )
+from ulframe.diffusion.weighting import check_weighting
 from ulframe.errors import ConfigError
 from ulframe.eval.batches import Measured, evaluate_batches
 from ulframe.eval.metrics import bits_per_pixel
@@ -375,6 +376,7 @@ class ULBase:
         self.train = train
         self.source_stage = source_stage
         self.weighting = weighting if weighting is not None else SigmoidWeighting(0.0)
+        check_weighting(self.weighting, "ul_base.weighting")
         self.schedule_factory = schedule
         self.logsnr_min = logsnr_min
         self.label_dropout = label_dropout

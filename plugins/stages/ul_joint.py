@@ -48,6 +48,7 @@ from ulframe.diffusion import (
     sample_ddim,
     stratified_t,
 )
+from ulframe.diffusion.weighting import check_weighting
 from ulframe.errors import ConfigError
 from ulframe.eval.batches import Measured, evaluate_batches
 from ulframe.eval.metrics import bits_per_pixel
@@ -327,6 +328,7 @@ class ULJoint:
         self.decoder_weighting = (
             decoder_weighting if decoder_weighting is not None else SigmoidWeighting(0.0)
         )
+        check_weighting(self.decoder_weighting, "ul_joint.decoder_weighting")
         prior_weighting = prior_weighting if prior_weighting is not None else ELBOWeighting()
         if not is_elbo_weighting(
             cast(Weighting, prior_weighting), latent_logsnr_min, latent_logsnr_max

@@ -7,6 +7,7 @@ Each test asserts the text a person reads. The run uses gin/quickstart.gin shrun
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +34,8 @@ def one_line(text: str) -> str:
 def test_help_shows_examples(run_cli: RunCli) -> None:
     done = run_cli("--help")
     assert done.returncode == 0, done.stderr
-    usage = done.stdout.splitlines()[0]
-    assert usage.startswith("usage: ulframe [-h] [--debug] {run,config,plugins"), usage
+    usage = " ".join(done.stdout.split("\n\n")[0].split())
+    assert usage.startswith("usage: ulframe [-h] [--debug] [--version] {run,config,plugins"), usage
     assert {"run", "config", "plugins", "export"} <= set(
         usage.split("{")[1].split("}")[0].split(",")
     )
@@ -44,8 +45,9 @@ def test_help_shows_examples(run_cli: RunCli) -> None:
 
     done = run_cli("run", "--help")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(
-        "usage: ulframe run [-h] [--gin_param BINDING] [--workdir WORKDIR]"
+    assert " ".join(done.stdout.split()).startswith(
+        "usage: ulframe run [-h] [--gin-param BINDING] [--gin-file FILE] [--gin-search-path DIR] "
+        "[--workdir WORKDIR]"
     )
     assert "\nexamples:\n  ulframe run gin/quickstart.gin\n" in done.stdout
     assert (
@@ -99,16 +101,35 @@ def test_plugins_markdown_is_the_checked_in_gin_reference(run_cli: RunCli, cli_e
 
 
 # ---- config -----------------------------------------------------------------------------------
-def test_config_of_the_quickstart_is_ok(run_cli: RunCli) -> None:
+def test_config_of_the_quickstart_is_ok(run_cli: RunCli, tmp_path: Path) -> None:
     # Overrides apply in command-line order, whichever form they take: the last one wins.
     done = run_cli(
-        "config", "gin/quickstart.gin", "--gin_param", "TRAIN_SAMPLES = 5", "--gin.TRAIN_SAMPLES=7"
-    )
+        "config", "gin/quickstart.gin", "--gin-param", "TRAIN_SAMPLES = 5", "--gin.TRAIN_SAMPLES=7",
+        "--workdir", tmp_path / "run",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("\n# config OK\n")
     assert "\nTRAIN_SAMPLES = 7\n" in done.stdout
     assert "\nstage1/ul_joint.loss_factor = %LOSS_FACTOR\n" in done.stdout
     assert "Traceback" not in done.stderr
+
+    # Each network's parameter count, per stage (built on the meta device).
+    lines = done.stdout.splitlines()
+    start = lines.index("# parameters (networks built from one train example, on the meta device):")
+    stage1 = re.fullmatch(r"#   stage1: ([\d,]+)", lines[start + 1])
+    assert stage1, lines[start + 1]
+    nets = {}
+    for line in lines[start + 2 : start + 5]:
+        m = re.fullmatch(r"#     (\w+) +([\d,]+)", line)
+        assert m, line
+        nets[m.group(1)] = int(m.group(2).replace(",", ""))
+    assert set(nets) == {"encoder", "prior", "decoder"}
+    assert sum(nets.values()) == int(stage1.group(1).replace(",", ""))
+    # stage 2 builds on stage 1's trained weights: not in this empty workdir, and it says so
+    assert lines[start + 5].startswith(
+        "#   stage2: not built here: stage 'stage1' has no valid checkpoint under "
+        f"{tmp_path / 'run' / 'stages' / 'stage1' / 'checkpoints'}"
+    )
 
 
 def misspelled_config(tmp_path: Path) -> Path:
@@ -183,6 +204,7 @@ def test_tiny_run_writes_the_run_files_and_resumes(
     assert "gin/quickstart.gin" in (workdir / "command.txt").read_text()
     versions = json.loads((workdir / "versions.json").read_text())
     assert {"python", "torch", "ulframe", "gin-config", "pluggy", "stevedore"} <= set(versions)
+    assert ("git_commit" in versions) == (REPO / ".git").exists()
 
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
@@ -190,6 +212,8 @@ def test_tiny_run_writes_the_run_files_and_resumes(
     assert [r["samples_seen"] for r in train] == [4, 8, 12]
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all(r["stage"] == "stage1" for r in records)
+    assert all(isinstance(r["time"], float) for r in records)
+    assert [r["time"] for r in records] == sorted(r["time"] for r in records)
     assert all({"bits_per_pixel", "loss_nats", "lr"} <= set(r) for r in train)
     assert [r["samples_seen"] for r in evals] == [4, 8, 12]
     assert all({"eval/psnr", "eval/bits_per_pixel"} <= set(r) for r in evals)

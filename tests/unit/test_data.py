@@ -27,8 +27,8 @@ from ulframe_plugins.datasets.photos import PHOTOGRAPHS, Photos, split_column
 
 
 class CountingSource:
-    """A fake source: item i decodes to a (1, 2, 2) image of value i plus seeded noise, label i;
-    items listed in ``bad`` are unreadable."""
+    """A fake source: item i decodes to a (1, 2, 2) image of value i/10⁴ (within [-1, 1], which
+    the engine checks) plus seeded noise, label i; items listed in ``bad`` are unreadable."""
 
     def __init__(self, n: int, bad: frozenset[int] = frozenset()) -> None:
         self.items = list(range(n))
@@ -38,7 +38,7 @@ class CountingSource:
         if item in self.bad:
             return None
         noise = float(sample_rng().normal())
-        return {"x": torch.full((1, 2, 2), float(item) + 1e-3 * noise), "label": item}
+        return {"x": torch.full((1, 2, 2), (float(item) + 1e-3 * noise) / 1e4), "label": item}
 
 
 def take(loader, count: int):

@@ -27,7 +27,7 @@ import math
 import pickle
 import threading
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -140,11 +140,104 @@ def _hint(source: Source) -> str:
     return f" {hint}" if hint else ""
 
 
-def first_example(source: Source, max_tries: int = MAX_LEADING_FAILURES) -> Example:
+EXPECTED_X = "a float32 tensor C×H×W (video: C×T×H×W) in [-1, 1]"
+RANGE_SLACK = 1e-3
+"""How far past [-1, 1] a value may stray (rounding of a normalisation) before it is refused."""
+CHANNEL_LIMIT = 4
+"""A first axis longer than this before a last axis of 1, 3 or 4: channels last."""
+
+
+def _shown(value: Any) -> str:
+    """A value as one-line messages show it: ``numpy.ndarray (16, 16, 3) uint8``."""
+    if isinstance(value, torch.Tensor):
+        return f"torch.Tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    name = type(value).__qualname__
+    module = type(value).__module__.split(".")[0]
+    name = name if module == "builtins" else f"{module}.{name}"
+    return " ".join(str(p) for p in (name, shape and tuple(shape), dtype) if p is not None)
+
+
+def _is_label(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def example_problem(
+    example: Any, num_classes: int | None = None, labels_only: bool = False
+) -> str | None:
+    """What is wrong with one decoded example, in one line (None: nothing).
+
+    An example is ``{"x": float32 (C, H, W) or (C, T, H, W) in [-1, 1], "label": int}``;
+    with `num_classes` the label is also checked to be in ``0 .. max(num_classes, 1) - 1``.
+    `labels_only` checks the label alone.
+    """
+    if not isinstance(example, dict) or "x" not in example:
+        return f"returned {_shown(example)}; expected a dict {{'x': {EXPECTED_X}, 'label': int}}"
+    if not labels_only:
+        x = example["x"]
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() not in (3, 4):
+            return f"returned {_shown(x)}; expected {EXPECTED_X}"
+        if x.shape[-1] in (1, 3, 4) and x.shape[0] > CHANNEL_LIMIT:
+            return f"returned {_shown(x)}, channels last; expected {EXPECTED_X}"
+        if not bool(torch.isfinite(x).all()):
+            return f"returned {_shown(x)} holding nan or inf; expected {EXPECTED_X}"
+        low, high = float(x.min()), float(x.max())
+        if low < -1 - RANGE_SLACK or high > 1 + RANGE_SLACK:
+            return f"returned {_shown(x)} in [{low:g}, {high:g}]; expected {EXPECTED_X}"
+    label = example.get("label")
+    if not _is_label(label):
+        return f"returned label {_shown(label)} {label!r}; expected an int"
+    classes = max(num_classes or 0, 1)
+    if num_classes is not None and not 0 <= int(cast(Any, label)) < classes:
+        return f"returned label {int(cast(Any, label))}; expected 0 <= label < {classes}"
+    return None
+
+
+def _origin(source: Source) -> str:
+    """The dataset plugin a source comes from (`datasets.NAME from DIST`), as well as it can
+    be told: the registered dataset defined in the source's module (or package)."""
+    klass = type(source)
+    fallback = f"the Source {klass.__qualname__} ({klass.__module__})"
+    try:
+        from ulframe.registry import Registry
+
+        entries = Registry().entries("datasets")
+    except Exception:  # the message matters more than the name
+        return fallback
+    for same in (
+        lambda m: m == klass.__module__,
+        lambda m: m.split(".")[0] == klass.__module__.split(".")[0],
+    ):
+        for entry in entries:
+            if same(getattr(entry.factory, "__module__", "")):
+                return f"datasets.{entry.name} (from {entry.distribution})"
+    return fallback
+
+
+def check_example(example: Example, source: Source, num_classes: int | None = None) -> Example:
+    """`example` if it is well formed, else `ContractError` naming the dataset plugin, what it
+    returned and what is expected (one line)."""
+    problem = example_problem(example, num_classes)
+    if problem is not None:
+        from ulframe.errors import ContractError
+
+        raise ContractError(f"{_origin(source)}: decode {problem}")
+    return example
+
+
+def first_example(
+    source: Source, max_tries: int = MAX_LEADING_FAILURES, num_classes: int | None = None
+) -> Example:
     """Decode the first readable item of ``source`` (in item order), for measuring shapes.
+
+    The example is checked (`example_problem`; its label too, given `num_classes`): a dataset
+    that returns anything else fails here, naming the plugin, not deep inside a network.
 
     Raises:
         EmptyDatasetError: no items, or the first ``max_tries`` items are all unreadable.
+        ContractError: the first readable example is not what a Source must return.
     """
     if len(source.items) == 0:
         raise EmptyDatasetError(f"{type(source).__name__} has no items.{_hint(source)}")
@@ -153,7 +246,7 @@ def first_example(source: Source, max_tries: int = MAX_LEADING_FAILURES) -> Exam
     for index in range(tries):
         example = decode((0, 0, index))
         if not isinstance(example, _Unreadable):
-            return example
+            return check_example(example, source, num_classes)
     raise EmptyDatasetError(
         f"{type(source).__name__}: none of the first {tries} items could be decoded "
         f"(the WARNING lines above name them).{_hint(source)}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ __all__ = [
     "ELBOWeighting",
     "SigmoidWeighting",
     "Weighting",
+    "check_weighting",
     "is_elbo_weighting",
 ]
 
@@ -29,6 +30,9 @@ ELBO_CHECK_POINTS = 257
 """Number of log-SNR grid points on which :func:`is_elbo_weighting` tests w == 1."""
 ELBO_CHECK_ATOL = 1e-6
 """Absolute tolerance of :func:`is_elbo_weighting` (float64 evaluation)."""
+CHECK_RANGE = (-20.0, 20.0)
+"""The log-SNR range on which :func:`check_weighting` asks for finite weights >= 0."""
+CHECK_POINTS = 81
 
 
 @runtime_checkable
@@ -106,3 +110,53 @@ def is_elbo_weighting(w: Weighting, logsnr_min: float, logsnr_max: float) -> boo
     if values.shape != grid.shape:
         return False
     return bool(torch.all((values - 1.0).abs() <= ELBO_CHECK_ATOL))
+
+
+def _origin(w: Any) -> str:
+    """`weightings.NAME (from DIST)` of a weighting object, else its class."""
+    klass = type(w)
+    try:
+        from ulframe.registry import Registry
+
+        for entry in Registry().entries("weightings"):
+            if entry.factory is klass or entry.factory is w:
+                return f"weightings.{entry.name} (from {entry.distribution})"
+    except Exception:  # the message matters more than the name
+        pass
+    return f"the weighting {klass.__qualname__} ({klass.__module__})"
+
+
+def check_weighting(w: Any, where: str = "") -> Any:
+    """`w` if its output on a float32 log-SNR grid over :data:`CHECK_RANGE` is a tensor of the
+    grid's shape holding finite values >= 0; else `ContractError` in one line naming the plugin,
+    what it returned and what is expected. Call it where a stage takes a weighting (`where`:
+    the parameter, e.g. ``ul_joint.decoder_weighting``) so that a NaN weighting fails before
+    training, not as a NaN loss."""
+    from ulframe.errors import ContractError
+
+    grid = torch.linspace(*CHECK_RANGE, CHECK_POINTS)
+    at = f" (as {where})" if where else ""
+    with torch.no_grad():
+        try:
+            out = w(grid)
+        except Exception as err:
+            raise ContractError(
+                f"{_origin(w)}{at}: w(λ) of a float32 tensor of shape {tuple(grid.shape)} raised "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    if not isinstance(out, Tensor) or out.shape != grid.shape:
+        shown = f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+        raise ContractError(
+            f"{_origin(w)}{at}: w(λ) returned {shown}; expected a tensor of λ's shape "
+            f"{tuple(grid.shape)}"
+        )
+    bad = ~torch.isfinite(out) | (out < 0)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        low, high = CHECK_RANGE
+        raise ContractError(
+            f"{_origin(w)}{at}: w(λ) returned {float(out[i])} at λ = {float(grid[i]):g} "
+            f"({int(bad.sum())} of {CHECK_POINTS} points of [{low:g}, {high:g}]); "
+            "expected finite weights >= 0"
+        )
+    return w

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ulframe.eval.metrics import psnr, ssim
+from ulframe.progress import progress
 
 
 @dataclass
@@ -45,7 +46,7 @@ def evaluate_batches(
     n = 0
     kept: list[Tensor] = []
     shown: dict[str, list[Tensor]] = {}
-    for batch in batches:
+    for batch in progress(batches, phase="evaluation", unit="batches", leave=False):
         x = batch.get("x")
         b = next(iter(batch.values())).shape[0]
         measured = measure(batch)

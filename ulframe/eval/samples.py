@@ -16,11 +16,15 @@ is on this data:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import Tensor
 
+from ulframe.errors import UserError
 from ulframe.eval.metrics import speckle
+
+logger = logging.getLogger(__name__)
 
 
 def judge_samples(
@@ -40,6 +44,10 @@ def judge_samples(
         samples: generated examples, as many.
         labels: (N,) the classes the samples were drawn for, or None (unconditional).
         real: real train examples, as many as `reference`, for ``fd_real``; None: skipped.
+
+    A metric that cannot judge this data (one with ``inputs = "videos"`` given images, or the
+    reverse, or one that raises on their shape) is skipped with one WARNING line: the other
+    scalars are still returned. A `UserError` of the metric (a missing weights file) stops.
     """
     video = reference.dim() == 5
     key = "fvd" if video else "fd"
@@ -48,17 +56,38 @@ def judge_samples(
         out["speckle"] = speckle(reference, samples)
     if metric is None:
         return out
+    wants = getattr(metric, "inputs", "images")
+    if wants in ("images", "videos") and (wants == "videos") != video:
+        _skip(metric, reference, f"it compares {wants}")
+        return out
     classifies = labels is not None and callable(getattr(metric, "classify", None))
-    values = dict(
-        metric(reference, samples, labels=labels) if classifies else metric(reference, samples)
-    )
-    name = next(iter(values))
-    out[key] = float(values.pop(name))
-    out[f"{key}_metric"] = name
-    out.update({k: float(v) for k, v in values.items()})
-    if real is not None and len(real) == len(reference):
-        out[f"{key}_real"] = float(next(iter(metric(reference, real).values())))
-    return out
+    scores: dict[str, Any] = {}
+    try:
+        values = dict(
+            metric(reference, samples, labels=labels) if classifies else metric(reference, samples)
+        )
+        name = next(iter(values))
+        scores[key] = float(values.pop(name))
+        scores[f"{key}_metric"] = name
+        scores.update({k: float(v) for k, v in values.items()})
+        if real is not None and len(real) == len(reference):
+            scores[f"{key}_real"] = float(next(iter(metric(reference, real).values())))
+    except UserError:  # asks the user for something (a weights file): say so, stop
+        raise
+    except Exception as err:  # a metric that cannot apply to this data: one line, no crash
+        first = str(err).strip().splitlines()
+        _skip(metric, reference, f"{type(err).__name__}: {first[0] if first else ''}")
+        return out
+    return out | scores
+
+
+def _skip(metric: Any, reference: Tensor, why: str) -> None:
+    """One WARNING line: the metric is skipped on this data, and why."""
+    name = getattr(metric, "name", type(metric).__name__)
+    logger.warning(
+        "metric %s skipped: it cannot judge examples of shape %s (%s)",
+        name, tuple(reference.shape[1:]), why,
+    )  # fmt: skip
 
 
 def draw_samples(
@@ -77,10 +106,12 @@ def draw_samples(
     the examples of `context`, as many."""
     import torch
 
+    from ulframe.progress import progress
+
     generator = torch.Generator(device).manual_seed(seed)
     labels = stage.sample_labels(n, device, num_classes)
     samples = []
-    with torch.no_grad():
+    with torch.no_grad(), progress(n, phase="sampling", unit="samples") as bar:
         for start in range(0, n, chunk):
             part = slice(start, min(n, start + chunk))
             count = part.stop - part.start
@@ -90,4 +121,5 @@ def draw_samples(
                     context=None if context is None else context[part],
                 ).cpu()
             )  # fmt: skip
+            bar.update(count)
     return torch.cat(samples), (None if labels is None else labels.cpu())

@@ -81,7 +81,7 @@ def load_stage_ema(
             "weights from: train it first with `ulframe run`"
         )
     try:
-        model.load_state_dict(state["ema"])
+        model.load_state_dict(without_compile_prefix(state["ema"]))
     except RuntimeError as err:  # shapes differ: not the config the stage was trained with
         first = str(err).strip().splitlines()[-1].strip()
         raise ConfigError(
@@ -90,6 +90,19 @@ def load_stage_ema(
             f"({stage_dir.parent.parent / 'config.gin'})"
         ) from err
     return model
+
+
+COMPILE_PREFIX = "_orig_mod."  # what a module wrapped by torch.compile adds to its keys
+
+
+def without_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with every `_orig_mod.` of torch.compile's wrapper removed from its keys, so
+    that checkpoints of compiled and eager runs hold the same keys and load into either. (The
+    loop compiles in place and writes none; a state dict from a `torch.compile(module)` has
+    them.)"""
+    if not any(COMPILE_PREFIX in key for key in state):
+        return state
+    return {key.replace(COMPILE_PREFIX, ""): value for key, value in state.items()}
 
 
 def all_finite(value: Any) -> bool:

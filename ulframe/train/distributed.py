@@ -115,6 +115,18 @@ def shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def sharded_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The blocks `shard` made FSDP units (every unit but the root), with their names."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        sharded = isinstance(module, FSDPModule)  # (not narrowed: FSDPModule is a mixin)
+        if name and sharded:
+            found.append((name, module))
+    return found
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 

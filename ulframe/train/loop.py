@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from ulframe import rundir
-from ulframe.data.pipeline import build_loader, first_example
+from ulframe.data.pipeline import build_loader, collate, first_example
 from ulframe.diffusion import BatchNoise
 from ulframe.errors import ConfigError, UserError
 from ulframe.eval.media import save_media
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
 from ulframe.protocols import BuildContext, EvalReport
 from ulframe.rundir import MetricsFile
-from ulframe.train import checkpoint, distributed
+from ulframe.train import checkpoint, distributed, perf
 from ulframe.train.distributed import World
 from ulframe.train.optim import EMA
 
@@ -154,8 +154,8 @@ def _checkpoint(
     trainer.ema.sync()  # a sharded average is gathered (every rank takes part)
     model_state, opt_state = distributed.training_state(trainer.model, trainer.opt)
     state = {
-        "model": model_state,
-        "ema": trainer.ema.model.state_dict(),
+        "model": checkpoint.without_compile_prefix(model_state),
+        "ema": checkpoint.without_compile_prefix(trainer.ema.model.state_dict()),
         "optimizer": opt_state,
         "loader": loader.state_dict(),
         "samples_seen": samples_seen,
@@ -217,22 +217,97 @@ class Trainer:
     check_step: Callable[[int, dict[str, torch.Tensor]], str | None] = lambda step, s: None
     stop: list[int] = field(default_factory=list)  # signals received (RunContext.stop)
     autocast: Any = None
+    flops_per_example: float = 0.0  # model FLOPs of one example's forward + backward (0: unknown)
+    peak_flops: float = 0.0  # FLOP/s of one device: TrainSettings.peak_flops, or measured
 
     @classmethod
     def build(
         cls, model: torch.nn.Module, settings: Any, world: World, seed: int = 0, **kw: Any
     ) -> Trainer:
-        """EMA, the DDP/FSDP wrapper and the optimizer (on the trainable parameters) of `model`."""
-        ema = EMA(model, settings.ema_halflife_samples)
-        wrapped = distributed.wrap(model, world, settings.parallelism)  # evaluation: the EMA
+        """EMA, the DDP/FSDP wrapper, torch.compile (`settings.compile`) and the optimizer (on
+        the trainable parameters) of `model`."""
+        ema = EMA(model, settings.ema_halflife_samples)  # an eager copy: evaluation runs it
+        wrapped = distributed.wrap(model, world, settings.parallelism)
         if distributed.is_sharded(model):
             ema.track_sharded(model)
+        compile_model(model, getattr(settings, "compile", "off"))
         params = [p for p in model.parameters() if p.requires_grad]  # (sharded ones under FSDP)
         opt = settings.build_optimizer(params)
         autocast = torch.autocast(
             world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
         )
         return cls(model, wrapped, ema, opt, params, settings, world, seed, autocast=autocast, **kw)
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> list[str]:
+    """torch.compile the forward of `model`'s networks in place; the names compiled.
+
+    "networks": every top-level child module with parameters (encoder, prior, decoder...);
+    "step": `model` itself (the stage's whole forward, its loss included). Under FSDP both
+    compile each sharded block instead (`distributed.sharded_blocks`, torchtitan's recipe): FSDP's
+    hooks (all-gather, reduce-scatter) stay outside the compiled code. Only `forward` is
+    replaced: the modules, their parameters (shared with the optimizer and the EMA) and their
+    state-dict keys stay as they are. Call it after `distributed.wrap` and after copying the
+    model (a copy would share the compiled forward of the original)."""
+    if mode == "off":
+        return []
+    if distributed.is_sharded(model):
+        units = distributed.sharded_blocks(model)
+    elif mode == "step":
+        units = [("", model)]
+    else:
+        units = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+    for _, module in units:
+        module.forward = torch.compile(module.forward)  # type: ignore[method-assign]
+    names = [name or type(model).__name__ for name, _ in units]
+    shown = ", ".join(names) if len(names) <= 8 else f"{len(names)} sharded blocks"
+    log.info("torch.compile (%s): %s", mode, shown)
+    return names
+
+
+def probe_batch(source: Any, size: int = 2, tries: int = 16) -> dict[str, torch.Tensor] | None:
+    """A batch of the first `size` readable examples of a Source (among its first `tries`
+    items), or None."""
+    import itertools
+
+    examples = []
+    for item in itertools.islice(source.items, tries):
+        try:
+            example = source.decode(item)
+        except Exception:  # an unreadable item: the loader skips it too
+            continue
+        if example is not None:
+            examples.append(example)
+        if len(examples) == size:
+            break
+    return collate(examples) if examples else None
+
+
+def count_example_flops(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Any = None
+) -> float:
+    """Model FLOPs of one example's forward and backward, counted (`perf.train_flops`) on
+    `batch` with eager `model` before it is wrapped or compiled; 0 when counting fails. The
+    random streams and the gradients are left as they were."""
+    device = next(iter(batch.values())).device
+    rows = len(next(iter(batch.values())))
+
+    def step() -> torch.Tensor:
+        noise = BatchNoise(torch.Generator(device).manual_seed(0), 0, 1)
+        with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+            return model(batch, noise).total_nats().mean()
+
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            flops = perf.train_flops(step)
+    except Exception as err:  # a model FlopCounterMode cannot run: no MFU, training goes on
+        log.warning("could not count the model's FLOPs (%s): perf/mfu is not logged", err)
+        flops = 0
+    finally:
+        for p in model.parameters():
+            p.grad = None
+    return flops / max(rows, 1)
 
 
 @dataclass
@@ -318,6 +393,10 @@ class _Window:
         scalars = distributed.mean_over_ranks(scalars, world) | norms
         scalars["samples_per_s"] = self.steps * info.batch_size / max(self.seconds, 1e-9)
         scalars["data_wait_fraction"] = self.waiting / max(self.seconds, 1e-9)
+        scalars |= perf.mfu_scalars(
+            trainer.flops_per_example, scalars["samples_per_s"], world.world_size,
+            trainer.peak_flops,
+        )  # fmt: skip
         step = samples_seen // info.batch_size
         if world.is_main:
             row = {"stage": info.name, "step": step, "samples_seen": samples_seen, "kind": "train"}
@@ -416,7 +495,16 @@ def _build(
     model = stage.build(build_ctx).to(world.device)
     # A stage may train on another Source built from the data (e.g. cached latents).
     train_source = stage.train_source(train_source)
+    autocast = torch.autocast(
+        world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
+    )
+    # Model FLOPs per example, once (eager, before wrapping), on two examples of the stage's data.
+    probe = probe_batch(train_source)
+    flops = count_example_flops(model, _to_device(probe, world.device), autocast) if probe else 0.0
     trainer = Trainer.build(model, settings, world, ctx.seed, stop=ctx.stop)
+    trainer.flops_per_example = flops
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    trainer.peak_flops = settings.peak_flops or perf.matmul_rate(world.device, dtype)
     loader = build_loader(
         train_source, batch_size=per_rank, rank=world.rank, world_size=world.world_size,
         seed=ctx.seed, num_workers=ctx.num_workers,
@@ -440,11 +528,11 @@ def _resume(stage: Any, trainer: Trainer, loader: Any, ckpt_dir: Path, ctx: RunC
         checkpoint.check_config(
             state.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
         )
-        distributed.load_training_state(
-            trainer.model, trainer.opt, state["model"], state["optimizer"]
-        )
-        trainer.ema.load_full(state["ema"])
-        trainer.ema.model.load_state_dict(state["ema"])  # buffers too
+        model_state = checkpoint.without_compile_prefix(state["model"])
+        ema_state = checkpoint.without_compile_prefix(state["ema"])
+        distributed.load_training_state(trainer.model, trainer.opt, model_state, state["optimizer"])
+        trainer.ema.load_full(ema_state)
+        trainer.ema.model.load_state_dict(ema_state)  # buffers too
         loader.load_state_dict(state["loader"])
         samples_seen = int(state["samples_seen"])
         log.info("stage %s: resumed at %d samples", stage.name, samples_seen)

@@ -12,6 +12,7 @@ from ulframe.errors import ConfigError
 from ulframe.train.optim import warmup_constant
 
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("off", "networks", "step")
 
 
 @dataclass
@@ -41,6 +42,18 @@ class TrainSettings:
             gradients (DistributedDataParallel); "fsdp" shards parameters, gradients and
             optimizer state over the ranks (FSDP2 `fully_shard`), for models that do not fit one
             device. Ignored with one process.
+        compile: torch.compile of the training step. "off" (eager); "networks": each network
+            the stage builds (the top-level modules of its model: encoder, prior, decoder...)
+            is compiled on its own; "step": the stage's whole forward, loss included. Under
+            FSDP both compile every sharded block (torchtitan's recipe; the FSDP hooks stay
+            eager). Only the training forward and backward are compiled: the EMA copy
+            (evaluation) stays eager, the compiled modules share their parameters with the
+            model, and checkpoints hold the same keys with or without compile (a checkpoint of
+            either kind resumes in the other). The first steps pay the compile time.
+        peak_flops: the peak FLOP/s of one device in the training precision (a datasheet
+            value, e.g. 989e12 for an H100 SXM in bf16), the denominator of the logged
+            `perf/mfu`; 0 measures the device's achieved matmul rate at the stage's start
+            (a short probe; on a CPU the only meaningful reference).
     """
 
     batch_size: int = 32
@@ -58,6 +71,8 @@ class TrainSettings:
     checkpoint_every_samples: int = 0
     keep_checkpoints: int = 3
     parallelism: str = "ddp"
+    compile: str = "off"
+    peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -68,6 +83,10 @@ class TrainSettings:
             raise ConfigError(
                 f"TrainSettings.parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}"
             )
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(
+                f"TrainSettings.compile must be one of {COMPILE_MODES}, got {self.compile!r}"
+            )
         for name in ("batch_size", "train_samples", "log_every_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(
@@ -75,7 +94,7 @@ class TrainSettings:
                 )
         for name in ("lr", "warmup_samples", "grad_clip", "ema_halflife_samples",
                      "eval_every_samples", "eval_batches", "checkpoint_every_samples",
-                     "keep_checkpoints"):  # fmt: skip
+                     "keep_checkpoints", "peak_flops"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
 

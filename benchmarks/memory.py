@@ -1,0 +1,433 @@
+"""Memory on paper: per-GPU memory of the paper-scale experiments, from shapes only.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py             # ~1 min on 2 CPU cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py --json memory.json
+
+For each stage of gin/ul_imagenet512.gin and gin/ul_kinetics.gin, the stage's model is built
+through ulframe's own wiring (the experiment file, its stage objects, `stage.build`) twice, and
+nothing is computed:
+
+1. **On the meta device** (`torch.device("meta")`): parameters (trainable and frozen), and the
+   FSDP2 plan of `ulframe.train.distributed.shard` (every block of an `nn.ModuleList` a unit,
+   the root the rest): the parameters of the largest unit and of the root.
+2. **Under FakeTensorMode** (tensors with shapes and dtypes, no data): the training forward
+   `model(batch, noise)` in bf16 autocast at the per-GPU batch, with
+   `torch.autograd.graph.saved_tensors_hooks` summing the bytes of every distinct storage saved
+   for backward that is not a parameter (activations, and the bf16 copies of the weights that
+   autocast keeps for backward). Run at batch 1 and at the per-GPU batch: activation bytes per
+   example, and the part that does not grow with the batch.
+
+Stage 2 is built with random stage-1 weights (its `load_stage_ema` reads no checkpoint here):
+memory does not depend on the weights. The data the experiment files name is not read: one
+example is made from the dataset's configured shape (`resolution`, `num_frames`, 3 channels),
+with the paper's class count (ImageNet 1000, Kinetics-600 600).
+
+Per GPU, on `--gpus` GPUs (8) of `--gpu-gib` GiB (80), per-GPU batch = global batch / GPUs,
+fp32 weights (autocast computes in bf16), `P` parameters of which `Pt` train:
+
+| | DDP (replicated) | FSDP2 (sharded over N GPUs) |
+|---|---|---|
+| weights | 4 P | 4 P / N, + the root's and two units' full weights while gathered |
+| gradients | 4 Pt, + 4 Pt of DDP's gradient buckets | 4 Pt / N, + the root's full gradients |
+| AdamW state | 8 Pt (8-bit AdamW: about 2 Pt) | 8 Pt / N (2 Pt / N) |
+| EMA | 4 P (a full copy: evaluation reads it) | 4 P full copy, + 4 P / N averaged shards |
+| activations | per example × batch + fixed | the same |
+
+Under FSDP2 a checkpoint gathers the full model and optimizer state on every GPU
+(`distributed.training_state`): a transient 4 P + 8 Pt more while it is written.
+"Needs activation checkpointing" is: the estimate exceeds `--usable` (0.9) of the GPU.
+
+The last line is `memory: largest per-GPU estimate X GiB (EXPERIMENT STAGE, PARALLELISM) of
+Y GiB usable; activation checkpointing needed: yes|no`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("gin/ul_imagenet512.gin", "gin/ul_kinetics.gin")
+# The class counts of the paper's datasets (the experiment files point at data not read here).
+PAPER_CLASSES = {"ImageFolder": 1000, "Kinetics": 600}
+# Bindings that keep an experiment's construction free of side effects (no hooks, no workers).
+QUIET = ("Experiment.hooks = []", "Experiment.num_workers = 0")
+GIB = 2**30
+BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantize their state in blocks of 256
+BNB_MIN_8BIT = 4096  # smaller tensors keep 32-bit state
+
+
+# ---- building a stage's model through the experiment file -------------------------------------
+def load_experiment(files: str | Path | Sequence[str | Path], bindings: Sequence[str] = ()) -> Any:
+    """The configured `Experiment` of the gin file(s) (+ bindings): stage and dataset objects.
+
+    gin's bindings are global: build every model of this experiment before loading another."""
+    from ulframe import wiring
+
+    paths = [files] if isinstance(files, str | Path) else list(files)
+    wiring.load([str(REPO / f) for f in paths], [*QUIET, *bindings])
+    return wiring.experiment()
+
+
+def example_of(dataset: Any) -> tuple[dict[str, torch.Tensor], int]:
+    """One example and the class count: the dataset's own first example when its data is here,
+    else zeros of the configured shape (3 channels; `num_frames` when it is video)."""
+    from ulframe.data.pipeline import first_example
+
+    try:
+        return first_example(dataset.source("train")), int(dataset.num_classes)
+    except Exception:  # the data is elsewhere: shape from the configuration
+        frames = getattr(dataset, "num_frames", None)
+        shape = (3, *((frames,) if frames else ()), dataset.resolution, dataset.resolution)
+        classes = PAPER_CLASSES.get(type(dataset).__name__, 0)
+        return {"x": torch.zeros(shape), "label": torch.tensor(0)}, classes
+
+
+@contextlib.contextmanager
+def random_source_stage() -> Iterator[None]:
+    """Within the block a later stage builds the earlier stage's model as that stage builds it,
+    with random weights, instead of loading its EMA checkpoint (none exists here)."""
+    from ulframe_plugins.stages import ul_base
+
+    def build_only(stage: Any, ctx: Any, stage_dir: Path, map_location: Any = "cpu") -> Any:
+        del stage_dir, map_location
+        return stage.build(ctx)
+
+    original = ul_base.load_stage_ema
+    ul_base.load_stage_ema = build_only  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ul_base.load_stage_ema = original  # type: ignore[assignment]
+
+
+def build_stage(
+    stage: Any,
+    example: dict[str, torch.Tensor],
+    num_classes: int,
+    device: torch.device,
+    workdir: Path,
+    previous: Sequence[str] = (),
+) -> torch.nn.Module:
+    """`stage.build` with a BuildContext of `example` (on `device`); `previous` names the stages
+    before it (built with random weights, see `random_source_stage`)."""
+    from ulframe.protocols import BuildContext
+
+    example = {k: torch.as_tensor(v).to(device) for k, v in example.items()}
+    prev = {name: workdir / name for name in previous}
+    ctx = BuildContext(example, num_classes, device, workdir / stage.name, prev)
+    with random_source_stage():
+        return stage.build(ctx)
+
+
+def train_batch(
+    stage: Any, model: torch.nn.Module, example: dict[str, torch.Tensor], batch: int
+) -> dict[str, torch.Tensor]:
+    """A batch of the shape the stage trains on (zeros): the examples, or the cached latents of
+    a stage that trains on them (`cache_latents`)."""
+    labels = torch.zeros(batch, dtype=torch.long, device=example["x"].device)
+    if getattr(stage, "cache_latents", False):
+        latent = tuple(model.latent_shape)  # type: ignore[arg-type]
+        return {"z": torch.zeros((batch, *latent), device=example["x"].device), "label": labels}
+    x = example["x"][None].expand(batch, *example["x"].shape).contiguous()
+    return {"x": x, "label": labels}
+
+
+# ---- counting ---------------------------------------------------------------------------------
+def fsdp_units(model: torch.nn.Module) -> tuple[list[int], int]:
+    """Parameters per FSDP2 unit in the plan of `ulframe.train.distributed.shard` (every block
+    of an nn.ModuleList, innermost first, each owning what no inner unit owns) and of the root."""
+    blocks = [
+        block
+        for module in model.modules()
+        if isinstance(module, torch.nn.ModuleList)
+        for block in module
+        if not isinstance(block, torch.nn.ModuleList | torch.nn.ModuleDict)
+    ]
+    owner: dict[int, int] = {}  # id(parameter) -> index of its innermost unit
+    for index, block in sorted(enumerate(blocks), key=lambda ib: -_depth(model, ib[1])):
+        for p in block.parameters():
+            owner.setdefault(id(p), index)
+    units = [0] * len(blocks)
+    root = 0
+    for p in model.parameters():
+        if id(p) in owner:
+            units[owner[id(p)]] += p.numel()
+        else:
+            root += p.numel()
+    return units, root
+
+
+def _depth(model: torch.nn.Module, target: torch.nn.Module) -> int:
+    for name, module in model.named_modules():
+        if module is target:
+            return name.count(".") + 1
+    return 0
+
+
+def adamw8bit_state_bytes(params: Sequence[torch.Tensor]) -> int:
+    """bitsandbytes AdamW8bit's state: two uint8 states and a float32 absmax per 256-element
+    block each, 32-bit state for tensors under 4096 elements (checked against
+    benchmarks/optimizer_memory.py: 2.03 B/param on the paper decoder)."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 8 * n if n < BNB_MIN_8BIT else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+    return total
+
+
+@dataclass
+class Counts:
+    """What a model holds, from the meta device."""
+
+    params: int
+    trainable: int
+    by_child: dict[str, int]
+    largest_unit: int  # FSDP2: parameters of the largest unit
+    root: int  # FSDP2: parameters of the root (not in any unit)
+    root_trainable: int
+    adamw8bit_bytes: int
+
+
+def count(model: torch.nn.Module) -> Counts:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    units, root = fsdp_units(model)
+    in_units = {
+        id(p) for m in model.modules() if isinstance(m, torch.nn.ModuleList) for p in m.parameters()
+    }
+    root_trainable = sum(p.numel() for p in trainable if id(p) not in in_units)
+    return Counts(
+        params=sum(p.numel() for p in model.parameters()),
+        trainable=sum(p.numel() for p in trainable),
+        by_child={n: sum(p.numel() for p in c.parameters()) for n, c in model.named_children()},
+        largest_unit=max(units, default=0),
+        root=root,
+        root_trainable=root_trainable,
+        adamw8bit_bytes=adamw8bit_state_bytes(trainable),
+    )
+
+
+def saved_tensor_bytes(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str = "bf16"
+) -> int:
+    """Bytes of the distinct storages the training forward `model(batch, noise)` saves for
+    backward, parameters excluded. Works on real tensors and under FakeTensorMode."""
+    from ulframe.diffusion import BatchNoise
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CPU autocast's notes on fused kernels it cannot use
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            model(batch, BatchNoise(generator))
+    return sum(saved.values())
+
+
+@dataclass
+class StageMemory:
+    """One stage of one experiment: counts, activations and the per-GPU estimates (bytes)."""
+
+    experiment: str
+    stage: str
+    counts: Counts
+    global_batch: int
+    per_gpu_batch: int
+    activation_per_example: int
+    activation_fixed: int
+    per_gpu: dict[str, dict[str, int]] = field(default_factory=dict)  # parallelism -> parts
+
+    def total(self, parallelism: str) -> int:
+        return sum(self.per_gpu[parallelism].values())
+
+
+def per_gpu_parts(
+    c: Counts, activations: int, gpus: int, optimizer_bytes: int
+) -> dict[str, dict[str, int]]:
+    """The table of the module docstring, in bytes."""
+    p, pt = c.params, c.trainable
+    ddp = {
+        "weights": 4 * p,
+        "gradients": 4 * pt + 4 * pt,  # .grad and DDP's buckets (gradient_as_bucket_view=False)
+        "optimizer": optimizer_bytes,
+        "ema": 4 * p,
+        "activations": activations,
+    }
+    fsdp = {
+        "weights": 4 * p // gpus + 4 * (c.root + 2 * c.largest_unit),
+        "gradients": 4 * pt // gpus + 4 * c.root_trainable,
+        "optimizer": optimizer_bytes // gpus,
+        "ema": 4 * p + 4 * p // gpus,
+        "activations": activations,
+    }
+    return {"ddp": ddp, "fsdp": fsdp}
+
+
+def fake_build(
+    stage: Any,
+    example: dict[str, torch.Tensor],
+    classes: int,
+    workdir: Path,
+    previous: Sequence[str] = (),
+) -> tuple[Any, torch.nn.Module]:
+    """(FakeTensorMode, the stage's model built inside it): shapes, no data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model = build_stage(stage, example, classes, torch.device("cpu"), workdir, previous)
+    return mode, model
+
+
+def stage_memory(
+    experiment_name: str,
+    stage: Any,
+    example: dict[str, torch.Tensor],
+    classes: int,
+    gpus: int,
+    workdir: Path,
+    previous: Sequence[str] = (),
+    per_gpu_batch: int | None = None,
+) -> StageMemory:
+    """One stage: counts (meta device), activations (FakeTensorMode), per-GPU estimates."""
+    with torch.device("meta"):
+        meta = build_stage(stage, example, classes, torch.device("meta"), workdir, previous)
+    counts = count(meta)
+    del meta
+    batch = per_gpu_batch or max(1, stage.train.batch_size // gpus)
+    precision = stage.train.precision
+    mode, model = fake_build(stage, example, classes, workdir, previous)
+    with mode:
+        one = saved_tensor_bytes(model, train_batch(stage, model, example, 1), precision)
+        many = one
+        if batch > 1:
+            many = saved_tensor_bytes(model, train_batch(stage, model, example, batch), precision)
+    per_example = (many - one) // (batch - 1) if batch > 1 else one
+    fixed = max(one - per_example, 0) if batch > 1 else 0
+    result = StageMemory(
+        experiment_name, stage.name, counts, stage.train.batch_size, batch, per_example, fixed
+    )
+    result.per_gpu = per_gpu_parts(counts, many, gpus, 8 * counts.trainable)
+    return result
+
+
+def single_gpu_bytes(r: StageMemory) -> int:
+    """The estimate for one process on one GPU (DDP's, without its gradient buckets)."""
+    return r.total("ddp") - 4 * r.counts.trainable
+
+
+def estimate(
+    gin_file: str, gpus: int, bindings: Sequence[str] = (), per_gpu_batch: int | None = None
+) -> list[StageMemory]:
+    """Every stage of `gin_file`, in order."""
+    experiment = load_experiment(gin_file, bindings)
+    example, classes = example_of(experiment.dataset)
+    out: list[StageMemory] = []
+    with tempfile.TemporaryDirectory(prefix="ulframe-memory-") as tmp:
+        for stage in experiment.stages:
+            previous = [r.stage for r in out]
+            out.append(
+                stage_memory(
+                    gin_file, stage, example, classes, gpus, Path(tmp), previous, per_gpu_batch
+                )
+            )
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def print_table(results: Sequence[StageMemory], gpus: int, gpu_gib: float, usable: float) -> None:
+    budget = usable * gpu_gib * GIB
+    print(f"per GPU on {gpus} GPUs of {gpu_gib:g} GiB ({usable:.0%} usable = {budget / GIB:.0f} GiB), AdamW fp32 state, bf16 autocast; GiB")  # fmt: skip
+    head = (
+        f"{'experiment':<22} {'stage':<7} {'params M':>9} {'train M':>8} {'batch':>6} "
+        f"{'act/ex':>7} {'act':>6} {'para':>5} {'weights':>8} {'grads':>6} {'AdamW':>6} "
+        f"{'EMA':>5} {'total':>6} {'8bit tot':>8} {'fits':>5}"
+    )
+    print(head)
+    for r in results:
+        c = r.counts
+        for par in ("ddp", "fsdp"):
+            parts = r.per_gpu[par]
+            total = r.total(par)
+            opt8 = c.adamw8bit_bytes // (gpus if par == "fsdp" else 1)
+            total8 = total - parts["optimizer"] + opt8
+            print(
+                f"{Path(r.experiment).stem:<22} {r.stage:<7} {c.params / 1e6:>9.1f} "
+                f"{c.trainable / 1e6:>8.1f} {r.per_gpu_batch:>6} "
+                f"{_gib(r.activation_per_example):>7} {_gib(parts['activations']):>6} {par:>5} "
+                f"{_gib(parts['weights']):>8} {_gib(parts['gradients']):>6} "
+                f"{_gib(parts['optimizer']):>6} {_gib(parts['ema']):>5} {_gib(total):>6} "
+                f"{_gib(total8):>8} {'yes' if total <= budget else 'NO':>5}"
+            )
+
+
+def max_batch(r: StageMemory, parallelism: str, budget: float) -> int:
+    """The largest per-GPU batch whose estimate fits `budget` bytes."""
+    parts = dict(r.per_gpu[parallelism])
+    rest = sum(parts.values()) - parts["activations"] + r.activation_fixed
+    return max(0, int((budget - rest) // max(r.activation_per_example, 1)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gin", nargs="+", default=list(EXPERIMENTS), help="experiment files")
+    parser.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU, GiB (80)")
+    parser.add_argument("--usable", type=float, default=0.9, help="usable fraction (0.9)")
+    parser.add_argument("--batch", type=int, help="per-GPU batch (default: global / gpus)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    results = [r for f in args.gin for r in estimate(f, args.gpus, per_gpu_batch=args.batch)]
+    print_table(results, args.gpus, args.gpu_gib, args.usable)
+    budget = args.usable * args.gpu_gib * GIB
+    print("\nlargest per-GPU batch that fits (DDP / FSDP2), and the FSDP2 checkpoint peak:")
+    for r in results:
+        c = r.counts
+        save = (4 * c.params + 8 * c.trainable) / GIB
+        print(
+            f"  {Path(r.experiment).stem} {r.stage}: {max_batch(r, 'ddp', budget)} / "
+            f"{max_batch(r, 'fsdp', budget)} (configured {r.per_gpu_batch}); "
+            f"activations {_gib(r.activation_per_example)} GiB per example + {_gib(r.activation_fixed)} fixed; "
+            f"checkpoint save +{save:.1f} GiB under FSDP2"
+        )  # fmt: skip
+    if args.json:
+        rows = [asdict(r) | {"total": {p: r.total(p) for p in r.per_gpu}} for r in results]
+        args.json.write_text(json.dumps(rows, indent=2))
+    worst = max(((r.total(p), r, p) for r in results for p in ("ddp", "fsdp")), key=lambda t: t[0])
+    needed = any(min(r.total("ddp"), r.total("fsdp")) > budget for r in results)
+    print(
+        f"memory: largest per-GPU estimate {_gib(worst[0])} GiB ({Path(worst[1].experiment).stem} "
+        f"{worst[1].stage}, {worst[2]}) of {budget / GIB:.0f} GiB usable; "
+        f"activation checkpointing needed: {'yes' if needed else 'no'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""ulframe.train.perf: FLOPs of a training step, the matmul rate, and the MFU a run logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import gin
+import pytest
+import torch
+
+from ulframe import cli
+from ulframe.errors import ConfigError
+from ulframe.train import perf
+from ulframe.train.settings import TrainSettings
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "gin" / "quickstart.gin"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """`ulframe.cli` reconfigures the root logger (and opens workdir/log.txt): undo that."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            h.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    gin.clear_config()
+
+
+def test_flops_of_a_linear_layer_forward_and_backward_are_six_in_out_batch() -> None:
+    batch, n_in, n_out = 8, 12, 5
+    layer = torch.nn.Linear(n_in, n_out)
+    x = torch.randn(batch, n_in, requires_grad=True)  # so the input's gradient is computed too
+    flops = perf.train_flops(lambda: layer(x).square().sum())
+    # forward 2·B·in·out, backward: the weight's and the input's gradients, 2·B·in·out each
+    assert flops == 6 * n_in * n_out * batch
+    assert layer.weight.grad is not None and x.grad is not None
+
+
+def test_the_matmul_rate_is_a_positive_flop_rate() -> None:
+    rate = perf.measure_matmul_rate(torch.device("cpu"), torch.float32, seconds=0.02)
+    assert math.isfinite(rate) and rate > 1e6
+
+
+def test_mfu_is_model_flops_per_device_over_the_peak() -> None:
+    scalars = perf.mfu_scalars(2e9, samples_per_s=100.0, world_size=2, peak_flops=1e12)
+    assert scalars["perf/model_tflops_per_s"] == pytest.approx(0.1)  # 2e9 · 100 / 2 devices
+    assert scalars["perf/mfu"] == pytest.approx(0.1)
+    assert perf.mfu_scalars(0.0, 100.0, 1, 1e12) == {}  # FLOPs unknown: nothing logged
+
+
+def test_peak_flops_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="peak_flops"):
+        TrainSettings(peak_flops=-1.0)
+
+
+def test_a_run_logs_model_flops_and_mfu_with_the_training_scalars(
+    tmp_path: Path, tiny_run: list[str], tiny_threads: None, restore_logging: None
+) -> None:
+    workdir = tmp_path / "run"
+    args = ["run", str(QUICKSTART), "--workdir", str(workdir), *tiny_run]
+    args += ["--gin_param", "Experiment.hooks = []"]
+    args += ["--gin_param", "stage1/TrainSettings.peak_flops = 1e9"]  # a given peak: no probe
+    assert cli.main(args) == 0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train
+    for row in train:
+        assert row["perf/model_tflops_per_s"] > 0
+        # one process: MFU = model FLOP/s / the peak given
+        assert row["perf/mfu"] == pytest.approx(row["perf/model_tflops_per_s"] * 1e12 / 1e9)
