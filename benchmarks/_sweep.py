@@ -175,6 +175,8 @@ class Sweep:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Sweep:
         budget = QUICK if args.quick else FULL
+        if getattr(args, "train_samples", None):
+            budget = Budget(args.train_samples, budget.eval_batches)
         data = getattr(args, "data", DEFAULT_DATA)
         return cls(Path(args.sweep_dir), args.threads, budget, data=data)
 
@@ -324,6 +326,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="torch threads per run (runs go one at a time; 1: see benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        default=None,
+        help="stage-1 samples of every run instead of the setting's (8192 full, 4096 quick): "
+        "e.g. 32768 to tell scale from method where a claim does not hold",
     )
     p.add_argument(
         "--out-dir",
