@@ -15,7 +15,11 @@ nothing is computed:
    `torch.autograd.graph.saved_tensors_hooks` summing the bytes of every distinct storage saved
    for backward that is not a parameter (activations, and the bf16 copies of the weights that
    autocast keeps for backward). Run at batch 1 and at the per-GPU batch: activation bytes per
-   example, and the part that does not grow with the batch.
+   example, and the part that does not grow with the batch. Then again with activation
+   checkpointing (`ulframe.train.loop.checkpoint_activations(model, "blocks")`, what
+   `TrainSettings.activation_checkpointing = 'blocks'` does), plus the largest checkpointed
+   block's own saved bytes (held again while backward recomputes it). Both are printed; the
+   one-GPU estimate (`single_gpu_bytes`) follows what the stage configures.
 
 Stage 2 is built with random stage-1 weights (its `load_stage_ema` reads no checkpoint here):
 memory does not depend on the weights. The data the experiment files name is not read: one
@@ -50,12 +54,14 @@ import math
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ulframe.train.loop import checkpoint_activations, checkpointed_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("gin/ul_imagenet512.gin", "gin/ul_kinetics.gin")
@@ -223,26 +229,56 @@ def saved_tensor_bytes(
 ) -> int:
     """Bytes of the distinct storages the training forward `model(batch, noise)` saves for
     backward, parameters excluded. Works on real tensors and under FakeTensorMode."""
+    return saved_bytes_by_block(model, batch, precision)[0]
+
+
+def saved_bytes_by_block(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    precision: str = "bf16",
+    blocks: Sequence[tuple[str, torch.nn.Module]] = (),
+) -> tuple[int, dict[str, int]]:
+    """`saved_tensor_bytes`, and the part of it each of `blocks` (name, module) saves while its
+    forward runs: what that block's forward holds again when activation checkpointing recomputes
+    it in backward."""
     from ulframe.diffusion import BatchNoise
 
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
+    by_block = {name: 0 for name, _ in blocks}
+    running: list[str] = []  # the blocks whose forward is running, innermost last
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage._cdata not in params:
+        if storage._cdata not in params and storage._cdata not in saved:
             saved[storage._cdata] = storage.nbytes()
+            if running:
+                by_block[running[-1]] += storage.nbytes()
         return t
 
+    def enter(name: str) -> Callable[..., None]:
+        return lambda module, args: running.append(name)
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+        running.pop()
+
+    handles = []
+    for name, block in blocks:
+        handles.append(block.register_forward_pre_hook(enter(name)))
+        handles.append(block.register_forward_hook(leave))
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     model.train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # CPU autocast's notes on fused kernels it cannot use
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-            model(batch, BatchNoise(generator))
-    return sum(saved.values())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CPU autocast's notes on fused kernels it cannot use
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+                model(batch, BatchNoise(generator))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(saved.values()), by_block
 
 
 @dataclass
@@ -256,10 +292,27 @@ class StageMemory:
     per_gpu_batch: int
     activation_per_example: int
     activation_fixed: int
+    # With activation checkpointing ("blocks"): what the forward saves (the checkpointed blocks'
+    # inputs and the rest of the network), and the largest block's own activations, held again
+    # while backward recomputes it (a transient of one block at a time), per example and fixed.
+    ac_per_example: int = 0
+    ac_fixed: int = 0
+    recompute_per_example: int = 0
+    recompute_fixed: int = 0
+    checkpointed_blocks: int = 0
+    activation_checkpointing: str = "off"  # what the experiment configures for the stage
     per_gpu: dict[str, dict[str, int]] = field(default_factory=dict)  # parallelism -> parts
+    per_gpu_ac: dict[str, dict[str, int]] = field(default_factory=dict)  # the same, with AC
 
-    def total(self, parallelism: str) -> int:
-        return sum(self.per_gpu[parallelism].values())
+    def total(self, parallelism: str, checkpointed: bool = False) -> int:
+        return sum((self.per_gpu_ac if checkpointed else self.per_gpu)[parallelism].values())
+
+    def activations_at(self, batch: int, checkpointed: bool = False) -> int:
+        """Activation bytes at a per-GPU batch (with AC: saved + the recompute transient)."""
+        if not checkpointed:
+            return self.activation_per_example * batch + self.activation_fixed
+        per_example = self.ac_per_example + self.recompute_per_example
+        return per_example * batch + self.ac_fixed + self.recompute_fixed
 
 
 def per_gpu_parts(
@@ -318,23 +371,46 @@ def stage_memory(
     batch = per_gpu_batch or max(1, stage.train.batch_size // gpus)
     precision = stage.train.precision
     mode, model = fake_build(stage, example, classes, workdir, previous)
-    with mode:
-        one = saved_tensor_bytes(model, train_batch(stage, model, example, 1), precision)
-        many = one
-        if batch > 1:
-            many = saved_tensor_bytes(model, train_batch(stage, model, example, batch), precision)
-    per_example = (many - one) // (batch - 1) if batch > 1 else one
-    fixed = max(one - per_example, 0) if batch > 1 else 0
+    blocks = checkpointed_blocks(model)
+    sizes = (1, batch) if batch > 1 else (1,)
+    plain, ac, recompute = [], [], []
+    with mode:  # without activation checkpointing, then with it (on the same fake model)
+        for size in sizes:
+            total, by_block = saved_bytes_by_block(
+                model, train_batch(stage, model, example, size), precision, blocks
+            )
+            plain.append(total)
+            recompute.append(max(by_block.values(), default=0))
+        checkpoint_activations(model, "blocks")
+        for size in sizes:
+            ac.append(
+                saved_tensor_bytes(model, train_batch(stage, model, example, size), precision)
+            )
     result = StageMemory(
-        experiment_name, stage.name, counts, stage.train.batch_size, batch, per_example, fixed
-    )
-    result.per_gpu = per_gpu_parts(counts, many, gpus, 8 * counts.trainable)
+        experiment_name, stage.name, counts, stage.train.batch_size, batch,
+        *_per_example(plain, batch), *_per_example(ac, batch), *_per_example(recompute, batch),
+        len(blocks), getattr(stage.train, "activation_checkpointing", "off"),
+    )  # fmt: skip
+    optimizer = 8 * counts.trainable
+    result.per_gpu = per_gpu_parts(counts, result.activations_at(batch), gpus, optimizer)
+    result.per_gpu_ac = per_gpu_parts(counts, result.activations_at(batch, True), gpus, optimizer)
     return result
 
 
-def single_gpu_bytes(r: StageMemory) -> int:
-    """The estimate for one process on one GPU (DDP's, without its gradient buckets)."""
-    return r.total("ddp") - 4 * r.counts.trainable
+def _per_example(measured: Sequence[int], batch: int) -> tuple[int, int]:
+    """(bytes per example, fixed bytes) from bytes measured at batch 1 (and at `batch`)."""
+    if len(measured) == 1:
+        return measured[0], 0
+    per_example = (measured[1] - measured[0]) // (batch - 1)
+    return per_example, max(measured[0] - per_example, 0)
+
+
+def single_gpu_bytes(r: StageMemory, checkpointed: bool | None = None) -> int:
+    """The estimate for one process on one GPU (DDP's, without its gradient buckets), with
+    activation checkpointing as the stage configures it unless `checkpointed` says."""
+    if checkpointed is None:
+        checkpointed = r.activation_checkpointing != "off"
+    return r.total("ddp", checkpointed) - 4 * r.counts.trainable
 
 
 def estimate(
@@ -362,17 +438,19 @@ def _gib(n: float) -> str:
 def print_table(results: Sequence[StageMemory], gpus: int, gpu_gib: float, usable: float) -> None:
     budget = usable * gpu_gib * GIB
     print(f"per GPU on {gpus} GPUs of {gpu_gib:g} GiB ({usable:.0%} usable = {budget / GIB:.0f} GiB), AdamW fp32 state, bf16 autocast; GiB")  # fmt: skip
+    print("without activation checkpointing, then with it (AC: saved + one block's recompute)")
     head = (
         f"{'experiment':<22} {'stage':<7} {'params M':>9} {'train M':>8} {'batch':>6} "
         f"{'act/ex':>7} {'act':>6} {'para':>5} {'weights':>8} {'grads':>6} {'AdamW':>6} "
-        f"{'EMA':>5} {'total':>6} {'8bit tot':>8} {'fits':>5}"
+        f"{'EMA':>5} {'total':>6} {'8bit tot':>8} {'fits':>5} {'AC act':>7} {'AC tot':>7} "
+        f"{'AC fits':>7}"
     )
     print(head)
     for r in results:
         c = r.counts
         for par in ("ddp", "fsdp"):
             parts = r.per_gpu[par]
-            total = r.total(par)
+            total, total_ac = r.total(par), r.total(par, True)
             opt8 = c.adamw8bit_bytes // (gpus if par == "fsdp" else 1)
             total8 = total - parts["optimizer"] + opt8
             print(
@@ -381,15 +459,19 @@ def print_table(results: Sequence[StageMemory], gpus: int, gpu_gib: float, usabl
                 f"{_gib(r.activation_per_example):>7} {_gib(parts['activations']):>6} {par:>5} "
                 f"{_gib(parts['weights']):>8} {_gib(parts['gradients']):>6} "
                 f"{_gib(parts['optimizer']):>6} {_gib(parts['ema']):>5} {_gib(total):>6} "
-                f"{_gib(total8):>8} {'yes' if total <= budget else 'NO':>5}"
+                f"{_gib(total8):>8} {'yes' if total <= budget else 'NO':>5} "
+                f"{_gib(r.per_gpu_ac[par]['activations']):>7} {_gib(total_ac):>7} "
+                f"{'yes' if total_ac <= budget else 'NO':>7}"
             )
 
 
-def max_batch(r: StageMemory, parallelism: str, budget: float) -> int:
+def max_batch(r: StageMemory, parallelism: str, budget: float, checkpointed: bool = False) -> int:
     """The largest per-GPU batch whose estimate fits `budget` bytes."""
-    parts = dict(r.per_gpu[parallelism])
-    rest = sum(parts.values()) - parts["activations"] + r.activation_fixed
-    return max(0, int((budget - rest) // max(r.activation_per_example, 1)))
+    parts = (r.per_gpu_ac if checkpointed else r.per_gpu)[parallelism]
+    rest = sum(parts.values()) - parts["activations"]
+    fixed = r.activations_at(0, checkpointed)
+    per_example = r.activations_at(1, checkpointed) - fixed
+    return max(0, int((budget - rest - fixed) // max(per_example, 1)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,25 +488,41 @@ def main(argv: list[str] | None = None) -> int:
     results = [r for f in args.gin for r in estimate(f, args.gpus, per_gpu_batch=args.batch)]
     print_table(results, args.gpus, args.gpu_gib, args.usable)
     budget = args.usable * args.gpu_gib * GIB
-    print("\nlargest per-GPU batch that fits (DDP / FSDP2), and the FSDP2 checkpoint peak:")
+    print(
+        "\nlargest per-GPU batch that fits (DDP / FSDP2; with AC), and the FSDP2 checkpoint peak:"
+    )
     for r in results:
         c = r.counts
         save = (4 * c.params + 8 * c.trainable) / GIB
         print(
             f"  {Path(r.experiment).stem} {r.stage}: {max_batch(r, 'ddp', budget)} / "
-            f"{max_batch(r, 'fsdp', budget)} (configured {r.per_gpu_batch}); "
-            f"activations {_gib(r.activation_per_example)} GiB per example + {_gib(r.activation_fixed)} fixed; "
-            f"checkpoint save +{save:.1f} GiB under FSDP2"
+            f"{max_batch(r, 'fsdp', budget)}; with AC {max_batch(r, 'ddp', budget, True)} / "
+            f"{max_batch(r, 'fsdp', budget, True)} (configured {r.per_gpu_batch}, AC "
+            f"'{r.activation_checkpointing}'); activations {_gib(r.activation_per_example)} GiB "
+            f"per example + {_gib(r.activation_fixed)} fixed, with AC "
+            f"{_gib(r.ac_per_example)} + {_gib(r.ac_fixed)} saved and "
+            f"{_gib(r.recompute_per_example)} + {_gib(r.recompute_fixed)} while a block "
+            f"recomputes ({r.checkpointed_blocks} blocks); checkpoint save +{save:.1f} GiB under FSDP2"
         )  # fmt: skip
     if args.json:
-        rows = [asdict(r) | {"total": {p: r.total(p) for p in r.per_gpu}} for r in results]
+        rows = [
+            asdict(r)
+            | {"total": {p: r.total(p) for p in r.per_gpu}}
+            | {"total_ac": {p: r.total(p, True) for p in r.per_gpu_ac}}
+            for r in results
+        ]
         args.json.write_text(json.dumps(rows, indent=2))
-    worst = max(((r.total(p), r, p) for r in results for p in ("ddp", "fsdp")), key=lambda t: t[0])
+    pars = ("ddp", "fsdp")
+    worst = max(((r.total(p), r, p) for r in results for p in pars), key=lambda t: t[0])
+    worst_ac = max(((r.total(p, True), r, p) for r in results for p in pars), key=lambda t: t[0])
     needed = any(min(r.total("ddp"), r.total("fsdp")) > budget for r in results)
+    fits_ac = all(min(r.total("ddp", True), r.total("fsdp", True)) <= budget for r in results)
     print(
         f"memory: largest per-GPU estimate {_gib(worst[0])} GiB ({Path(worst[1].experiment).stem} "
         f"{worst[1].stage}, {worst[2]}) of {budget / GIB:.0f} GiB usable; "
-        f"activation checkpointing needed: {'yes' if needed else 'no'}"
+        f"activation checkpointing needed: {'yes' if needed else 'no'}; with it "
+        f"{_gib(worst_ac[0])} GiB ({Path(worst_ac[1].experiment).stem} {worst_ac[1].stage}, "
+        f"{worst_ac[2]}): fits: {'yes' if fits_ac else 'no'}"
     )
     return 0
 

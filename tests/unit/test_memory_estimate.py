@@ -11,6 +11,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from ulframe.train.loop import checkpoint_activations
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,6 +61,16 @@ def test_meta_and_fake_counts_match_the_real_modules(
             )
         real_bytes = memory.saved_tensor_bytes(real, batch)
         assert real_bytes > 0 and fake_bytes == pytest.approx(real_bytes, rel=1e-3)
+
+        # With activation checkpointing (TrainSettings.activation_checkpointing = 'blocks'): the
+        # same count on fake and real tensors, and less of it where blocks train (stage 1)
+        with mode:
+            checkpoint_activations(fake, "blocks")
+            fake_ac = memory.saved_tensor_bytes(fake, memory.train_batch(stage, fake, example, 3))
+        trains_blocks = bool(checkpoint_activations(real, "blocks"))
+        real_ac = memory.saved_tensor_bytes(real, batch)
+        assert fake_ac == pytest.approx(real_ac, rel=2e-3)  # the same statistics, a smaller total
+        assert real_ac < (0.6 if trains_blocks else 1.0) * real_bytes
         names.append(stage.name)
 
     assert experiment.stages[1].cache_latents  # stage 2 trains on latents: a latent batch
@@ -70,3 +82,20 @@ def test_adamw8bit_state_follows_bitsandbytes_blocks(memory: ModuleType) -> None
     assert memory.adamw8bit_state_bytes([small]) == 8 * 4095  # 32-bit state below 4096
     blocks = -(-large.numel() // 256)
     assert memory.adamw8bit_state_bytes([large]) == 2 * large.numel() + 8 * blocks
+
+
+def test_the_estimate_with_activation_checkpointing_is_smaller_and_configured(
+    memory: ModuleType, tiny_threads: None
+) -> None:
+    bindings = ["stage1/TrainSettings.activation_checkpointing = 'blocks'"]
+    stage1, stage2 = memory.estimate("gin/quickstart.gin", gpus=1, bindings=bindings)
+    assert (stage1.activation_checkpointing, stage2.activation_checkpointing) == ("blocks", "off")
+    assert stage1.checkpointed_blocks > 0 and stage1.recompute_per_example > 0
+    for r in (stage1, stage2):
+        for par in ("ddp", "fsdp"):
+            assert r.total(par, checkpointed=True) < r.total(par)
+        assert r.activations_at(r.per_gpu_batch, True) == r.per_gpu_ac["ddp"]["activations"]
+        assert memory.max_batch(r, "ddp", 2**30, True) > memory.max_batch(r, "ddp", 2**30)
+    # one GPU, as configured: stage 1 with activation checkpointing, stage 2 without
+    assert memory.single_gpu_bytes(stage1) == memory.single_gpu_bytes(stage1, checkpointed=True)
+    assert memory.single_gpu_bytes(stage2) == memory.single_gpu_bytes(stage2, checkpointed=False)

@@ -107,12 +107,22 @@ def shard(model: torch.nn.Module) -> None:
     """
     from torch.distributed.fsdp import fully_shard
 
-    for module in reversed(list(model.modules())):  # children before their parents
-        if isinstance(module, torch.nn.ModuleList):
-            for block in module:
-                if not isinstance(block, torch.nn.ModuleList | torch.nn.ModuleDict):
-                    fully_shard(block)
+    for _, block in repeated_blocks(model):
+        fully_shard(block)
     fully_shard(model)
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every block held in an `nn.ModuleList` of `model` (not itself a ModuleList/ModuleDict),
+    with its name, children before their parents: the units of `shard` (FSDP2) and of
+    activation checkpointing (`ulframe.train.loop.checkpoint_activations`)."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in reversed(list(model.named_modules())):  # children before parents
+        if isinstance(module, torch.nn.ModuleList):
+            for index, block in enumerate(module):
+                if not isinstance(block, torch.nn.ModuleList | torch.nn.ModuleDict):
+                    found.append((f"{name}.{index}" if name else str(index), block))
+    return found
 
 
 def sharded_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

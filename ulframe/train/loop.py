@@ -224,12 +224,14 @@ class Trainer:
     def build(
         cls, model: torch.nn.Module, settings: Any, world: World, seed: int = 0, **kw: Any
     ) -> Trainer:
-        """EMA, the DDP/FSDP wrapper, torch.compile (`settings.compile`) and the optimizer (on
-        the trainable parameters) of `model`."""
+        """EMA, the DDP/FSDP wrapper, activation checkpointing
+        (`settings.activation_checkpointing`), torch.compile (`settings.compile`) and the
+        optimizer (on the trainable parameters) of `model`."""
         ema = EMA(model, settings.ema_halflife_samples)  # an eager copy: evaluation runs it
         wrapped = distributed.wrap(model, world, settings.parallelism)
         if distributed.is_sharded(model):
             ema.track_sharded(model)
+        checkpoint_activations(model, getattr(settings, "activation_checkpointing", "off"))
         compile_model(model, getattr(settings, "compile", "off"))
         params = [p for p in model.parameters() if p.requires_grad]  # (sharded ones under FSDP)
         opt = settings.build_optimizer(params)
@@ -237,6 +239,73 @@ class Trainer:
             world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
         )
         return cls(model, wrapped, ema, opt, params, settings, world, seed, autocast=autocast, **kw)
+
+
+_CHECKPOINTED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward` (a block class's forward function) under non-reentrant activation
+    checkpointing: only the block's inputs are saved, its forward runs again in backward.
+
+    One function per block class, each with its own code object: torch.compile caches (and
+    limits recompilations) per code object, so compiled blocks (FSDP) are cached per class as
+    without checkpointing, not all in one cache of a shared wrapper."""
+    if forward not in _CHECKPOINTED:
+        from torch.utils.checkpoint import checkpoint
+
+        def checkpointed(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return checkpoint(forward.__get__(self), *args, use_reentrant=False, **kwargs)
+
+        name = f"{forward.__qualname__}_checkpointed".replace(".", "_")
+        code = checkpointed.__code__.replace(co_name=name, co_qualname=name)
+        checkpointed.__code__ = code
+        checkpointed.__name__ = checkpointed.__qualname__ = name
+        _CHECKPOINTED[forward] = checkpointed
+    return _CHECKPOINTED[forward]
+
+
+def checkpoint_activations(model: torch.nn.Module, mode: str) -> list[str]:
+    """Activation checkpointing of `model`'s repeated blocks in place; the names checkpointed.
+
+    "blocks": every block `distributed.repeated_blocks` finds (the FSDP2 units: each block of
+    an nn.ModuleList) that has a trainable parameter and holds no other such block (frozen
+    networks, e.g. stage 2's stage-1 networks, are left alone) runs under
+    `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`: the forward keeps only the
+    block's inputs for backward, and backward runs the block's forward again. Only the block's
+    `forward` is replaced (by a method bound to it, which a deep copy rebinds to the copy): the
+    modules, their parameters and their state-dict keys stay as they are, FSDP2's hooks (on
+    the module's call) stay outside the checkpointed region, and torch.compile traces the
+    checkpoint (after this: `compile_model`). Call it after copying the model for the EMA,
+    which stays plain."""
+    if mode == "off":
+        return []
+    inner = checkpointed_blocks(model)
+    for _, block in inner:
+        forward = _checkpointed(type(block).forward).__get__(block)  # a deep copy rebinds it
+        block.forward = forward  # type: ignore[method-assign]
+    names = [name for name, _ in inner]
+    log.info("activation checkpointing (%s): %d blocks", mode, len(names))
+    return names
+
+
+def checkpointed_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The blocks `checkpoint_activations` checkpoints, with their names: the repeated blocks
+    (`distributed.repeated_blocks`) with a trainable parameter that hold no other such block."""
+    trainable = [
+        (name, block)
+        for name, block in distributed.repeated_blocks(model)
+        if any(p.requires_grad for p in block.parameters())
+    ]
+    return [
+        (name, block)
+        for name, block in trainable
+        if not any(other is not block and _contains(block, other) for _, other in trainable)
+    ]
+
+
+def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> list[str]:
@@ -257,6 +326,12 @@ def compile_model(model: torch.nn.Module, mode: str) -> list[str]:
         units = [("", model)]
     else:
         units = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+    # Blocks of one class share their forward's code, and dynamo counts each differently shaped
+    # block as a recompile of it: without room for one graph per block, the blocks past the
+    # limit (8 by default) would silently run eager.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(units))
     for _, module in units:
         module.forward = torch.compile(module.forward)  # type: ignore[method-assign]
     names = [name or type(model).__name__ for name, _ in units]

@@ -13,6 +13,7 @@ from ulframe.train.optim import warmup_constant
 
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("off", "networks", "step")
+ACTIVATION_CHECKPOINTING = ("off", "blocks")
 
 
 @dataclass
@@ -50,6 +51,17 @@ class TrainSettings:
             (evaluation) stays eager, the compiled modules share their parameters with the
             model, and checkpoints hold the same keys with or without compile (a checkpoint of
             either kind resumes in the other). The first steps pay the compile time.
+        activation_checkpointing: "off", or "blocks": every repeated block of the stage's
+            trainable networks (each block of an nn.ModuleList: the FSDP2 units, e.g. the
+            ResBlocks and Transformer blocks) keeps only its inputs for backward and runs its
+            forward again during backward (non-reentrant `torch.utils.checkpoint`). Saves most
+            of the activation memory (docs/benchmarks.md, "Memory on paper") for one extra
+            forward of each checkpointed block: about a third more FLOPs in those blocks per
+            step (a forward is about a third of forward + backward); the logged `perf/mfu`
+            counts model FLOPs, without the recomputation. Frozen networks are not
+            checkpointed. Composes with `parallelism` and `compile` (the checkpointed region
+            is compiled, FSDP's hooks stay outside it); the EMA copy stays plain, and
+            checkpoints hold the same keys with or without it (either resumes the other).
         peak_flops: the peak FLOP/s of one device in the training precision (a datasheet
             value, e.g. 989e12 for an H100 SXM in bf16), the denominator of the logged
             `perf/mfu`; 0 measures the device's achieved matmul rate at the stage's start
@@ -72,6 +84,7 @@ class TrainSettings:
     keep_checkpoints: int = 3
     parallelism: str = "ddp"
     compile: str = "off"
+    activation_checkpointing: str = "off"
     peak_flops: float = 0.0
 
     def __post_init__(self) -> None:
@@ -86,6 +99,11 @@ class TrainSettings:
         if self.compile not in COMPILE_MODES:
             raise ConfigError(
                 f"TrainSettings.compile must be one of {COMPILE_MODES}, got {self.compile!r}"
+            )
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(
+                "TrainSettings.activation_checkpointing must be one of "
+                f"{ACTIVATION_CHECKPOINTING}, got {self.activation_checkpointing!r}"
             )
         for name in ("batch_size", "train_samples", "log_every_samples"):
             if getattr(self, name) <= 0:
