@@ -1,6 +1,6 @@
 """Memory on paper: per-GPU memory of the paper-scale experiments, from shapes only.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py             # ~1 min on 2 CPU cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py             # ~15 s on 2 CPU cores
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py --json memory.json
 
 For each stage of gin/ul_imagenet512.gin and gin/ul_kinetics.gin, the stage's model is built

@@ -13,6 +13,8 @@ Fixtures (test modules use these rather than importing this file):
   (dist-info with entry_points.txt, plus modules) into a folder: a plugin package without pip.
 - `tiny_run` is the `--gin_param` arguments that shrink gin/quickstart.gin to a run of seconds.
 - `tiny_threads` sets one torch thread for an in-process run.
+- `restore_logging` undoes what an in-process `ulframe.cli.main` sets up (root logger
+  handlers and level, gin's config).
 """
 
 from __future__ import annotations
@@ -188,6 +190,24 @@ def tiny_threads() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """`ulframe.cli` reconfigures the root logger (and opens workdir/log.txt): undo that."""
+    import logging
+
+    import gin
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            h.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    gin.clear_config()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,12 +5,16 @@ modules get shapes and no storage, so even the paper-scale networks are counted 
 without memory (a stage whose build cannot run on the meta device is built on the CPU instead).
 A stage built on a finished earlier stage (it loads that stage's trained weights from the run's
 `workdir/stages/<name>/checkpoints`) is counted once that stage has a checkpoint there; until
-then its line says why it is not. Nothing is written.
+then its line says why it is not. Its weights are not read: on the meta device a checkpoint is
+loaded as shapes only (`torch.load(map_location="meta")`), which still refuses a checkpoint that
+does not fit the config. Nothing is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,13 +64,40 @@ def networks(model: torch.nn.Module) -> list[tuple[str, int, int]]:
     return out
 
 
+@contextlib.contextmanager
+def _checkpoints_as_shapes() -> Iterator[None]:
+    """Within the block, every checkpoint `ulframe.train.checkpoint` loads (`load_latest`, as
+    `load_stage_ema` calls it) is read onto the meta device: the pickled structure and the
+    tensors' shapes, none of their data (no checksum either: nothing is trained from it). Meta
+    weights load into meta parameters without copying (and without torch's per-key "no-op"
+    warning of real weights copied into meta ones), shapes still checked."""
+    from ulframe.train import checkpoint
+
+    def shapes(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+        del map_location
+        try:
+            state = torch.load(path, map_location="meta", weights_only=True)
+        except Exception as err:  # as `checkpoint.load`: not a checkpoint, try an older one
+            raise ValueError(f"{path.name}: refused to load ({type(err).__name__}: {err})") from err
+        if not isinstance(state, dict) or "samples_seen" not in state:
+            raise ValueError(f"{path.name}: not a checkpoint (no samples_seen)")
+        return state
+
+    original = checkpoint.load
+    checkpoint.load = shapes  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        checkpoint.load = original  # type: ignore[assignment]
+
+
 def _build(stage: Any, ctx: Any) -> torch.nn.Module:
     from ulframe.protocols import BuildContext
 
     meta = torch.device("meta")
     example = {k: v.to(meta) if isinstance(v, torch.Tensor) else v for k, v in ctx.example.items()}
     try:
-        with meta:
+        with meta, _checkpoints_as_shapes():
             return stage.build(BuildContext(example, ctx.num_classes, meta, ctx.stage_dir,
                                             ctx.previous))  # fmt: skip
     except (RuntimeError, NotImplementedError, TypeError) as err:  # not buildable on meta
@@ -82,15 +113,13 @@ def stage_parameters(experiment: Any, workdir: Path) -> list[StageParameters]:
     from ulframe.data.pipeline import first_example
     from ulframe.protocols import BuildContext
 
-    example = first_example(experiment.dataset.source("train"))
+    num_classes = experiment.dataset.num_classes
+    example = first_example(experiment.dataset.source("train"), num_classes=num_classes)
     out: list[StageParameters] = []
     previous: dict[str, Path] = {}
     for stage in experiment.stages:
         stage_dir = workdir / "stages" / stage.name
-        ctx = BuildContext(
-            example, experiment.dataset.num_classes, torch.device("cpu"), stage_dir,
-            dict(previous),
-        )  # fmt: skip
+        ctx = BuildContext(example, num_classes, torch.device("cpu"), stage_dir, dict(previous))
         try:
             model = _build(stage, ctx)
         except UserError as err:

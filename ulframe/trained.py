@@ -87,15 +87,14 @@ def open_run(
     device = distributed.pick_device(experiment.device, 0)
     if not (workdir / "stages").is_dir():
         raise UserError(f"{workdir} holds no run: train it first with `ulframe run`")
-    example = first_example(experiment.dataset.source("train"))
+    num_classes = experiment.dataset.num_classes
+    example = first_example(experiment.dataset.source("train"), num_classes=num_classes)
     previous: dict[str, Path] = {}
     restored = []
     for stage in experiment.stages:
         stage_dir = workdir / "stages" / stage.name
         torch.manual_seed(experiment.seed)
-        ctx = BuildContext(
-            example, experiment.dataset.num_classes, device, stage_dir, dict(previous)
-        )
+        ctx = BuildContext(example, num_classes, device, stage_dir, dict(previous))
         model = checkpoint.load_stage_ema(stage, ctx, stage_dir)
         restored.append(Restored(stage, model.to(device).eval(), stage_dir))
         previous[stage.name] = stage_dir

@@ -376,7 +376,7 @@ class ULBase:
         self.train = train
         self.source_stage = source_stage
         self.weighting = weighting if weighting is not None else SigmoidWeighting(0.0)
-        check_weighting(self.weighting, "ul_base.weighting")
+        check_weighting(self.weighting, "ul_base.weighting", logsnr_min)  # λ_max: from stage 1
         self.schedule_factory = schedule
         self.logsnr_min = logsnr_min
         self.label_dropout = label_dropout

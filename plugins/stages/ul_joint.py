@@ -328,7 +328,12 @@ class ULJoint:
         self.decoder_weighting = (
             decoder_weighting if decoder_weighting is not None else SigmoidWeighting(0.0)
         )
-        check_weighting(self.decoder_weighting, "ul_joint.decoder_weighting")
+        check_weighting(
+            self.decoder_weighting,
+            "ul_joint.decoder_weighting",
+            decoder_logsnr_min,
+            decoder_logsnr_max,
+        )
         prior_weighting = prior_weighting if prior_weighting is not None else ELBOWeighting()
         if not is_elbo_weighting(
             cast(Weighting, prior_weighting), latent_logsnr_min, latent_logsnr_max

@@ -1,27 +1,37 @@
 """The engine checks what plugins return where it first meets it, and says so in one line.
 
 - a dataset's first decoded example (`ulframe.data.first_example`, which a run and `ulframe
-  eval` call before building networks): `ContractError` naming the plugin, what it returned and
-  what is expected;
-- a weighting's output on a log-SNR grid (`check_weighting`, called where a stage takes one);
-- a sample metric that cannot judge the data (`judge_samples`): skipped with one WARNING line.
+  eval` call before building networks, with the dataset's `num_classes`): `ContractError`
+  naming the plugin, what it returned and what is expected;
+- a weighting's output on a log-SNR grid (`check_weighting`, called where a stage takes one,
+  over the stage's log-SNR range);
+- a sample metric that declares it cannot judge the data (`judge_samples`): skipped with one
+  WARNING line; anything else it raises propagates.
+
+What a run reads of the data and the model before its first step (a probe batch, the FLOPs
+count) neither crashes it nor changes the model; `ulframe config` counts a later stage's
+parameters without reading the earlier stage's weights.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN, TINY_STAGE2, gin_args, run_cli
 
-from ulframe.data import first_example
+from ulframe.data import first_example, sample_rng
 from ulframe.data.pipeline import example_problem
 from ulframe.diffusion.weighting import SigmoidWeighting, check_weighting
 from ulframe.errors import ContractError, UserError
 from ulframe.eval.metrics import PSNR
 from ulframe.eval.samples import judge_samples
+from ulframe.train.distributed import World
 
 
 class _Source:
@@ -80,11 +90,28 @@ def test_a_builtin_dataset_is_named_by_its_plugin_name() -> None:
         first_example(bad)
 
 
+def test_labels_are_checked_against_the_datasets_num_classes_where_a_run_starts(
+    tmp_path: Path,
+) -> None:
+    from ulframe import parameters
+    from ulframe.train import loop
+
+    dataset = SimpleNamespace(num_classes=10, source=lambda split: _Source(GOOD, 10))
+    stage = SimpleNamespace(name="s", train=SimpleNamespace(batch_size=1))
+    ctx = SimpleNamespace(world=World(0, 1, 0, torch.device("cpu")), seed=0)
+    said = "decode returned label 10; expected 0 <= label < 10"
+    with pytest.raises(ContractError, match=said) as err:
+        loop._build(stage, dataset, tmp_path, {}, ctx)  # before any network is built
+    assert "\n" not in str(err.value)
+    with pytest.raises(ContractError, match=said):  # `ulframe config`
+        parameters.stage_parameters(SimpleNamespace(dataset=dataset, stages=[stage]), tmp_path)
+
+
 def test_check_weighting_refuses_nan_negative_and_misshapen_weights() -> None:
     assert isinstance(check_weighting(SigmoidWeighting(2.0)), SigmoidWeighting)
     cases = [
-        (lambda lam: torch.where(lam > 0, torch.nan, 1.0), "w(λ) returned nan at λ = 0.5"),
-        (lambda lam: -torch.ones_like(lam), "returned -1.0 at λ = -20"),
+        (lambda lam: torch.where(lam > 0, torch.nan, 1.0), "w(λ) = nan at λ = 0.5 (40 of 81"),
+        (lambda lam: -torch.ones_like(lam), "w(λ) = -1.0 at λ = -20"),
         (lambda lam: torch.ones(3), "returned Tensor (3,); expected a tensor of λ's shape (81,)"),
         (lambda lam: lam.numpy(), "returned ndarray"),
     ]
@@ -94,10 +121,27 @@ def test_check_weighting_refuses_nan_negative_and_misshapen_weights() -> None:
         assert said in str(err.value) and "\n" not in str(err.value)
 
 
+def test_check_weighting_checks_the_stages_own_log_snr_range() -> None:
+    def overflows(lam: torch.Tensor) -> torch.Tensor:  # inf below λ = -16
+        return torch.where(lam < -16, torch.inf, 1.0)
+
+    assert check_weighting(overflows, "ul_base.weighting", -15.0, 15.0) is overflows
+    with pytest.raises(ContractError, match=r"w\(λ\) = inf at λ = -20 .* λ ∈ \[-20, 15\]"):
+        check_weighting(overflows, "ul_base.weighting", logsnr_max=15.0)  # λ_min: the default
+    from ulframe.train.settings import TrainSettings
+    from ulframe_plugins.stages.ul_joint import ULJoint
+
+    nets = (torch.nn.Identity,) * 3
+    with pytest.raises(ContractError, match=r"λ ∈ \[-17, 15\]"):  # the decoder's range
+        ULJoint(*nets, TrainSettings(), decoder_weighting=overflows, decoder_logsnr_min=-17.0)
+    ULJoint(*nets, TrainSettings(), decoder_weighting=overflows)  # [-15, 15] by default
+
+
 class _ImagesOnly:
-    """A metric that raises on anything but (N, 3, H, W): as a Fréchet metric on clips."""
+    """An image metric of RGB images (N, 3, H, W) that cannot adapt other channel counts."""
 
     name = "images_only"
+    in_channels = 3
 
     def __call__(self, reference: torch.Tensor, estimate: torch.Tensor) -> dict[str, float]:
         if reference.dim() != 4 or reference.shape[1] != 3:
@@ -112,6 +156,15 @@ class _NeedsWeights:
         raise UserError("metrics.needs_weights.weights is not set")
 
 
+class _Broken:
+    """A metric that declares nothing against the data and fails on it: a bug, or out of memory."""
+
+    name = "broken"
+
+    def __call__(self, reference: torch.Tensor, estimate: torch.Tensor) -> dict[str, float]:
+        raise RuntimeError("CUDA out of memory")
+
+
 def test_a_metric_that_cannot_judge_the_data_is_skipped_with_one_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -120,15 +173,111 @@ def test_a_metric_that_cannot_judge_the_data_is_skipped_with_one_line(
         out = judge_samples(_ImagesOnly(), grey, grey.flip(0), real=grey)
     assert set(out) == {"fd_samples", "speckle"}
     (record,) = caplog.records
-    assert "metric images_only skipped: it cannot judge examples of shape (1, 8, 8)" in (
-        record.getMessage()
+    assert record.getMessage() == (
+        "metric images_only skipped: it cannot judge examples of shape (1, 8, 8) "
+        "(it takes 3-channel inputs)"
     )
     clips = torch.rand(4, 3, 2, 8, 8)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ulframe.eval.samples"):
         assert judge_samples(PSNR(), clips, clips) == {"fd_samples": 4}  # an image metric
-    assert len(caplog.records) == 1
+    assert len(caplog.records) == 1 and "(it compares images)" in caplog.records[0].getMessage()
     rgb = torch.rand(4, 3, 8, 8) * 2 - 1
     assert judge_samples(_ImagesOnly(), rgb, rgb)["fd"] == 0.0  # applies: judged
+
+
+def test_a_metric_failing_on_data_it_takes_stops_the_evaluation() -> None:
+    rgb = torch.rand(4, 3, 8, 8) * 2 - 1
     with pytest.raises(UserError, match="weights is not set"):  # asks the user: stops
         judge_samples(_NeedsWeights(), rgb, rgb)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not a WARNING line
+        judge_samples(_Broken(), rgb, rgb)
+
+
+# ---- what a run reads before its first step --------------------------------------------------
+class _Shapes:
+    """Items of two shapes (no batch), decoded with the per-sample generator."""
+
+    def __init__(self, items: tuple[int, ...] = (8, 8, 6)) -> None:
+        self.items = list(items)
+
+    def decode(self, item: int) -> dict[str, Any]:
+        noise = sample_rng().uniform(-1, 1, (1, item, item)).astype(np.float32)
+        return {"x": torch.from_numpy(noise), "label": 0}
+
+
+def test_the_probe_batch_is_decoded_as_the_loader_decodes_and_never_fails_the_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ulframe.train.loop import probe_batch
+
+    first, again = probe_batch(_Shapes()), probe_batch(_Shapes())
+    assert first is not None and again is not None
+    assert first["x"].shape == (2, 1, 8, 8) and torch.equal(first["x"], again["x"])  # seeded
+    assert torch.equal(first["x"][0], first_example(_Shapes())["x"])
+    with caplog.at_level(logging.WARNING, logger="ulframe.train.loop"):
+        assert probe_batch(_Shapes(), size=3) is None  # 8x8 and 6x6 examples: no batch
+    (record,) = caplog.records
+    assert "perf/mfu is not logged" in record.getMessage()
+
+
+class _Tracking(torch.nn.Module):
+    """A stage's model whose training forward updates buffers (running statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, batch: dict[str, torch.Tensor], noise: Any) -> Any:
+        y = self.linear(self.norm(batch["x"].flatten(1)[:, :4]))
+        return SimpleNamespace(total_nats=lambda: y.square().sum(1))
+
+
+def test_counting_the_flops_leaves_the_models_buffers_as_they_were() -> None:
+    from ulframe.train.loop import count_example_flops
+
+    model = _Tracking()
+    batch = {"x": torch.randn(2, 1, 4, 4), "label": torch.zeros(2, dtype=torch.long)}
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    assert count_example_flops(model, batch) > 0
+    for name, value in model.named_buffers():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    model(batch, None)  # (what the count's forward did to them)
+    assert not torch.equal(model.norm.running_mean, before["norm.running_mean"])
+
+
+def test_the_kit_finds_a_datasets_first_example_as_a_run_does() -> None:
+    from ulframe.testing.kit import Kit, _Built
+
+    class Unreadable(_Shapes):
+        def decode(self, item: int) -> dict[str, Any] | None:
+            return None if item == 6 else super().decode(item)
+
+    # the first item cannot be read: skipped, as the loader skips it
+    dataset = SimpleNamespace(num_classes=1, source=lambda split: Unreadable((6, 8)))
+    with Kit() as kit:
+        built = _Built(product=dataset)
+        kit._layout(None, built)  # type: ignore[arg-type]
+        kit._labels(None, built)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_config_counts_a_later_stage_without_reading_the_earlier_stages_weights(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "run"
+    stage1 = ["gin/quickstart.gin", "--workdir", workdir, *gin_args(TINY_RUN)]
+    trained = run_cli("run", *stage1, "--gin.TRAIN_SAMPLES=4")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    done = run_cli(
+        "config", "gin/quickstart.gin", "--workdir", workdir, *gin_args(TINY_RUN + TINY_STAGE2)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    start = lines.index("# parameters (networks built from one train example, on the meta device):")
+    counted = [line for line in lines[start + 1 :] if line.startswith("#   stage")]
+    assert [line.split(":")[0] for line in counted] == ["#   stage1", "#   stage2"]
+    assert "not built" not in counted[1] and "frozen" in counted[1], counted[1]
+    assert "no-op" not in done.stderr and "Warning" not in done.stderr, done.stderr[-2000:]

@@ -33,6 +33,7 @@ EXPECTED = {
     "sampling/kinetics600",
     "wrap/ddp",
     "wrap/fsdp",
+    "wrap/fsdp+compile",
     "launch",
     "sigterm_resume",
 }
@@ -76,5 +77,7 @@ def test_quick_cpu_gpu_check_passes_every_check_that_applies(
     assert video["continues_clips"] and video["end_to_end_images_per_s"] > 0
     assert checks["wrap/fsdp"]["result"]["sharded"] is True
     assert checks["wrap/ddp"]["result"]["sharded"] is False
+    assert checks["wrap/fsdp+compile"]["result"]["sharded"] is True
+    assert checks["wrap/fsdp+compile"]["result"]["dynamo"]["stats"]  # compiled (aot_eager)
     assert checks["sigterm_resume"]["result"]["resumed_at"] >= 4
     assert report["meta"]["quick"] is True and report["summary"]["ok"] == ok

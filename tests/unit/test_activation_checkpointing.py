@@ -134,16 +134,34 @@ def test_compiled_networks_trace_the_checkpointed_blocks(stage: object) -> None:
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}  # type: ignore[misc]
 
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def aot_eager(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        graphs.append(gm)  # the graph dynamo traced, before AOT autograd
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
     loss, grads = step(_model(stage))
     model = _model(stage)
-    checkpoint_activations(model, "blocks")
+    blocks = checkpoint_activations(model, "blocks")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for network in (model.encoder, model.prior, model.decoder):  # type: ignore[union-attr]
-        network.forward = torch.compile(network.forward, backend="aot_eager")
+        network.forward = torch.compile(network.forward, backend=aot_eager)
     compiled_loss, compiled_grads = step(model)
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+    # every checkpointed block is in the traced graphs as a checkpointed region (dynamo's
+    # higher-order op), not inlined as plain ops that keep their activations
+    regions = [
+        node
+        for gm in graphs
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+        and node.target is torch.ops.higher_order.tag_activation_checkpoint
+    ]
+    assert len(graphs) == 3 and len(regions) == len(blocks), (len(regions), len(blocks))
     assert torch.allclose(compiled_loss, loss, rtol=1e-5, atol=0)
     for name, grad in grads.items():
         assert torch.allclose(compiled_grads[name], grad, rtol=1e-4, atol=1e-6), name

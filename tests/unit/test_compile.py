@@ -7,12 +7,9 @@ disk afterwards); everything else is checked without compiling anything.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-import gin
 import pytest
 import torch
 
@@ -30,27 +27,13 @@ from ulframe_plugins.stages.ul_joint import ULJoint
 QUICKSTART = Path(__file__).resolve().parents[2] / "gin" / "quickstart.gin"
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """`ulframe.cli` reconfigures the root logger (and opens workdir/log.txt): undo that."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers:
-        if h not in handlers:
-            h.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    gin.clear_config()
-
-
 def test_an_unknown_compile_mode_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"TrainSettings.compile must be one of .*'networks'"):
         TrainSettings(compile="max-autotune")
 
 
-def _tiny_model() -> torch.nn.Module:
-    stage = ULJoint(
+def _tiny_stage() -> ULJoint:
+    return ULJoint(
         encoder=partial(
             ResNetEncoder, latent_channels=4, channels=(8, 16), blocks_per_stage=(1, 1)
         ),
@@ -58,8 +41,14 @@ def _tiny_model() -> torch.nn.Module:
         decoder=partial(UViTDecoder, channels=(8,), width=16, depth=1, heads=2, patch_size=2),
         train=TrainSettings(),
     )
-    example = {"x": torch.zeros(1, 8, 8), "label": 0}
-    return stage.build(BuildContext(example, 10, torch.device("cpu"), Path(".")))
+
+
+def _tiny_context(stage_dir: Path = Path(".")) -> BuildContext:
+    return BuildContext({"x": torch.zeros(1, 8, 8), "label": 0}, 10, torch.device("cpu"), stage_dir)
+
+
+def _tiny_model() -> torch.nn.Module:
+    return _tiny_stage().build(_tiny_context())
 
 
 def test_compile_modes_pick_the_networks_or_the_whole_forward() -> None:
@@ -70,6 +59,25 @@ def test_compile_modes_pick_the_networks_or_the_whole_forward() -> None:
     assert compile_model(model, "networks") == ["encoder", "prior", "decoder"]
     assert compile_model(_tiny_model(), "step") == ["ULJointModel"]
     assert list(model.state_dict()) == keys  # compiled in place: the same modules and keys
+    # ...and really compiled: each network's forward is now dynamo's wrapper of the original
+    for name in ("encoder", "prior", "decoder"):
+        network = getattr(model, name)
+        wrapped = getattr(network.forward, "_torchdynamo_orig_callable", None)
+        assert wrapped is not None and wrapped.__func__ is type(network).forward, name
+
+
+def test_compile_gives_every_block_a_graph_of_its_own() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(3)])
+    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    before = getattr(dynamo_config, key)
+    try:
+        setattr(dynamo_config, key, 1)
+        compile_model(model, "networks")
+        assert getattr(dynamo_config, key) == 3
+    finally:
+        setattr(dynamo_config, key, before)
 
 
 def test_the_compile_prefix_is_removed_from_state_dict_keys() -> None:
@@ -80,6 +88,26 @@ def test_the_compile_prefix_is_removed_from_state_dict_keys() -> None:
     assert list(checkpoint.without_compile_prefix(state)) == ["0.weight", "0.bias", "1.weight"]
     plain = layer.state_dict()
     assert checkpoint.without_compile_prefix(plain) is plain
+
+
+def test_a_checkpoint_of_a_torch_compile_wrapper_loads_into_an_eager_model(tmp_path: Path) -> None:
+    # A state dict saved from `torch.compile(model)` (an OptimizedModule: every key prefixed
+    # `_orig_mod.`) loads where a stage's EMA weights are loaded (the later stages, `ulframe
+    # sample/eval`), into the eager model of the same config.
+    torch.manual_seed(1)
+    trained = _tiny_model()
+    state = torch.compile(trained).state_dict()
+    assert state and all(k.startswith("_orig_mod.") for k in state)
+    stage_dir = tmp_path / "stage1"
+    checkpoint.save(
+        checkpoint.checkpoint_dir(stage_dir), 4, {"samples_seen": 4, "model": state, "ema": state}
+    )
+    torch.manual_seed(2)
+    loaded = checkpoint.load_stage_ema(_tiny_stage(), _tiny_context(stage_dir), stage_dir)
+    expected = trained.state_dict()
+    assert list(loaded.state_dict()) == list(expected)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
 
 
 def _run(workdir: Path, tiny_run: list[str], samples: int, mode: str) -> int:
@@ -98,7 +126,14 @@ def test_a_compiled_run_trains_checkpoints_and_resumes_from_and_into_eager_runs(
     workdir = tmp_path / "run"
     ckpts = workdir / "stages" / "stage1" / "checkpoints"
     assert _run(workdir, tiny_run, 4, "off") == 0  # an eager checkpoint at 4 samples
-    eager_keys = sorted(checkpoint.load_latest(ckpts)["model"])
+    eager = checkpoint.load_latest(ckpts)
+    eager_keys = sorted(eager["model"])
+    # rewritten as a `torch.compile(model)` wrapper would write it (every key `_orig_mod.`...):
+    # the compiled run resumes it through `checkpoint.without_compile_prefix`
+    for part in ("model", "ema"):
+        eager[part] = {f"{checkpoint.COMPILE_PREFIX}{k}": v for k, v in eager[part].items()}
+    checkpoint.save(ckpts, 4, eager)
+    assert all(k.startswith("_orig_mod.") for k in checkpoint.load_latest(ckpts)["model"])
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -108,7 +143,7 @@ def test_a_compiled_run_trains_checkpoints_and_resumes_from_and_into_eager_runs(
     assert state["samples_seen"] == 8
     for part in ("model", "ema"):
         assert sorted(state[part]) == eager_keys
-        assert not any("_orig_mod" in k for k in state[part])
+        assert not any("_orig_mod" in k for k in state[part])  # written without the prefix
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     trained = [r["samples_seen"] for r in rows if r["kind"] == "train"]
     assert trained == [4, 8]  # the compiled run went on from the eager one's 4 samples

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
-import gin
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ulframe import cli
 from ulframe.errors import ConfigError
@@ -18,20 +16,6 @@ from ulframe.train import perf
 from ulframe.train.settings import TrainSettings
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "gin" / "quickstart.gin"
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """`ulframe.cli` reconfigures the root logger (and opens workdir/log.txt): undo that."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers:
-        if h not in handlers:
-            h.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    gin.clear_config()
 
 
 def test_flops_of_a_linear_layer_forward_and_backward_are_six_in_out_batch() -> None:
@@ -42,6 +26,25 @@ def test_flops_of_a_linear_layer_forward_and_backward_are_six_in_out_batch() -> 
     # forward 2·B·in·out, backward: the weight's and the input's gradients, 2·B·in·out each
     assert flops == 6 * n_in * n_out * batch
     assert layer.weight.grad is not None and x.grad is not None
+
+
+def test_attention_on_cpu_is_counted_as_torch_counts_it_on_cuda() -> None:
+    # torch's sdpa formulas: forward two matmuls, Q·Kᵀ and P·V, 2·B·H·L·S·D each; backward
+    # five (the scores recomputed, then the gradients of P, V, Q and K)
+    batch, heads, length, source, dim = 2, 3, 5, 7, 8
+    q = torch.randn(batch, heads, length, dim, requires_grad=True)
+    k = torch.randn(batch, heads, source, dim, requires_grad=True)
+    v = torch.randn(batch, heads, source, dim, requires_grad=True)
+    unit = batch * heads * length * source * dim
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 4 * unit
+    flops = perf.train_flops(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum()
+    )
+    assert flops == (4 + 10) * unit
+    assert out.shape == (batch, heads, length, dim)
 
 
 def test_the_matmul_rate_is_a_positive_flop_rate() -> None:

@@ -147,8 +147,8 @@ CHANNEL_LIMIT = 4
 """A first axis longer than this before a last axis of 1, 3 or 4: channels last."""
 
 
-def _shown(value: Any) -> str:
-    """A value as one-line messages show it: ``numpy.ndarray (16, 16, 3) uint8``."""
+def shown(value: Any) -> str:
+    """A value as one-line messages show it (type, shape, dtype): ``numpy.ndarray (16, 16, 3) uint8``."""
     if isinstance(value, torch.Tensor):
         return f"torch.Tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
@@ -174,21 +174,21 @@ def example_problem(
     `labels_only` checks the label alone.
     """
     if not isinstance(example, dict) or "x" not in example:
-        return f"returned {_shown(example)}; expected a dict {{'x': {EXPECTED_X}, 'label': int}}"
+        return f"returned {shown(example)}; expected a dict {{'x': {EXPECTED_X}, 'label': int}}"
     if not labels_only:
         x = example["x"]
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() not in (3, 4):
-            return f"returned {_shown(x)}; expected {EXPECTED_X}"
+            return f"returned {shown(x)}; expected {EXPECTED_X}"
         if x.shape[-1] in (1, 3, 4) and x.shape[0] > CHANNEL_LIMIT:
-            return f"returned {_shown(x)}, channels last; expected {EXPECTED_X}"
+            return f"returned {shown(x)}, channels last; expected {EXPECTED_X}"
         if not bool(torch.isfinite(x).all()):
-            return f"returned {_shown(x)} holding nan or inf; expected {EXPECTED_X}"
+            return f"returned {shown(x)} holding nan or inf; expected {EXPECTED_X}"
         low, high = float(x.min()), float(x.max())
         if low < -1 - RANGE_SLACK or high > 1 + RANGE_SLACK:
-            return f"returned {_shown(x)} in [{low:g}, {high:g}]; expected {EXPECTED_X}"
+            return f"returned {shown(x)} in [{low:g}, {high:g}]; expected {EXPECTED_X}"
     label = example.get("label")
     if not _is_label(label):
-        return f"returned label {_shown(label)} {label!r}; expected an int"
+        return f"returned label {shown(label)} {label!r}; expected an int"
     classes = max(num_classes or 0, 1)
     if num_classes is not None and not 0 <= int(cast(Any, label)) < classes:
         return f"returned label {int(cast(Any, label))}; expected 0 <= label < {classes}"
@@ -227,6 +227,41 @@ def check_example(example: Example, source: Source, num_classes: int | None = No
     return example
 
 
+def readable_examples(
+    source: Source, count: int = 1, max_tries: int = MAX_LEADING_FAILURES
+) -> list[Example]:
+    """The first `count` readable examples of ``source`` among its first `max_tries` items, in
+    item order, decoded as the loader decodes them (`_DecodeTask`: `sample_rng()` seeded per
+    item, seed 0, epoch 0) and not checked; fewer (or none) when fewer are readable."""
+    decode = _DecodeTask(source)
+    examples: list[Example] = []
+    for index in range(min(max_tries, len(source.items))):
+        if len(examples) == count:
+            break
+        example = decode((0, 0, index))
+        if not isinstance(example, _Unreadable):
+            examples.append(example)
+    return examples
+
+
+def first_readable(source: Source, max_tries: int = MAX_LEADING_FAILURES) -> Example:
+    """The first readable example of ``source`` (`readable_examples`), not checked.
+
+    Raises:
+        EmptyDatasetError: no items, or the first ``max_tries`` items are all unreadable.
+    """
+    if len(source.items) == 0:
+        raise EmptyDatasetError(f"{type(source).__name__} has no items.{_hint(source)}")
+    examples = readable_examples(source, 1, max_tries)
+    if not examples:
+        tries = min(max_tries, len(source.items))
+        raise EmptyDatasetError(
+            f"{type(source).__name__}: none of the first {tries} items could be decoded "
+            f"(the WARNING lines above name them).{_hint(source)}"
+        )
+    return examples[0]
+
+
 def first_example(
     source: Source, max_tries: int = MAX_LEADING_FAILURES, num_classes: int | None = None
 ) -> Example:
@@ -239,18 +274,7 @@ def first_example(
         EmptyDatasetError: no items, or the first ``max_tries`` items are all unreadable.
         ContractError: the first readable example is not what a Source must return.
     """
-    if len(source.items) == 0:
-        raise EmptyDatasetError(f"{type(source).__name__} has no items.{_hint(source)}")
-    decode = _DecodeTask(source)
-    tries = min(max_tries, len(source.items))
-    for index in range(tries):
-        example = decode((0, 0, index))
-        if not isinstance(example, _Unreadable):
-            return check_example(example, source, num_classes)
-    raise EmptyDatasetError(
-        f"{type(source).__name__}: none of the first {tries} items could be decoded "
-        f"(the WARNING lines above name them).{_hint(source)}"
-    )
+    return check_example(first_readable(source, max_tries), source, num_classes)
 
 
 # ---- sharding and shuffling --------------------------------------------------------------------

@@ -24,6 +24,7 @@ __all__ = [
     "Weighting",
     "check_weighting",
     "is_elbo_weighting",
+    "weighting_problem",
 ]
 
 ELBO_CHECK_POINTS = 257
@@ -31,7 +32,8 @@ ELBO_CHECK_POINTS = 257
 ELBO_CHECK_ATOL = 1e-6
 """Absolute tolerance of :func:`is_elbo_weighting` (float64 evaluation)."""
 CHECK_RANGE = (-20.0, 20.0)
-"""The log-SNR range on which :func:`check_weighting` asks for finite weights >= 0."""
+"""The log-SNR range on which :func:`check_weighting` asks for finite weights >= 0, where the
+caller does not give the stage's own."""
 CHECK_POINTS = 81
 
 
@@ -126,37 +128,56 @@ def _origin(w: Any) -> str:
     return f"the weighting {klass.__qualname__} ({klass.__module__})"
 
 
-def check_weighting(w: Any, where: str = "") -> Any:
-    """`w` if its output on a float32 log-SNR grid over :data:`CHECK_RANGE` is a tensor of the
-    grid's shape holding finite values >= 0; else `ContractError` in one line naming the plugin,
-    what it returned and what is expected. Call it where a stage takes a weighting (`where`:
-    the parameter, e.g. ``ul_joint.decoder_weighting``) so that a NaN weighting fails before
-    training, not as a NaN loss."""
-    from ulframe.errors import ContractError
-
-    grid = torch.linspace(*CHECK_RANGE, CHECK_POINTS)
-    at = f" (as {where})" if where else ""
+def weighting_problem(
+    w: Any,
+    logsnr_min: float = CHECK_RANGE[0],
+    logsnr_max: float = CHECK_RANGE[1],
+    points: int = CHECK_POINTS,
+    dtype: torch.dtype = torch.float32,
+) -> str | None:
+    """What is wrong with `w`'s output on a `dtype` grid of `points` log-SNRs over
+    [logsnr_min, logsnr_max], in one line (None: a tensor of the grid's shape holding finite
+    values >= 0)."""
+    grid = torch.linspace(logsnr_min, logsnr_max, points, dtype=dtype)
     with torch.no_grad():
         try:
             out = w(grid)
         except Exception as err:
-            raise ContractError(
-                f"{_origin(w)}{at}: w(λ) of a float32 tensor of shape {tuple(grid.shape)} raised "
+            return (
+                f"w(λ) of a {dtype} tensor of shape {tuple(grid.shape)} raised "
                 f"{type(err).__name__}: {err}"
-            ) from err
+            )
     if not isinstance(out, Tensor) or out.shape != grid.shape:
         shown = f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
-        raise ContractError(
-            f"{_origin(w)}{at}: w(λ) returned {shown}; expected a tensor of λ's shape "
-            f"{tuple(grid.shape)}"
-        )
+        return f"w(λ) returned {shown}; expected a tensor of λ's shape {tuple(grid.shape)}"
     bad = ~torch.isfinite(out) | (out < 0)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        low, high = CHECK_RANGE
-        raise ContractError(
-            f"{_origin(w)}{at}: w(λ) returned {float(out[i])} at λ = {float(grid[i]):g} "
-            f"({int(bad.sum())} of {CHECK_POINTS} points of [{low:g}, {high:g}]); "
-            "expected finite weights >= 0"
-        )
+    if not bad.any():
+        return None
+    i = int(bad.nonzero()[0])
+    return (
+        f"w(λ) = {float(out[i])} at λ = {float(grid[i]):g} ({int(bad.sum())} of {points} "
+        f"points of λ ∈ [{logsnr_min:g}, {logsnr_max:g}], {dtype}); expected finite weights >= 0"
+    )
+
+
+def check_weighting(
+    w: Any,
+    where: str = "",
+    logsnr_min: float | None = None,
+    logsnr_max: float | None = None,
+) -> Any:
+    """`w` if its output on a float32 log-SNR grid over [logsnr_min, logsnr_max] (the stage's
+    range, where the caller knows it; each end :data:`CHECK_RANGE`'s otherwise) is a tensor of
+    the grid's shape holding finite values >= 0 (`weighting_problem`); else `ContractError` in
+    one line naming the plugin, what it returned and what is expected. Call it where a stage
+    takes a weighting (`where`: the parameter, e.g. ``ul_joint.decoder_weighting``) so that a
+    NaN weighting fails before training, not as a NaN loss."""
+    from ulframe.errors import ContractError
+
+    low = CHECK_RANGE[0] if logsnr_min is None else logsnr_min
+    high = CHECK_RANGE[1] if logsnr_max is None else logsnr_max
+    problem = weighting_problem(w, low, high)
+    if problem is not None:
+        at = f" (as {where})" if where else ""
+        raise ContractError(f"{_origin(w)}{at}: {problem}")
     return w

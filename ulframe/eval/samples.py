@@ -21,7 +21,6 @@ from typing import Any
 
 from torch import Tensor
 
-from ulframe.errors import UserError
 from ulframe.eval.metrics import speckle
 
 logger = logging.getLogger(__name__)
@@ -45,9 +44,13 @@ def judge_samples(
         labels: (N,) the classes the samples were drawn for, or None (unconditional).
         real: real train examples, as many as `reference`, for ``fd_real``; None: skipped.
 
-    A metric that cannot judge this data (one with ``inputs = "videos"`` given images, or the
-    reverse, or one that raises on their shape) is skipped with one WARNING line: the other
-    scalars are still returned. A `UserError` of the metric (a missing weights file) stops.
+    A metric that declares it cannot judge this data is skipped with one WARNING line, the
+    other scalars still returned: its ``inputs`` kind is not the data's (``"videos"`` given
+    images, or the reverse; ``"images"`` when it says nothing), or its ``in_channels`` (0:
+    any) is not the data's channel count and it cannot adapt channels (no
+    ``adapt_channels``, as `ulframe.eval.frechet.FeatureFrechetMetric` has). Anything the
+    metric raises on data it declares it takes (out of memory, a bug, a `UserError` such as a
+    missing weights file) propagates.
     """
     video = reference.dim() == 5
     key = "fvd" if video else "fd"
@@ -56,29 +59,34 @@ def judge_samples(
         out["speckle"] = speckle(reference, samples)
     if metric is None:
         return out
-    wants = getattr(metric, "inputs", "images")
-    if wants in ("images", "videos") and (wants == "videos") != video:
-        _skip(metric, reference, f"it compares {wants}")
+    mismatch = _mismatch(metric, reference)
+    if mismatch:
+        _skip(metric, reference, mismatch)
         return out
     classifies = labels is not None and callable(getattr(metric, "classify", None))
-    scores: dict[str, Any] = {}
-    try:
-        values = dict(
-            metric(reference, samples, labels=labels) if classifies else metric(reference, samples)
-        )
-        name = next(iter(values))
-        scores[key] = float(values.pop(name))
-        scores[f"{key}_metric"] = name
-        scores.update({k: float(v) for k, v in values.items()})
-        if real is not None and len(real) == len(reference):
-            scores[f"{key}_real"] = float(next(iter(metric(reference, real).values())))
-    except UserError:  # asks the user for something (a weights file): say so, stop
-        raise
-    except Exception as err:  # a metric that cannot apply to this data: one line, no crash
-        first = str(err).strip().splitlines()
-        _skip(metric, reference, f"{type(err).__name__}: {first[0] if first else ''}")
-        return out
-    return out | scores
+    values = dict(
+        metric(reference, samples, labels=labels) if classifies else metric(reference, samples)
+    )
+    name = next(iter(values))
+    out[key] = float(values.pop(name))
+    out[f"{key}_metric"] = name
+    out.update({k: float(v) for k, v in values.items()})
+    if real is not None and len(real) == len(reference):
+        out[f"{key}_real"] = float(next(iter(metric(reference, real).values())))
+    return out
+
+
+def _mismatch(metric: Any, reference: Tensor) -> str:
+    """Why `metric` declares it cannot judge examples like `reference` ("": it can)."""
+    video = reference.dim() == 5
+    wants = getattr(metric, "inputs", "images")
+    if wants in ("images", "videos") and (wants == "videos") != video:
+        return f"it compares {wants}"
+    takes, channels = getattr(metric, "in_channels", 0), reference.shape[1]
+    if isinstance(takes, int) and takes not in (0, channels):
+        if not callable(getattr(metric, "adapt_channels", None)):
+            return f"it takes {takes}-channel inputs"
+    return ""
 
 
 def _skip(metric: Any, reference: Tensor, why: str) -> None:

@@ -46,6 +46,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ulframe.data.pipeline import shown as describe
+from ulframe.diffusion.weighting import CHECK_RANGE, weighting_problem
 from ulframe.errors import UserError
 from ulframe.registry import Entry, Registry, _normalized
 from ulframe.testing import tiny
@@ -62,7 +64,7 @@ VIDEO_SHAPE = (3, 8, 16, 16)  # (C, T, H, W)
 VIDEO_LATENT_SHAPE = (4, 4, 4, 4)  # (Cz, t, h, w)
 NUM_CLASSES = 3
 LOGSNR_RANGE = (-10.0, 10.0)  # noise levels fed to networks
-WEIGHTING_RANGE = (-20.0, 20.0)  # λ range on which weightings must be finite
+WEIGHTING_POINTS = 401  # λ grid of the weighting checks (over weighting.CHECK_RANGE)
 SCHEDULE_ENDPOINTS = ((-15.0, 5.0), (-10.0, 15.0))
 SCHEDULE_RESOLUTION = 16
 SAMPLER_STEPS = 6
@@ -204,17 +206,6 @@ def network_inputs(kind: str, video: bool = False, seed: int = 2) -> tuple[Tenso
 def expected_shape(kind: str, video: bool = False) -> tuple[int, ...]:
     x_shape, z_shape = (VIDEO_SHAPE, VIDEO_LATENT_SHAPE) if video else (IMAGE_SHAPE, LATENT_SHAPE)
     return (BATCH, *(z_shape if kind in ("encoders", "priors") else x_shape))
-
-
-def describe(value: Any) -> str:
-    """A value as the one-line messages show it: type, shape, dtype."""
-    if isinstance(value, Tensor):
-        return f"torch.Tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    kind = f"{type(value).__module__.split('.')[0]}.{type(value).__qualname__}"
-    if kind.startswith("builtins."):
-        kind = type(value).__qualname__
-    return " ".join(str(p) for p in (kind, shape and tuple(shape), dtype) if p is not None)
 
 
 def _first_line(err: BaseException) -> str:
@@ -498,7 +489,7 @@ class Kit:
         w = built.product
         for shape in ((), (7,), (3, 5)):
             for dtype in (torch.float32, torch.float64):
-                logsnr = torch.linspace(*WEIGHTING_RANGE, math.prod(shape), dtype=dtype)
+                logsnr = torch.linspace(*CHECK_RANGE, math.prod(shape), dtype=dtype)
                 out = w(logsnr.reshape(shape))
                 expect(
                     isinstance(out, Tensor) and out.shape == shape and out.dtype == dtype,
@@ -508,20 +499,12 @@ class Kit:
 
     def _finite_positive(self, entry: Entry, built: _Built) -> None:
         for dtype in (torch.float32, torch.float64):
-            grid = torch.linspace(*WEIGHTING_RANGE, 401, dtype=dtype)
-            out = built.product(grid)
-            bad = ~torch.isfinite(out) | (out < 0)
-            if bad.any():
-                first = int(bad.nonzero()[0])
-                low, high = WEIGHTING_RANGE
-                raise CheckFailed(
-                    f"w(λ) = {float(out[first])} at λ = {float(grid[first]):g} ({int(bad.sum())} "
-                    f"of {len(grid)} points of λ ∈ [{low:g}, {high:g}], {dtype}); "
-                    "expected finite weights >= 0"
-                )
+            problem = weighting_problem(built.product, *CHECK_RANGE, WEIGHTING_POINTS, dtype)
+            if problem:
+                raise CheckFailed(problem)
 
     def _pure(self, entry: Entry, built: _Built) -> None:
-        grid = torch.linspace(*WEIGHTING_RANGE, 401)
+        grid = torch.linspace(*CHECK_RANGE, WEIGHTING_POINTS)
         expect(
             torch.equal(built.product(grid).nan_to_num(), built.product(grid.clone()).nan_to_num()),
             "w(λ) differs between two calls on the same λ; expected a pure function of λ",
@@ -598,9 +581,13 @@ class Kit:
 
     # -- datasets ---------------------------------------------------------------------------
     def _first(self, entry: Entry, built: _Built, split: str) -> Any:
+        """The split's source and its first readable example, as a run finds it (unreadable
+        items first are skipped, as the loader skips them); not checked."""
+        from ulframe.data.pipeline import first_readable
+
         source = built.product.source(split)
         expect(len(source.items) > 0, f"source('{split}') has no items")
-        return source, source.decode(source.items[0])
+        return source, first_readable(source)
 
     def _layout(self, entry: Entry, built: _Built) -> None:
         from ulframe.data.pipeline import example_problem

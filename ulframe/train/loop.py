@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ulframe import rundir
-from ulframe.data.pipeline import build_loader, collate, first_example
+from ulframe.data.pipeline import build_loader, collate, first_example, readable_examples
 from ulframe.diffusion import BatchNoise
 from ulframe.errors import ConfigError, UserError
 from ulframe.eval.media import save_media
@@ -328,10 +328,12 @@ def compile_model(model: torch.nn.Module, mode: str) -> list[str]:
         units = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
     # Blocks of one class share their forward's code, and dynamo counts each differently shaped
     # block as a recompile of it: without room for one graph per block, the blocks past the
-    # limit (8 by default) would silently run eager.
+    # limit (8 by default) would silently run eager. (`recompile_limit` is torch >= 2.7's name of
+    # `cache_size_limit`.)
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(units))
+    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, key, max(getattr(dynamo_config, key), len(units)))
     for _, module in units:
         module.forward = torch.compile(module.forward)  # type: ignore[method-assign]
     names = [name or type(model).__name__ for name, _ in units]
@@ -342,20 +344,16 @@ def compile_model(model: torch.nn.Module, mode: str) -> list[str]:
 
 def probe_batch(source: Any, size: int = 2, tries: int = 16) -> dict[str, torch.Tensor] | None:
     """A batch of the first `size` readable examples of a Source (among its first `tries`
-    items), or None."""
-    import itertools
-
-    examples = []
-    for item in itertools.islice(source.items, tries):
-        try:
-            example = source.decode(item)
-        except Exception:  # an unreadable item: the loader skips it too
-            continue
-        if example is not None:
-            examples.append(example)
-        if len(examples) == size:
-            break
-    return collate(examples) if examples else None
+    items, decoded as the loader decodes them: `readable_examples`), or None, logged, when
+    there is none or they make no batch: the run then logs no MFU, and goes on."""
+    try:
+        examples = readable_examples(source, size, tries)
+        if not examples:
+            raise ValueError(f"none of the first {tries} items could be decoded")
+        return collate(examples)
+    except Exception as err:  # only the MFU needs it: the loader reports bad data itself
+        log.warning("no batch to count the model's FLOPs on (%s): perf/mfu is not logged", err)
+        return None
 
 
 def count_example_flops(
@@ -363,7 +361,9 @@ def count_example_flops(
 ) -> float:
     """Model FLOPs of one example's forward and backward, counted (`perf.train_flops`) on
     `batch` with eager `model` before it is wrapped or compiled; 0 when counting fails. The
-    random streams and the gradients are left as they were."""
+    random streams, the gradients and the buffers (running statistics a training forward
+    updates, e.g. a KL autoencoder's latent variance) are left as they were."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     device = next(iter(batch.values())).device
     rows = len(next(iter(batch.values())))
 
@@ -382,6 +382,10 @@ def count_example_flops(
     finally:
         for p in model.parameters():
             p.grad = None
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
     return flops / max(rows, 1)
 
 
@@ -564,7 +568,7 @@ def _build(
     settings, world = stage.train, ctx.world
     per_rank = settings.batch_size // world.world_size
     train_source = dataset.source("train")
-    example = first_example(train_source)
+    example = first_example(train_source, num_classes=dataset.num_classes)
     torch.manual_seed(seed_for(ctx.seed, 0, 0))  # identical initial weights on every rank
     build_ctx = BuildContext(example, dataset.num_classes, world.device, stage_dir, dict(previous))
     model = stage.build(build_ctx).to(world.device)

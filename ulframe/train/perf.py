@@ -4,8 +4,13 @@
   `FlopCounterMode` (matmuls, convolutions, attention: the operations that dominate; element-wise
   work is not counted, as in the usual MFU definition) around `loss = step_fn(); loss.backward()`.
 - `measure_matmul_rate(device, dtype)`: the FLOP/s square matmuls achieve on the device in that
-  dtype, a short probe: the reference of MFU when no datasheet peak is given
-  (`TrainSettings.peak_flops`).
+  dtype, a short probe (warm-up, then the best of several timed repeats): the reference of MFU
+  when no datasheet peak is given (`TrainSettings.peak_flops`).
+
+torch's counter has formulas for the CUDA attention kernels but none for the CPU one
+(`aten._scaled_dot_product_flash_attention_for_cpu` and its backward); importing this module
+registers torch's own sdpa formulas for it, so a CPU count includes attention as a CUDA count
+does (forward 4·B·H·L·S·D: two matmuls of 2·B·H·L·S·D).
 
 The loop counts the FLOPs per training example once at build (`example_flops`) and logs
 `perf/model_tflops_per_s` (per device) and `perf/mfu` with the training scalars.
@@ -13,14 +18,48 @@ The loop counts the FLOPs per training example once at build (`example_flops`) a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 PROBE_SIZES = {"cuda": 8192, "cpu": 512}  # square matmul sizes: large enough to be compute-bound
+PROBE_REPEATS = 5  # timed repeats after the warm-up; the rate is the best of them
 _RATES: dict[tuple[str, str, int], float] = {}  # (device, dtype, CPU threads) -> FLOP/s
+
+
+def _register_cpu_attention() -> None:
+    """Give the CPU flash-attention kernels (forward, backward) torch's sdpa formulas, where this
+    torch has those kernels, has the formulas and does not count the kernels already."""
+    forward_count = getattr(flop_counter, "sdpa_flop_count", None)
+    backward_count = getattr(flop_counter, "sdpa_backward_flop_count", None)
+    if forward_count is None or backward_count is None:
+        return
+
+    def forward(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kw: Any) -> int:
+        return int(forward_count(q, k, v))
+
+    def backward(
+        grad: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kw: Any
+    ) -> int:
+        return int(backward_count(grad, q, k, v))
+
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", forward),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", backward),
+    ):
+        op = None
+        with contextlib.suppress(AttributeError, RuntimeError):
+            op = getattr(torch.ops.aten, name)
+        if op is not None and op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+
+
+_register_cpu_attention()
 
 
 def train_flops(step_fn: Callable[[], torch.Tensor]) -> int:
@@ -40,25 +79,36 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Achieved FLOP/s of square matmuls in `dtype` on `device`: one warm-up, then as many
-    matmuls as fit in about `seconds` (synchronised on CUDA)."""
+    """Achieved FLOP/s of square matmuls in `dtype` on `device`: matmuls for about `seconds` as a
+    warm-up (kernels chosen, caches filled, a GPU's clocks raised from idle), then
+    `PROBE_REPEATS` timed repeats of about `seconds / PROBE_REPEATS` each (synchronised on
+    CUDA); the best repeat's rate (the device's capability, least disturbed by other work)."""
     n = PROBE_SIZES.get(device.type, PROBE_SIZES["cpu"])
     gen = torch.Generator(device).manual_seed(0)
     a = torch.randn((n, n), generator=gen, device=device).to(dtype)
     b = torch.randn((n, n), generator=gen, device=device).to(dtype)
     flops_each = 2 * n**3
-    torch.mm(a, b)  # warm-up: kernels chosen, caches and clocks up
     _sync(device)
+    count = 0
     t0 = time.perf_counter()
-    torch.mm(a, b)
-    _sync(device)
-    once = max(time.perf_counter() - t0, 1e-9)
-    count = max(1, int(seconds / once))
-    t0 = time.perf_counter()
-    for _ in range(count):
+    while True:  # warm-up: at least one matmul, then until `seconds` have passed
         torch.mm(a, b)
-    _sync(device)
-    return count * flops_each / max(time.perf_counter() - t0, 1e-9)
+        count += 1
+        if count & (count - 1) == 0:  # synchronise at powers of two: few host stalls
+            _sync(device)
+            if time.perf_counter() - t0 >= seconds:
+                break
+    once = (time.perf_counter() - t0) / count
+    per_repeat = max(1, int(seconds / PROBE_REPEATS / max(once, 1e-9)))
+    best = 0.0
+    for _ in range(PROBE_REPEATS):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(per_repeat):
+            torch.mm(a, b)
+        _sync(device)
+        best = max(best, per_repeat * flops_each / max(time.perf_counter() - t0, 1e-9))
+    return best
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
