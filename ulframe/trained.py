@@ -105,9 +105,11 @@ def split_examples(experiment: Any, split: str, n: int) -> torch.Tensor:
     """Up to n examples' `x` of a split, in the split's own order, (N, C, *S) on CPU."""
     from ulframe.data.pipeline import build_loader
 
+    # prefetch=0: a one-off read that stops early leaves no prefetch thread behind (torchdata
+    # can then collect the abandoned iterator in that very thread and print a traceback).
     loader = build_loader(
         experiment.dataset.source(split), batch_size=min(n, 64), seed=experiment.seed,
-        shuffle=False, repeat=False, drop_last=False,
+        shuffle=False, repeat=False, drop_last=False, prefetch=0,
     )  # fmt: skip
     images = []
     for batch in loader:
@@ -132,7 +134,7 @@ def evaluate(run: TrainedRun, batches: int | None = None, fd_samples: int = 256)
         count = r.stage.train.eval_batches if batches is None else batches
         loader = build_loader(
             experiment.dataset.source("eval"), batch_size=r.stage.train.batch_size,
-            seed=experiment.seed, shuffle=False, repeat=False, drop_last=False,
+            seed=experiment.seed, shuffle=False, repeat=False, drop_last=False, prefetch=0,
         )  # fmt: skip
         data = [{k: v.to(device) for k, v in b.items()} for _, b in zip(range(count), loader)]
         generator = torch.Generator(device).manual_seed(experiment.seed)
