@@ -7,13 +7,10 @@ recording hook object added to the plugin manager the CLI builds.
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import gin
 import pytest
 
 from ulframe import cli, hookspecs
@@ -69,20 +66,6 @@ class Recorder:
     @hookimpl
     def ulframe_error(self, run: RunInfo, error: BaseException) -> None:
         self.calls.append(("ulframe_error", type(error).__name__))
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """`ulframe.cli` reconfigures the root logger (and opens workdir/log.txt): undo that."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers:
-        if h not in handlers:
-            h.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    gin.clear_config()
 
 
 def run_in_process(args: list[str], hooks: list[Any], monkeypatch: pytest.MonkeyPatch) -> int:
