@@ -288,12 +288,13 @@ def load_model(result: Result) -> tuple[Any, Any, list[dict[str, Any]]]:
     from ulframe.data.pipeline import build_loader, first_example
     from ulframe.protocols import BuildContext
     from ulframe.train import checkpoint
+    from ulframe.train.settings import CONFIGURABLES
 
     meta_path = result.workdir / "sweep.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     gin_file = ROOT / meta.get("gin", str(GIN_FILE.relative_to(ROOT)))
     bindings = [f"{k} = {v}" for k, v in {**FIXED, **result.overrides}.items()]
-    wiring.load([str(gin_file)], bindings)
+    wiring.load([str(gin_file)], bindings, engine=CONFIGURABLES)
     experiment = wiring.experiment()
     stage = experiment.stages[0]
     source = experiment.dataset.source("eval")
@@ -413,15 +414,9 @@ class Opened:
 
 def open_trained(workdir: Path, files: Sequence[str], bindings: Sequence[str] = ()) -> Opened:
     """Every stage of the run in `workdir` rebuilt from `files` + `bindings` with its EMA weights
-    (`ulframe.trained.open_run`; `ulframe.cli._restore_stages` where that does not exist yet)."""
-    try:
-        from ulframe.trained import open_run
-    except ImportError:  # an older ulframe
-        from ulframe import cli
+    (`ulframe.trained.open_run`)."""
+    from ulframe.trained import open_run
 
-        ns = argparse.Namespace(files=list(files), workdir=Path(workdir))
-        experiment, restored, device, registry = cli._restore_stages(ns, list(bindings))
-        return Opened(experiment, [tuple(r) for r in restored], device, registry)
     run = open_run(Path(workdir), list(files), list(bindings))
     stages = [(r.stage, r.model, r.stage_dir) for r in run.stages]
     return Opened(run.experiment, stages, run.device, run.registry)
@@ -429,12 +424,8 @@ def open_trained(workdir: Path, files: Sequence[str], bindings: Sequence[str] = 
 
 def split_examples(experiment: Any, split: str, n: int) -> Any:
     """Up to n examples' `x` of a split (N, C, *S), in the split's own order, on CPU."""
-    try:
-        from ulframe.trained import split_examples as split_x
-    except ImportError:
-        from ulframe import cli
+    from ulframe.trained import split_examples as split_x
 
-        return cli._split_images(experiment, split, n)
     return split_x(experiment, split, n)
 
 

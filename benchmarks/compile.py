@@ -52,6 +52,7 @@ from ulframe.protocols import BuildContext
 from ulframe.train import checkpoint, perf
 from ulframe.train.distributed import World, pick_device
 from ulframe.train.loop import Trainer, count_example_flops, probe_batch, seed_for, train_step
+from ulframe.train.settings import CONFIGURABLES
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "gin" / "quickstart.gin"
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return rates[key]
 
     bindings = [*(QUICK if args.quick else ()), "Experiment.hooks = []"]
-    wiring.load([str(QUICKSTART)], bindings)
+    wiring.load([str(QUICKSTART)], bindings, engine=CONFIGURABLES)
     experiment = wiring.experiment()
     stage1, stage2 = experiment.stages[:2]
     dataset = experiment.dataset

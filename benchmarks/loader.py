@@ -50,6 +50,7 @@ from ulframe.data import build_loader
 from ulframe.protocols import BuildContext
 from ulframe.registry import Registry
 from ulframe.train.loop import seed_for
+from ulframe.train.settings import CONFIGURABLES
 from ulframe_plugins.datasets.kinetics import Kinetics
 from ulframe_plugins.datasets.moving_photos import bounce, scaled_photographs
 from ulframe_plugins.stages.ul_joint import ULJointModel
@@ -157,7 +158,7 @@ def build_model(
     """The stage-1 model of ``stages.ul_joint`` with ``preset``'s networks, and its settings."""
     # bitsandbytes takes seconds to import on a CPU machine and plays no part here.
     wiring._bnb_optimizers = dict  # type: ignore[assignment]
-    wiring.register(Registry())
+    wiring.register(Registry(), engine=CONFIGURABLES)
     wiring.parse(
         [preset],
         [

@@ -80,9 +80,10 @@ def load_experiment(files: str | Path | Sequence[str | Path], bindings: Sequence
 
     gin's bindings are global: build every model of this experiment before loading another."""
     from ulframe import wiring
+    from ulframe.train.settings import CONFIGURABLES
 
     paths = [files] if isinstance(files, str | Path) else list(files)
-    wiring.load([str(REPO / f) for f in paths], [*QUIET, *bindings])
+    wiring.load([str(REPO / f) for f in paths], [*QUIET, *bindings], engine=CONFIGURABLES)
     return wiring.experiment()
 
 

@@ -366,10 +366,11 @@ def _run_config(args: argparse.Namespace) -> tuple[Path, list[str]]:
 
 def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
     from ulframe import wiring
-    from ulframe.train import distributed, runner
+    from ulframe.train import distributed, runner, settings
 
     _configure_logging(is_main=True)
-    registry = wiring.load(args.files, bindings)  # config errors: one message, before launching
+    # config errors: one message, before launching
+    registry = wiring.load(args.files, bindings, engine=settings.CONFIGURABLES)
     workdir = _workdir(args)
     if args.nproc and not distributed.launched():
         again = ["run", *args.files, *[a for b in bindings for a in ("--gin-param", b)]]
@@ -435,9 +436,10 @@ def cmd_export(args: argparse.Namespace, bindings: list[str]) -> int:
 
 def cmd_config(args: argparse.Namespace, bindings: list[str]) -> int:
     from ulframe import parameters, wiring
+    from ulframe.train import settings
 
     _configure_logging(is_main=True)
-    wiring.load(args.files, bindings)
+    wiring.load(args.files, bindings, engine=settings.CONFIGURABLES)
     experiment = wiring.experiment()  # gin calls every constructor
     try:  # the networks, on the meta device: what the operative config then shows too
         counts = parameters.describe(parameters.stage_parameters(experiment, _workdir(args)))
@@ -531,31 +533,6 @@ def _message(err: UserError) -> str:
     binding instead of gin's call trail (`wiring.describe`)."""
     wiring = sys.modules.get("ulframe.wiring")
     return wiring.describe(err) if wiring is not None else str(err)
-
-
-# ---- names benchmarks and tests imported from here before they moved to the engine -------------
-def _restore_stages(args: argparse.Namespace, bindings: list[str]) -> tuple[Any, ...]:
-    """(experiment, [(stage, model, stage_dir)], device, registry) of `args.files` (the config)
-    and `args.workdir`: `ulframe.trained.open_run`, as a tuple."""
-    from ulframe import trained
-
-    run = trained.open_run(_workdir(args), args.files, bindings)
-    stages = [(r.stage, r.model, r.stage_dir) for r in run.stages]
-    return run.experiment, stages, run.device, run.registry
-
-
-def __getattr__(name: str) -> Any:
-    if name == "draw_samples":
-        from ulframe.eval.samples import draw_samples
-
-        return draw_samples
-    if name in ("_split_images", "_eval_images"):
-        from ulframe.trained import split_examples
-
-        if name == "_eval_images":
-            return lambda experiment, n: split_examples(experiment, "eval", n)
-        return split_examples
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,16 @@ class PluginError(UserError):
 class ContractError(PluginError):
     """A plugin's product returned what its kind's contract forbids (a dataset's example that
     is not a float32 C×H×W tensor in [-1, 1], a weighting that is nan): the message names the
-    plugin, what it returned and what is expected."""
+    plugin, what it returned and what is expected, as `who` followed by `said`.
+
+    The layer that checks (`ulframe.data`, `ulframe.diffusion`) sees the product, not the
+    plugin: it names the product by its class (`who`) and passes the plugin's `kind` and the
+    `product`. The engine, which knows the registry, puts the plugin's name in place of `who`
+    (`ulframe.registry.naming_plugins`)."""
+
+    def __init__(self, who: str, said: str = "", kind: str = "", product: object = None) -> None:
+        super().__init__(f"{who}{said}")
+        self.who, self.said, self.kind, self.product = who, said, kind, product
 
 
 class DataError(UserError):

@@ -112,9 +112,11 @@ def stage_parameters(experiment: Any, workdir: Path) -> list[StageParameters]:
     Raises UserError when the data cannot give the example the networks are built from."""
     from ulframe.data.pipeline import first_example
     from ulframe.protocols import BuildContext
+    from ulframe.registry import naming_plugins
 
     num_classes = experiment.dataset.num_classes
-    example = first_example(experiment.dataset.source("train"), num_classes=num_classes)
+    with naming_plugins(source_of=experiment.dataset):
+        example = first_example(experiment.dataset.source("train"), num_classes=num_classes)
     out: list[StageParameters] = []
     previous: dict[str, Path] = {}
     for stage in experiment.stages:

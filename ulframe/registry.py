@@ -19,19 +19,20 @@ so nothing leaks between them.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.metadata
 import inspect
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from stevedore import ExtensionManager, NamedExtensionManager
 
-from ulframe.errors import PluginError
+from ulframe.errors import ContractError, PluginError
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +233,36 @@ class Registry:
         raise PluginError(
             f"no {kind} plugin named '{name}'{hint} valid names: {', '.join(valid) or '(none)'}"
         )
+
+    def maker(self, kind: str, product: Any) -> Entry | None:
+        """The entry of `kind` whose factory is `product` or its class; None when none is."""
+        if kind not in KINDS:
+            return None
+        klass = type(product)
+        return next(
+            (e for e in self.entries(kind) if e.factory is product or e.factory is klass), None
+        )
+
+
+@contextlib.contextmanager
+def naming_plugins(registry: Registry | None = None, source_of: Any = None) -> Iterator[None]:
+    """A `ContractError` raised inside names the plugin (`kind.NAME (from DIST)`) in place of
+    the product's class that the checking layer (data, diffusion) named it by: the entry that
+    made the error's product, else the one that made `source_of` (what the checked object came
+    from: the dataset whose `Source` is checked). Unchanged when no registered entry made
+    either. The engine wraps its calls of those checks in this (`first_example` of the
+    dataset, the construction of the experiment's stages)."""
+    try:
+        yield
+    except ContractError as err:
+        try:
+            known = registry or Registry()
+            entry = known.maker(err.kind, err.product) or known.maker(err.kind, source_of)
+        except Exception:  # the message matters more than the name
+            entry = None
+        if entry is None:
+            raise
+        text = str(err)  # gin's wrapper of an error in a configured call appends its call trail
+        said = text[len(err.who) :] if err.who and text.startswith(err.who) else f": {text}"
+        plugin = f"{entry.kind}.{entry.name} (from {entry.distribution})"
+        raise ContractError(plugin, said, err.kind, err.product) from err

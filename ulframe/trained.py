@@ -80,15 +80,17 @@ def open_run(
     from ulframe import wiring
     from ulframe.data.pipeline import first_example
     from ulframe.protocols import BuildContext
-    from ulframe.train import checkpoint, distributed
+    from ulframe.registry import naming_plugins
+    from ulframe.train import checkpoint, distributed, settings
 
-    registry = wiring.load(files, bindings)
+    registry = wiring.load(files, bindings, engine=settings.CONFIGURABLES)
     experiment = wiring.experiment()
     device = distributed.pick_device(experiment.device, 0)
     if not (workdir / "stages").is_dir():
         raise UserError(f"{workdir} holds no run: train it first with `ulframe run`")
     num_classes = experiment.dataset.num_classes
-    example = first_example(experiment.dataset.source("train"), num_classes=num_classes)
+    with naming_plugins(registry, experiment.dataset):
+        example = first_example(experiment.dataset.source("train"), num_classes=num_classes)
     previous: dict[str, Path] = {}
     restored = []
     for stage in experiment.stages:

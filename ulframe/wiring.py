@@ -1,9 +1,10 @@
 """The one place that talks to gin: what is chosen, with which values.
 
-`register(registry)` makes every discovered entry bindable as `@<kind>.<name>` (for example
-`@weightings.sigmoid()`, `@encoders.resnet`), plus the engine's own configurables (`Experiment`,
-`TrainSettings`), torch's optimizers and LR schedules as `@optimizers.AdamW`,
-`@lr_schedules.warmup_cosine` and bitsandbytes' 8-bit optimizers as `@optimizers.AdamW8bit`.
+`register(registry, engine=...)` makes every discovered entry bindable as `@<kind>.<name>` (for
+example `@weightings.sigmoid()`, `@encoders.resnet`), plus the engine's own configurables
+(`Experiment`, and what the layers above hand in as `engine`: `TrainSettings` and the LR schedules
+as `@lr_schedules.warmup_cosine`, `ulframe.train.settings.CONFIGURABLES`), torch's optimizers as
+`@optimizers.AdamW` and bitsandbytes' 8-bit optimizers as `@optimizers.AdamW8bit`.
 `parse(files, bindings)` reads gin files and overrides and turns gin's errors into `ConfigError`s
 that name the file, the line and the closest valid names.
 
@@ -24,7 +25,7 @@ import re
 import tokenize
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,7 +35,8 @@ import gin.config_parser
 import torch
 
 from ulframe.errors import ConfigError, UserError
-from ulframe.registry import KINDS, Registry
+from ulframe.experiment import Experiment
+from ulframe.registry import KINDS, Registry, naming_plugins
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +94,6 @@ def _bnb_optimizers() -> dict[str, Callable[..., Any]]:
     return {n: LazyOptimizer(n) for n in BNB_OPTIMIZERS}
 
 
-def _lr_schedules() -> dict[str, Callable[..., Any]]:
-    from ulframe.train import optim
-
-    # Counted in samples (see ulframe/train/optim.py), hence not torch's step-based schedulers.
-    return {"warmup_constant": optim.warmup_constant, "warmup_cosine": optim.warmup_cosine}
-
-
-def _engine_configurables() -> dict[str, Callable[..., Any]]:
-    from ulframe.experiment import Experiment
-    from ulframe.train.settings import TrainSettings
-
-    return {"Experiment": Experiment, "TrainSettings": TrainSettings}
-
-
 def _register_one(selector: str, obj: Callable[..., Any]) -> None:
     module, _, name = selector.rpartition(".")
     existing = gin.config._REGISTRY.get(selector)
@@ -116,16 +104,18 @@ def _register_one(selector: str, obj: Callable[..., Any]) -> None:
     _registered[selector] = obj
 
 
-def register(registry: Registry) -> None:
-    """Clear gin's bindings and register every configurable ulframe knows of."""
+def register(registry: Registry, *, engine: Mapping[str, Callable[..., Any]]) -> None:
+    """Clear gin's bindings and register every configurable ulframe knows of: `registry`'s
+    entries, `Experiment`, torch's and bitsandbytes' optimizers, and `engine`, the configurables
+    of the layers above this one by selector (`ulframe.train.settings.CONFIGURABLES`:
+    `ulframe.TrainSettings`, `lr_schedules.*`)."""
     gin.clear_config()
     _registered.clear()
-    for name, obj in _engine_configurables().items():
-        _register_one(f"{ENGINE_MODULE}.{name}", obj)
+    _register_one(f"{ENGINE_MODULE}.Experiment", Experiment)
+    for selector, obj in engine.items():
+        _register_one(selector, obj)
     for name, obj in {**_torch_optimizers(), **_bnb_optimizers()}.items():
         _register_one(f"optimizers.{name}", obj)
-    for name, obj in _lr_schedules().items():
-        _register_one(f"lr_schedules.{name}", obj)
     for kind in KINDS:
         for entry in registry.entries(kind):
             _register_one(f"{kind}.{entry.name}", entry.factory)
@@ -677,11 +667,16 @@ def _selector_called(name: str, obj: str) -> str:
 
 
 # ---- one call for the commands -----------------------------------------------------------------
-def load(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> Registry:
-    """Discover plugins, register them, parse files and overrides and check them (required
-    bindings, value types) before any constructor runs; the registry."""
+def load(
+    files: Sequence[str | Path],
+    bindings: Sequence[str] = (),
+    *,
+    engine: Mapping[str, Callable[..., Any]],
+) -> Registry:
+    """Discover plugins, register them with `engine` (see `register`), parse files and overrides
+    and check them (required bindings, value types) before any constructor runs; the registry."""
     registry = Registry()
-    register(registry)
+    register(registry, engine=engine)
     parse(files, bindings)
     check_required()
     check_values()
@@ -697,5 +692,7 @@ def add_search_paths(folders: Sequence[str | Path]) -> None:
 
 
 def experiment() -> Any:
-    """The configured `Experiment` (gin calls every constructor it references)."""
-    return call(configured(f"{ENGINE_MODULE}.Experiment"))
+    """The configured `Experiment` (gin calls every constructor it references); a product that
+    breaks its kind's contract there (a stage's weighting) is named by its plugin."""
+    with naming_plugins(_REGISTRY_FOR_HINTS[0]):
+        return call(configured(f"{ENGINE_MODULE}.Experiment"))

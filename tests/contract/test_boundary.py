@@ -16,6 +16,7 @@ parameters without reading the earlier stage's weights.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, TINY_STAGE2, gin_args, run_cli
+from conftest import REPO, TINY_RUN, TINY_STAGE2, gin_args, run_cli
 
 from ulframe.data import first_example, sample_rng
 from ulframe.data.pipeline import example_problem
@@ -31,6 +32,7 @@ from ulframe.diffusion.weighting import SigmoidWeighting, check_weighting
 from ulframe.errors import ContractError, UserError
 from ulframe.eval.metrics import PSNR
 from ulframe.eval.samples import judge_samples
+from ulframe.registry import naming_plugins
 from ulframe.train.distributed import World
 
 
@@ -78,16 +80,52 @@ def test_well_formed_examples_pass_and_labels_are_checked_against_num_classes() 
         first_example(_Source(GOOD, 5), num_classes=2)
 
 
-def test_a_builtin_dataset_is_named_by_its_plugin_name() -> None:
+def test_the_engine_names_a_builtin_dataset_by_its_plugin_name() -> None:
     from ulframe_plugins.datasets.digits import Digits
 
-    source = Digits(resolution=8).source("eval")
+    dataset = Digits(resolution=8)
+    source = dataset.source("eval")
     bad = type("Bad", (), {"items": source.items, "decode": lambda self, i: {"x": 1}})()
-    bad.__class__.__module__ = Digits.__module__
-    with pytest.raises(
-        ContractError, match=r"^datasets\.digits \(from ulframe\): decode returned int"
-    ):
+    with pytest.raises(ContractError, match=r"^the Source Bad \(.*\): decode returned int"):
+        first_example(bad)  # the data layer knows no registry: it names the Source's class
+    with (
+        pytest.raises(
+            ContractError, match=r"^datasets\.digits \(from ulframe\): decode returned int"
+        ) as err,
+        naming_plugins(source_of=dataset),
+    ):  # the engine knows where the Source came from
         first_example(bad)
+    assert "\n" not in str(err.value) and err.value.kind == "datasets"
+    with pytest.raises(ContractError, match=r"^the Source Bad \("), naming_plugins():
+        first_example(bad)  # nothing registered made it: the class stays
+
+
+def test_the_engine_names_a_weighting_by_its_plugin_name() -> None:
+    nan = SigmoidWeighting(bias=float("nan"))
+    said = r"\(as ul_joint\.decoder_weighting\): w\(λ\) = nan"
+    with pytest.raises(ContractError, match=rf"^the weighting SigmoidWeighting \(.*\) {said}"):
+        check_weighting(nan, "ul_joint.decoder_weighting")
+    with pytest.raises(ContractError, match=rf"^weightings\.sigmoid \(from ulframe\) {said}"):
+        with naming_plugins():
+            check_weighting(nan, "ul_joint.decoder_weighting")
+
+
+def test_a_configured_stage_names_the_weighting_plugin_and_its_binding() -> None:
+    import gin
+
+    from ulframe import wiring
+    from ulframe.train.settings import CONFIGURABLES
+
+    wiring.load([REPO / "gin" / "quickstart.gin"], TINY_RUN, engine=CONFIGURABLES)
+    try:
+        gin.bind_parameter("weightings.sigmoid.bias", float("nan"))
+        with pytest.raises(ContractError) as err:
+            wiring.experiment()  # gin calls the stage, which checks its weighting
+    finally:
+        gin.clear_config()
+    line = wiring.describe(err.value)  # what the CLI prints
+    said = "weightings.sigmoid (from ulframe) (as ul_joint.decoder_weighting): w(λ) = nan"
+    assert re.match(rf".*quickstart\.gin:\d+: {re.escape(said)}", line) and "\n" not in line
 
 
 def test_labels_are_checked_against_the_datasets_num_classes_where_a_run_starts(

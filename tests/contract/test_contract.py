@@ -25,6 +25,7 @@ from ulframe import wiring
 from ulframe.data import first_example
 from ulframe.registry import KINDS, Entry, Registry
 from ulframe.testing import kit
+from ulframe.train.settings import CONFIGURABLES
 
 REGISTRY = Registry()  # real discovery through the installed entry points
 CORE_DISTRIBUTION = "ulframe"
@@ -86,7 +87,7 @@ def wired(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """gin with every discovered entry registered (ulframe.wiring); bindings cleared after."""
     # bitsandbytes takes ~6 s to import on a CPU machine and has nothing to do with plugins.
     monkeypatch.setattr(wiring, "_bnb_optimizers", dict)
-    wiring.register(REGISTRY)
+    wiring.register(REGISTRY, engine=CONFIGURABLES)
     yield
     gin.clear_config()
 

@@ -20,7 +20,7 @@ from ulframe.protocols import BuildContext
 from ulframe.train import distributed
 from ulframe.train.distributed import World
 from ulframe.train.loop import Trainer, checkpoint_activations, train_step
-from ulframe.train.settings import TrainSettings
+from ulframe.train.settings import CONFIGURABLES, TrainSettings
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "gin" / "quickstart.gin"
 CPU = World(0, 1, 0, torch.device("cpu"))
@@ -34,7 +34,7 @@ def stage() -> Iterator[object]:
         "Experiment.num_workers = 0",
         "decoders.uvit.dropout = 0.1",
     ]
-    wiring.load([str(QUICKSTART)], bindings)
+    wiring.load([str(QUICKSTART)], bindings, engine=CONFIGURABLES)
     yield wiring.experiment().stages[0]
     gin.clear_config()
 

@@ -443,8 +443,7 @@ def test_ssim_matches_skimage() -> None:
 def test_eval_fd_uses_end_to_end_samples(built) -> None:
     """`ulframe eval`'s "fd": the metric compares eval images with as many samples, drawn for
     labels that cover the classes; "fd_real" is the same metric on real images."""
-    from ulframe.cli import draw_samples
-    from ulframe.eval.samples import judge_samples
+    from ulframe.eval.samples import draw_samples, judge_samples
 
     stage, model, _ = built
     model.eval()

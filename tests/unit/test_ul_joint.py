@@ -44,7 +44,7 @@ from ulframe.diffusion import (
 from ulframe.errors import ConfigError
 from ulframe.protocols import BuildContext, EvalReport
 from ulframe.registry import Registry
-from ulframe.train.settings import TrainSettings
+from ulframe.train.settings import CONFIGURABLES, TrainSettings
 from ulframe_plugins.datasets.photos import Photos
 from ulframe_plugins.networks.decoders import UViTDecoder
 from ulframe_plugins.networks.encoders import ResNetEncoder
@@ -281,7 +281,7 @@ def test_z0_uses_alpha_and_sigma_of_five():
 
 def test_latent_logsnr_max_bound_in_gin_is_honoured(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(wiring, "_bnb_optimizers", dict)  # ~6 s import, irrelevant here
-    wiring.register(Registry())
+    wiring.register(Registry(), engine=CONFIGURABLES)
     try:
         gin.parse_config(
             [f"stage1/stages.ul_joint.latent_logsnr_max = {ABLATION_LATENT_LOGSNR_MAX}"]

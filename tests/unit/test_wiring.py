@@ -18,6 +18,7 @@ import pytest
 from ulframe import wiring
 from ulframe.errors import ConfigError
 from ulframe.registry import DISABLE_ENV, ENABLE_ENV, KINDS, Registry
+from ulframe.train.settings import CONFIGURABLES
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "gin" / "quickstart.gin"
@@ -31,7 +32,7 @@ def registry() -> Registry:
 @pytest.fixture
 def wired(registry: Registry) -> Iterator[Registry]:
     """gin with everything registered; bindings cleared after the test."""
-    wiring.register(registry)
+    wiring.register(registry, engine=CONFIGURABLES)
     yield registry
     gin.clear_config()
 
@@ -106,7 +107,7 @@ def test_registering_does_not_import_bitsandbytes(
     for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
         monkeypatch.delitem(sys.modules, name)
     try:
-        wiring.register(registry)
+        wiring.register(registry, engine=CONFIGURABLES)
         wiring.parse([QUICKSTART])
         wiring.check_required()
         assert "bitsandbytes" not in sys.modules
@@ -247,7 +248,7 @@ def test_reference_to_a_broken_plugin_explains_it_failed_to_load(
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     monkeypatch.delenv(ENABLE_ENV, raising=False)
-    wiring.register(Registry())
+    wiring.register(Registry(), engine=CONFIGURABLES)
     try:
         path = gin_file(
             tmp_path,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torchdata.nodes as tn
 
-from ulframe.errors import DataError
+from ulframe.errors import ContractError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -195,35 +195,15 @@ def example_problem(
     return None
 
 
-def _origin(source: Source) -> str:
-    """The dataset plugin a source comes from (`datasets.NAME from DIST`), as well as it can
-    be told: the registered dataset defined in the source's module (or package)."""
-    klass = type(source)
-    fallback = f"the Source {klass.__qualname__} ({klass.__module__})"
-    try:
-        from ulframe.registry import Registry
-
-        entries = Registry().entries("datasets")
-    except Exception:  # the message matters more than the name
-        return fallback
-    for same in (
-        lambda m: m == klass.__module__,
-        lambda m: m.split(".")[0] == klass.__module__.split(".")[0],
-    ):
-        for entry in entries:
-            if same(getattr(entry.factory, "__module__", "")):
-                return f"datasets.{entry.name} (from {entry.distribution})"
-    return fallback
-
-
 def check_example(example: Example, source: Source, num_classes: int | None = None) -> Example:
-    """`example` if it is well formed, else `ContractError` naming the dataset plugin, what it
+    """`example` if it is well formed, else `ContractError` naming the Source by its class
+    (the engine names the dataset plugin instead, `ulframe.registry.naming_plugins`), what it
     returned and what is expected (one line)."""
     problem = example_problem(example, num_classes)
     if problem is not None:
-        from ulframe.errors import ContractError
-
-        raise ContractError(f"{_origin(source)}: decode {problem}")
+        klass = type(source)
+        who = f"the Source {klass.__qualname__} ({klass.__module__})"
+        raise ContractError(who, f": decode {problem}", "datasets", source)
     return example
 
 
@@ -268,7 +248,8 @@ def first_example(
     """Decode the first readable item of ``source`` (in item order), for measuring shapes.
 
     The example is checked (`example_problem`; its label too, given `num_classes`): a dataset
-    that returns anything else fails here, naming the plugin, not deep inside a network.
+    that returns anything else fails here, naming its Source (the engine: the dataset plugin),
+    not deep inside a network.
 
     Raises:
         EmptyDatasetError: no items, or the first ``max_tries`` items are all unreadable.

@@ -64,7 +64,7 @@ class Schedule(Protocol):
 
 
 def _validate_endpoints(logsnr_min: float, logsnr_max: float) -> None:
-    """Raise ``ValueError`` unless ``logsnr_min < logsnr_max`` are finite."""
+    """Raise ``ConfigError`` unless ``logsnr_min < logsnr_max`` are finite."""
     if not (math.isfinite(logsnr_min) and math.isfinite(logsnr_max)):
         raise ConfigError(
             f"schedule endpoints must be finite, got logsnr_min={logsnr_min}, "
@@ -78,7 +78,7 @@ def _validate_endpoints(logsnr_min: float, logsnr_max: float) -> None:
 
 
 def _validate_resolution(resolution: int | None, name: str = "resolution") -> None:
-    """Raise ``ValueError`` unless ``resolution`` is None or a positive integer."""
+    """Raise ``ConfigError`` unless ``resolution`` is None or a positive integer."""
     if resolution is not None and (isinstance(resolution, bool) or resolution <= 0):
         raise ConfigError(f"{name} must be a positive integer or None, got {resolution!r}")
 

@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ulframe.errors import ContractError
+
 __all__ = [
     "ELBOWeighting",
     "SigmoidWeighting",
@@ -114,20 +116,6 @@ def is_elbo_weighting(w: Weighting, logsnr_min: float, logsnr_max: float) -> boo
     return bool(torch.all((values - 1.0).abs() <= ELBO_CHECK_ATOL))
 
 
-def _origin(w: Any) -> str:
-    """`weightings.NAME (from DIST)` of a weighting object, else its class."""
-    klass = type(w)
-    try:
-        from ulframe.registry import Registry
-
-        for entry in Registry().entries("weightings"):
-            if entry.factory is klass or entry.factory is w:
-                return f"weightings.{entry.name} (from {entry.distribution})"
-    except Exception:  # the message matters more than the name
-        pass
-    return f"the weighting {klass.__qualname__} ({klass.__module__})"
-
-
 def weighting_problem(
     w: Any,
     logsnr_min: float = CHECK_RANGE[0],
@@ -169,15 +157,16 @@ def check_weighting(
     """`w` if its output on a float32 log-SNR grid over [logsnr_min, logsnr_max] (the stage's
     range, where the caller knows it; each end :data:`CHECK_RANGE`'s otherwise) is a tensor of
     the grid's shape holding finite values >= 0 (`weighting_problem`); else `ContractError` in
-    one line naming the plugin, what it returned and what is expected. Call it where a stage
-    takes a weighting (`where`: the parameter, e.g. ``ul_joint.decoder_weighting``) so that a
-    NaN weighting fails before training, not as a NaN loss."""
-    from ulframe.errors import ContractError
-
+    one line naming the weighting by its class (the engine names the plugin instead,
+    `ulframe.registry.naming_plugins`), what it returned and what is expected. Call it where a
+    stage takes a weighting (`where`: the parameter, e.g. ``ul_joint.decoder_weighting``) so
+    that a NaN weighting fails before training, not as a NaN loss."""
     low = CHECK_RANGE[0] if logsnr_min is None else logsnr_min
     high = CHECK_RANGE[1] if logsnr_max is None else logsnr_max
     problem = weighting_problem(w, low, high)
     if problem is not None:
+        klass = type(w)
+        who = f"the weighting {klass.__qualname__} ({klass.__module__})"
         at = f" (as {where})" if where else ""
-        raise ContractError(f"{_origin(w)}{at}: {problem}")
+        raise ContractError(who, f"{at}: {problem}", "weightings", w)
     return w

@@ -27,6 +27,7 @@ from ulframe.errors import ConfigError, UserError
 from ulframe.eval.media import save_media
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
 from ulframe.protocols import BuildContext, EvalReport
+from ulframe.registry import naming_plugins
 from ulframe.rundir import MetricsFile
 from ulframe.train import checkpoint, distributed, perf
 from ulframe.train.distributed import World
@@ -568,7 +569,8 @@ def _build(
     settings, world = stage.train, ctx.world
     per_rank = settings.batch_size // world.world_size
     train_source = dataset.source("train")
-    example = first_example(train_source, num_classes=dataset.num_classes)
+    with naming_plugins(source_of=dataset):
+        example = first_example(train_source, num_classes=dataset.num_classes)
     torch.manual_seed(seed_for(ctx.seed, 0, 0))  # identical initial weights on every rank
     build_ctx = BuildContext(example, dataset.num_classes, world.device, stage_dir, dict(previous))
     model = stage.build(build_ctx).to(world.device)

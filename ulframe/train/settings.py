@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ulframe.errors import ConfigError
-from ulframe.train.optim import warmup_constant
+from ulframe.train.optim import warmup_constant, warmup_cosine
 
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("off", "networks", "step")
@@ -121,3 +121,13 @@ class TrainSettings:
 
     def lr_at(self, samples_seen: int) -> float:
         return self.lr * self.lr_schedule(samples_seen, self.train_samples, self.warmup_samples)
+
+
+CONFIGURABLES: dict[str, Callable[..., Any]] = {
+    "ulframe.TrainSettings": TrainSettings,
+    # Counted in samples (see ulframe/train/optim.py), hence not torch's step-based schedulers.
+    "lr_schedules.warmup_constant": warmup_constant,
+    "lr_schedules.warmup_cosine": warmup_cosine,
+}
+"""What the training layer offers gin, by selector: `wiring.load(..., engine=CONFIGURABLES)`
+(the wiring layer below knows no training code)."""
