@@ -11,7 +11,9 @@ Fixtures (test modules use these rather than importing this file):
   target once: `.target` (for sys.path), `.env` (a CLI env whose PYTHONPATH holds it).
 - `make_distribution(root, name, entry_points, modules)` writes an installed distribution
   (dist-info with entry_points.txt, plus modules) into a folder: a plugin package without pip.
-- `tiny_run` is the `--gin_param` arguments that shrink gin/quickstart.gin to a run of seconds.
+- `tiny_run` is the `--gin_param` arguments that shrink gin/quickstart.gin to a run of seconds
+  (`TINY_RUN`; it turns off the MFU measurement, `NO_MFU`, as every test's run should unless it
+  tests the MFU).
 - `tiny_threads` sets one torch thread for an in-process run.
 - `restore_logging` undoes what an in-process `ulframe.cli.main` sets up (root logger
   handlers and level, gin's config).
@@ -33,9 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_SOURCE = REPO / "plugins" / "examples" / "ulframe-example"
 CLI_TIMEOUT_S = 120
 
+# What a run of seconds does not need, whatever its config (every stage: an unscoped binding):
+# the MFU's FLOP count and matmul probe (about a second per process). Tests of the MFU ask for it.
+NO_MFU = "TrainSettings.measure_mfu = False"
+
 # gin/quickstart.gin shrunk to two logged steps of 4 images at 16x16 with small networks: every
 # phase of a run (train, log, eval, checkpoint, images, resume) in a few seconds on one CPU core.
 TINY_RUN: tuple[str, ...] = (
+    NO_MFU,
     "TRAIN_SAMPLES = 8",
     "Experiment.stages = [@stage1/stages.ul_joint()]",  # stage 2: TINY_STAGE2 below
     "datasets.photos.resolution = 16",

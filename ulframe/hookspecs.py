@@ -75,7 +75,8 @@ class StepInfo:
 
 
 class StopTraining(UserError):
-    """Raised by a hook (e.g. `ulframe_check_step`) to stop the run.
+    """Raised by a hook (e.g. `ulframe_check_step`), or by the loop's NaN/Inf policy
+    (`TrainSettings.nan_policy`), to stop the run.
 
     The loop writes a checkpoint of the last good state (skipped steps changed no weight), then
     the CLI exits with code 2 and this message.
@@ -119,7 +120,8 @@ def ulframe_check_step(
     `grad_norm` (the global norm before clipping). Return a reason (str) to skip this step's
     optimizer and EMA update, or None to take it; the first non-None answer wins. The decision
     is made the same on every rank (a skip on any rank skips everywhere). Raise `StopTraining`
-    to stop the run. Keep it cheap: it runs every step.
+    to stop the run. Keep it cheap: it runs every step. Non-finite scalars need no hook: the
+    loop skips such a step (or stops) itself (`TrainSettings.nan_policy`).
     """
 
 

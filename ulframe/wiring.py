@@ -6,7 +6,9 @@ example `@weightings.sigmoid()`, `@encoders.resnet`), plus the engine's own conf
 as `@lr_schedules.warmup_cosine`, `ulframe.train.settings.CONFIGURABLES`), torch's optimizers as
 `@optimizers.AdamW` and bitsandbytes' 8-bit optimizers as `@optimizers.AdamW8bit`.
 `parse(files, bindings)` reads gin files and overrides and turns gin's errors into `ConfigError`s
-that name the file, the line and the closest valid names.
+that name the file, the line and the closest valid names. A removed selector registered as
+`retired(message)` still parses, and `load` stops a config that binds or references it with
+`message` (what replaced it).
 
 Library and plugin modules never import gin; they receive plain objects.
 """
@@ -85,6 +87,43 @@ class LazyOptimizer:
 
     def __call__(self, params: Any, **kwargs: Any) -> Any:
         return self.target()(params, **kwargs)
+
+
+def retired(message: str) -> Callable[..., Any]:
+    """A configurable that was removed, to register under its old selector (`register`'s
+    `engine`): gin still parses old files that bind or reference it (any parameter), and `load`
+    stops on them with `message`, which names what replaced it; called, it raises the same."""
+
+    def removed(**kwargs: Any) -> Any:
+        raise ConfigError(message)
+
+    removed.retired = message  # type: ignore[attr-defined]
+    return removed
+
+
+def check_retired() -> None:
+    """No binding of a `retired` configurable, nor a reference to one (in any bound value,
+    macros included): a `ConfigError` with its message, at the binding's file:line."""
+    gone = {s: o for s, o in _registered.items() if getattr(o, "retired", None) is not None}
+    if not gone:
+        return
+    for (scope, selector), params in gin.config._CONFIG.items():
+        for name, value in params.items():
+            obj = gone.get(selector)
+            if obj is None:
+                obj = next((o for o in gone.values() if _refers_to(value, o)), None)
+            if obj is not None:
+                raise ConfigError(f"{_location(scope, selector, name)}{obj.retired}")  # type: ignore[attr-defined]
+
+
+def _refers_to(value: Any, obj: Callable[..., Any]) -> bool:
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.configurable.wrapped is obj
+    if isinstance(value, list | tuple):
+        return any(_refers_to(v, obj) for v in value)
+    if isinstance(value, dict):
+        return any(_refers_to(v, obj) for v in value.values())
+    return False
 
 
 def _bnb_optimizers() -> dict[str, Callable[..., Any]]:
@@ -674,10 +713,12 @@ def load(
     engine: Mapping[str, Callable[..., Any]],
 ) -> Registry:
     """Discover plugins, register them with `engine` (see `register`), parse files and overrides
-    and check them (required bindings, value types) before any constructor runs; the registry."""
+    and check them (no retired configurable, required bindings, value types) before any
+    constructor runs; the registry."""
     registry = Registry()
     register(registry, engine=engine)
     parse(files, bindings)
+    check_retired()
     check_required()
     check_values()
     return registry

@@ -8,9 +8,10 @@ of a small convolutional classifier trained to tell which of the 8 photographs o
 (colour, texture, content of those 8 photographs), not general image quality.
 
 The default weights ship next to this module (``fd_photos.pt``, package data, 311 KB). They were
-made on CPU (about 2 minutes on a busy 2-core machine: 15 s decoding crops, 90 s training) by::
+made on CPU (about 2 minutes on a busy 2-core machine: 15 s decoding crops, 90 s training) by
+the training script of a ulframe checkout (this module only loads and runs the network)::
 
-    python -m ulframe_plugins.metrics.fd_photos --out plugins/metrics/fd_photos.pt
+    python tools/train_judges.py --judge photos --out plugins/metrics/fd_photos.pt
 
 which trains on crops of the train split (the left 85% of each photograph), reports accuracy on
 crops of the held-out eval split (the right 15%) and stores it in the file
@@ -24,9 +25,6 @@ antialiased when shrinking) if they are not already at it.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,12 +36,9 @@ from torch import Tensor, nn
 from ulframe.errors import UserError
 from ulframe.eval.frechet import FeatureFrechetMetric
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_WEIGHTS = Path(__file__).with_name("fd_photos.pt")
 WIDTHS = (32, 64, 96)  # conv widths; each 3x3 conv halves the grid (32 -> 16 -> 8 -> 4)
 FEATURE_DIM = WIDTHS[-1]
-TRAIN_SCALE_RANGE = (0.05, 1.0)  # crop sides down to the narrow held-out strip's small crops
 RESOLUTION = 32
 NUM_CLASSES = 8
 
@@ -82,7 +77,7 @@ def load_photo_net(weights_path: str | Path | None, parameter: str) -> tuple[Pho
     if not path.is_file():
         hint = (
             "the shipped weights are missing from the installation; rebuild them with "
-            "`python -m ulframe_plugins.metrics.fd_photos --out <file>`"
+            "`python tools/train_judges.py --judge photos --out <file>` (in a ulframe checkout)"
             if weights_path is None
             else "no such file"
         )
@@ -107,7 +102,7 @@ class FDPhotos(FeatureFrechetMetric):
     batches in [-1, 1] (N >= 2 each) and returns ``{"fd_photos": value}``.
 
     Args:
-        weights_path: a weights file made by ``python -m ulframe_plugins.metrics.fd_photos``;
+        weights_path: a weights file made by ``tools/train_judges.py --judge photos``;
             ``None`` uses the one shipped with ulframe.
         batch_size: images per forward pass.
     """
@@ -126,141 +121,3 @@ class FDPhotos(FeatureFrechetMetric):
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
         return self.network.features(x)
-
-
-# ---------------------------------------------------------------------------------- training
-
-
-def _decode_split(
-    split: str, count: int, seed: int, scale_range: tuple[float, float] = (0.25, 1.0)
-) -> tuple[Tensor, Tensor]:
-    """``count`` crops of ``datasets.photos`` ``split`` at RESOLUTION: (x (N, 3, R, R), labels)."""
-    from ulframe_plugins.datasets.photos import Photos
-
-    photos = Photos(
-        resolution=RESOLUTION,
-        crops_per_epoch=count,
-        eval_crops=count,
-        scale_range=scale_range,
-        seed=seed,
-    )
-    source = photos.source(split)
-    examples = [source.decode(item) for item in source.items]
-    x = torch.stack([e["x"] for e in examples])
-    labels = torch.tensor([int(e["label"]) for e in examples])
-    return x, labels
-
-
-@torch.no_grad()
-def accuracy(network: PhotoFeatureNet, x: Tensor, labels: Tensor) -> float:
-    network.eval()
-    predictions = torch.cat([network(chunk).argmax(1) for chunk in x.split(512)])
-    return float((predictions == labels).float().mean())
-
-
-def train(
-    train_crops: int = 6144,
-    eval_crops: int = 512,
-    epochs: int = 5,
-    batch_size: int = 128,
-    lr: float = 3e-3,
-    seed: int = 0,
-) -> tuple[PhotoFeatureNet, dict[str, float | int]]:
-    """Train the classifier on train-split crops; returns it (eval mode) and its held-out stats.
-
-    Augmentation on top of the dataset's random crops and mirrors: random shifts of up to 2
-    pixels (reflection padding). AdamW with a one-cycle cosine learning rate.
-    """
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    x_train, y_train = _decode_split("train", train_crops, seed, TRAIN_SCALE_RANGE)
-    x_eval, y_eval = _decode_split("eval", eval_crops, seed)
-    logger.info(
-        "decoded %d train / %d eval crops in %.1fs",
-        len(x_train),
-        len(x_eval),
-        time.perf_counter() - start,
-    )
-    batch_size = min(batch_size, len(x_train))
-    network = PhotoFeatureNet()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=5e-4)
-    steps = epochs * (len(x_train) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    pad = 2
-    for epoch in range(epochs):
-        network.train()
-        order = torch.randperm(len(x_train), generator=generator)
-        for i in range(len(x_train) // batch_size):
-            index = order[i * batch_size : (i + 1) * batch_size]
-            x = F.pad(x_train[index], (pad,) * 4, mode="reflect")
-            dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-            x = x[..., dy : dy + RESOLUTION, dx : dx + RESOLUTION]
-            loss = F.cross_entropy(network(x), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        logger.info(
-            "epoch %d/%d: loss %.3f, held-out accuracy %.3f (%.0fs)",
-            epoch + 1,
-            epochs,
-            float(loss.detach()),
-            accuracy(network, x_eval, y_eval),
-            time.perf_counter() - start,
-        )
-    stats = {
-        "train_accuracy": accuracy(network, x_train, y_train),
-        "heldout_accuracy": accuracy(network, x_eval, y_eval),
-        "train_crops": train_crops,
-        "eval_crops": eval_crops,
-        "epochs": epochs,
-        "seed": seed,
-    }
-    return network.eval(), stats
-
-
-def save(network: PhotoFeatureNet, stats: dict[str, float | int], out: Path) -> None:
-    """Write the weights file :func:`load_photo_net` reads (tensors and plain values only)."""
-    blob = {
-        "state_dict": {k: v.detach().clone() for k, v in network.state_dict().items()},
-        "widths": list(WIDTHS),
-        "num_classes": NUM_CLASSES,
-        "resolution": RESOLUTION,
-        **stats,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(blob, out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ulframe_plugins.metrics.fd_photos",
-        description="Train the fd_photos feature network on datasets.photos (CPU, ~1 minute).",
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="weights file to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--train-crops", type=int, default=6144)
-    parser.add_argument("--eval-crops", type=int, default=512)
-    args = parser.parse_args(argv)
-    network, stats = train(
-        train_crops=args.train_crops,
-        eval_crops=args.eval_crops,
-        epochs=args.epochs,
-        seed=args.seed,
-    )
-    save(network, stats, args.out)
-    logger.info(
-        "wrote %s (%d bytes): held-out accuracy %.3f, train accuracy %.3f",
-        args.out,
-        args.out.stat().st_size,
-        stats["heldout_accuracy"],
-        stats["train_accuracy"],
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    raise SystemExit(main())

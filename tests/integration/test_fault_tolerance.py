@@ -167,7 +167,7 @@ class Poison:
 
 
 @pytest.mark.slow
-def test_nan_guard_skips_non_finite_steps_and_stops_after_k_in_a_row(
+def test_the_nan_policy_skips_non_finite_steps_and_stops_after_k_in_a_row(
     run_cli: RunCli, cli_env: Any, make_distribution: Any, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     site = make_distribution(
@@ -176,8 +176,8 @@ def test_nan_guard_skips_non_finite_steps_and_stops_after_k_in_a_row(
     )  # fmt: skip
     workdir = tmp_path / "run"
     guard = [
-        "--gin.Experiment.hooks=[@hooks.console(), @hooks.nan_guard(), @hooks.poison()]",
-        "--gin.hooks.nan_guard.max_consecutive=2",
+        "--gin.Experiment.hooks=[@hooks.console(), @hooks.poison()]",
+        "--gin.stage1/TrainSettings.max_nonfinite_steps=2",
         "--gin.hooks.poison.steps=(2, 4, 5)",  # 2: skipped, then recovered; 4, 5: stop
     ]
     done = run_cli(*_args(workdir, tiny_run, *guard), env=cli_env({"PYTHONPATH": str(site)}))
@@ -187,6 +187,7 @@ def test_nan_guard_skips_non_finite_steps_and_stops_after_k_in_a_row(
     # A skipped step does not count: forward passes 1 and 3 trained (8 samples), 4 and 5 were
     # both attempts at step 3.
     assert "at step 3 of stage stage1: 2 consecutive steps skipped" in last
+    assert "(TrainSettings.max_nonfinite_steps = 2)" in last
     assert "loss_nats" in last and "grad_norm" in last
     assert "checkpoint saved at 8 samples" in last
     assert last.endswith(f"last finite checkpoint: {_ckpts(workdir) / 'ckpt-000000000008.pt'}")

@@ -239,10 +239,10 @@ def poison_env(cli_env: Any, make_distribution: Any, tmp_path: Path) -> dict[str
     return cli_env({"PYTHONPATH": str(site)})
 
 
-HOOKS = "--gin.Experiment.hooks=[@hooks.console(), @hooks.poison()]"  # no nan_guard listed
+HOOKS = "--gin.Experiment.hooks=[@hooks.console(), @hooks.poison()]"
 
 
-def test_the_nan_guard_is_on_by_default_and_skipped_steps_do_not_count(
+def test_the_nan_policy_skips_by_default_and_skipped_steps_do_not_count(
     run_cli: RunCli, poison_env: dict[str, str], tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
@@ -460,6 +460,40 @@ def test_bad_gin_values_are_one_line_with_file_and_line(run_cli: RunCli, tmp_pat
     assert "system_path_file_exists" not in done.stderr and "Path not found" not in done.stderr
 
 
+NAN_GUARD_RETIRED = (
+    "hooks.nan_guard was removed: the training loop handles non-finite steps itself; set "
+    "TrainSettings.nan_policy ('skip' or 'stop') and TrainSettings.max_nonfinite_steps (was "
+    "hooks.nan_guard.max_consecutive), and drop @hooks.nan_guard() from Experiment.hooks"
+)
+
+
+def test_the_retired_nan_guard_hook_stops_the_config_pointing_to_the_nan_policy(
+    run_cli: RunCli, tmp_path: Path
+) -> None:
+    quickstart = REPO / "gin" / "quickstart.gin"
+    listed = _gin(tmp_path, f"""
+        include '{quickstart}'
+        Experiment.hooks = [@hooks.console(), @hooks.nan_guard()]
+    """)  # fmt: skip
+    cases = {
+        (str(listed),): f"{listed}:2: {NAN_GUARD_RETIRED}",
+        (str(quickstart), "--gin.hooks.nan_guard.max_consecutive=2"):  # bound, not listed
+            f"--gin override 'hooks.nan_guard.max_consecutive = 2': {NAN_GUARD_RETIRED}",
+        (str(quickstart), "--gin.stage1/TrainSettings.max_nonfinite_steps=0"):
+            "--gin override 'stage1/TrainSettings.max_nonfinite_steps = 0': "
+            "TrainSettings.max_nonfinite_steps must be positive, got 0",
+        (str(quickstart), "--gin.stage1/TrainSettings.nan_policy='ignore'"):
+            "--gin override 'stage1/TrainSettings.nan_policy = 'ignore'': "
+            "stage1/TrainSettings.nan_policy: expected one of 'skip', 'stop', got str 'ignore'",
+    }  # fmt: skip
+    for argv, expected in cases.items():
+        assert _error(run_cli("config", *argv)) == expected
+    # `run` refuses it before touching a workdir
+    workdir = tmp_path / "never"
+    assert _error(run_cli("run", str(listed), "--workdir", str(workdir))) == cases[(str(listed),)]
+    assert not workdir.exists()
+
+
 # ---- 8. configuration errors raised by plugins -------------------------------------------------
 def test_plugins_configuration_errors_are_one_line_naming_plugin_and_parameter(
     run_cli: RunCli, tmp_path: Path, tiny_run: list[str]
@@ -470,9 +504,6 @@ def test_plugins_configuration_errors_are_one_line_naming_plugin_and_parameter(
         (*folder, "--gin.datasets.image_folder.resolution=0"):
             "--gin override 'datasets.image_folder.resolution = 0': "
             "datasets.image_folder.resolution must be >= 1; got 0",
-        ("--gin.Experiment.hooks=[@hooks.nan_guard()]", "--gin.hooks.nan_guard.max_consecutive=0"):
-            "--gin override 'hooks.nan_guard.max_consecutive = 0': "
-            "hooks.nan_guard.max_consecutive must be >= 1, got 0",
     }  # fmt: skip
     for extra, expected in cases.items():
         assert _error(run_cli("config", quickstart, *extra)) == expected

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import gin_args, run_cli
+from conftest import NO_MFU, gin_args, run_cli
 
 from ulframe.diffusion import BatchNoise, logsnr_grid, sample_ddim
 from ulframe.errors import ConfigError
@@ -322,6 +322,7 @@ def test_ul_stage1_implements_the_hand_off() -> None:
 # ------------------------------------------------------------------------------ (f) the CLI
 
 TINY_KL_RUN = (
+    NO_MFU,
     "TRAIN_SAMPLES = 8",
     "BASE_TRAIN_SAMPLES = 8",
     "datasets.photos.resolution = 16",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,6 +16,20 @@ from ulframe.errors import UserError
 from ulframe_plugins.metrics import fd_photos
 from ulframe_plugins.metrics.fd_photos import DEFAULT_WEIGHTS, FDPhotos, load_photo_net
 from ulframe_plugins.metrics.fid_inception import FIDInception, FIDInceptionV3
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train_judges() -> ModuleType:
+    """tools/train_judges.py (a script of the checkout, not an installed module)."""
+    spec = importlib.util.spec_from_file_location(
+        "train_judges", REPO / "tools" / "train_judges.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # torchvision's Inception3(num_classes=1008, aux_logits=False), the module pytorch-fid loads
 # pt_inception-2015-12-05 into, has this many parameters (27 161 264 with the auxiliary head
@@ -125,10 +141,8 @@ def test_fid_loads_files_without_classifier_or_step_counters(
 @pytest.fixture(scope="module")
 def photo_crops() -> dict[str, torch.Tensor]:
     """Disjoint real crops at 32 px: held-out (eval) pixels and train pixels."""
-    return {
-        "eval": fd_photos._decode_split("eval", 96, seed=0)[0],
-        "train": fd_photos._decode_split("train", 96, seed=1)[0],
-    }
+    crops = _train_judges().photo_crops
+    return {"eval": crops("eval", 96, seed=0)[0], "train": crops("train", 96, seed=1)[0]}
 
 
 def test_fd_photos_ships_small_weights_that_load():
@@ -171,10 +185,11 @@ def test_fd_photos_bad_weights_path(tmp_path: Path):
 
 
 def test_fd_photos_training_command_writes_loadable_weights(tmp_path: Path):
-    """The training entry point, shrunk to seconds: its file loads as the metric's weights."""
+    """tools/train_judges.py --judge photos, shrunk to seconds: its file loads as the metric's
+    weights."""
     out = tmp_path / "fd.pt"
-    argv = ["--out", str(out), "--train-crops", "32", "--eval-crops", "8", "--epochs", "1"]
-    assert fd_photos.main(argv) == 0
+    argv = ["--judge", "photos", "--out", str(out), "--train-crops", "32", "--eval-crops", "8"]
+    assert _train_judges().main([*argv, "--epochs", "1"]) == 0
     metric = FDPhotos(weights_path=str(out))
     assert metric.meta["train_crops"] == 32 and 0 <= metric.meta["heldout_accuracy"] <= 1
     assert math.isfinite(metric(images(4, 32, 4), images(4, 32, 5))["fd_photos"])

@@ -70,6 +70,7 @@ def test_a_run_logs_model_flops_and_mfu_with_the_training_scalars(
     workdir = tmp_path / "run"
     args = ["run", str(QUICKSTART), "--workdir", str(workdir), *tiny_run]
     args += ["--gin_param", "Experiment.hooks = []"]
+    args += ["--gin_param", "stage1/TrainSettings.measure_mfu = True"]  # (tiny runs: off)
     args += ["--gin_param", "stage1/TrainSettings.peak_flops = 1e9"]  # a given peak: no probe
     assert cli.main(args) == 0
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -79,3 +80,25 @@ def test_a_run_logs_model_flops_and_mfu_with_the_training_scalars(
         assert row["perf/model_tflops_per_s"] > 0
         # one process: MFU = model FLOP/s / the peak given
         assert row["perf/mfu"] == pytest.approx(row["perf/model_tflops_per_s"] * 1e12 / 1e9)
+
+
+def test_a_run_without_measure_mfu_neither_counts_nor_probes(
+    tmp_path: Path,
+    tiny_run: list[str],
+    tiny_threads: None,
+    restore_logging: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured although TrainSettings.measure_mfu = False")
+
+    monkeypatch.setattr(perf, "train_flops", refuse)
+    monkeypatch.setattr(perf, "matmul_rate", refuse)
+    workdir = tmp_path / "run"
+    args = ["run", str(QUICKSTART), "--workdir", str(workdir), *tiny_run]
+    args += ["--gin_param", "Experiment.hooks = []", "--gin_param", "TRAIN_SAMPLES = 4"]
+    assert "TrainSettings.measure_mfu = False" in " ".join(tiny_run)
+    assert cli.main(args) == 0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train and not any(k.startswith("perf/") for r in train for k in r)

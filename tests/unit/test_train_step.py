@@ -6,8 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import pytest
 import torch
 
+from ulframe.errors import ConfigError
+from ulframe.hookspecs import StopTraining
+from ulframe.train import distributed
 from ulframe.train.distributed import World
 from ulframe.train.loop import Trainer, seed_for, train_step
 from ulframe.train.settings import TrainSettings
@@ -38,11 +42,12 @@ class _Model(torch.nn.Module):
         return _Terms((self.b(self.a(x)) - target).square().flatten(1).sum(1))
 
 
-def _trainer(**kw) -> Trainer:
+def _trainer(nan_policy: str = "skip", max_nonfinite_steps: int = 3, **kw) -> Trainer:
     torch.manual_seed(0)
     settings = TrainSettings(
         batch_size=8, train_samples=64, optimizer=partial(torch.optim.SGD), lr=0.1,
-        warmup_samples=0, ema_halflife_samples=8,
+        warmup_samples=0, ema_halflife_samples=8, nan_policy=nan_policy,  # type: ignore[arg-type]
+        max_nonfinite_steps=max_nonfinite_steps,
     )  # fmt: skip
     return Trainer.build(_Model(), settings, World(0, 1, 0, torch.device("cpu")), seed=3, **kw)
 
@@ -100,3 +105,71 @@ def test_a_signal_stops_after_the_step() -> None:
     trainer = _trainer(stop=[15])
     result = train_step(trainer, _batch(), samples_seen=0)
     assert result.stopping and result.skipped is None
+
+
+def _nan_batch() -> dict[str, torch.Tensor]:
+    return {"x": _batch()["x"] * float("nan")}
+
+
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {
+        **{f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()},
+        **{f"ema.{k}": v.clone() for k, v in trainer.ema.model.state_dict().items()},
+    }
+
+
+def _unchanged(trainer: Trainer, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(before[k], v) for k, v in _state(trainer).items())
+
+
+def test_a_non_finite_step_is_skipped_and_k_in_a_row_stop_the_run() -> None:
+    trainer = _trainer(max_nonfinite_steps=2, name="stage1")
+    before = _state(trainer)
+    result = train_step(trainer, _nan_batch(), samples_seen=16)
+    assert result.skipped == "non-finite total_nats, loss_nats, grad_norm at step 3 of stage stage1"
+    assert _unchanged(trainer, before) and trainer.opt.state == {}  # no optimizer state either
+    assert train_step(trainer, _batch(), samples_seen=16).skipped is None  # resets the count
+    assert train_step(trainer, _nan_batch(), samples_seen=24).skipped is not None
+    before = _state(trainer)
+    with pytest.raises(StopTraining) as stop:
+        train_step(trainer, _nan_batch(), samples_seen=24)
+    assert str(stop.value) == (
+        "non-finite total_nats, loss_nats, grad_norm at step 4 of stage stage1: 2 consecutive "
+        "steps skipped (TrainSettings.max_nonfinite_steps = 2)"
+    )
+    assert _unchanged(trainer, before)  # the stop checkpoint holds the last good weights
+
+
+def test_nan_policy_stop_stops_at_the_first_non_finite_step() -> None:
+    trainer = _trainer(nan_policy="stop")
+    before = _state(trainer)
+    with pytest.raises(StopTraining, match=r"at step 1 \(TrainSettings.nan_policy = 'stop'\)$"):
+        train_step(trainer, _nan_batch(), samples_seen=0)
+    assert _unchanged(trainer, before)
+
+
+def test_the_finite_check_is_read_in_the_steps_one_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the step is finite reaches the host with the ranks' agreement (one read of one
+    device tensor), not in a read of its own."""
+    calls = []
+    agree = distributed.any_over_ranks
+
+    def spy(flags, world):
+        calls.append([type(f) for f in flags])
+        return agree(flags, world)
+
+    monkeypatch.setattr(distributed, "any_over_ranks", spy)
+    reads = []
+    tolist, item, as_bool = torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or item(t))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append("bool") or as_bool(t))
+    assert train_step(_trainer(), _batch(), samples_seen=0).skipped is None
+    assert calls == [[torch.Tensor, bool, bool]] and reads == ["tolist"]
+
+
+def test_nan_policy_values_are_checked() -> None:
+    with pytest.raises(ConfigError, match="nan_policy"):
+        TrainSettings(nan_policy="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_nonfinite_steps must be positive"):
+        TrainSettings(max_nonfinite_steps=0)

@@ -122,6 +122,36 @@ def test_quickstart_parses_and_checks(wired: Registry) -> None:
 
 
 # ---- error messages --------------------------------------------------------------------------
+def test_a_retired_selector_stops_a_config_that_binds_or_references_it(
+    wired: Registry, tmp_path: Path
+) -> None:
+    # hooks.nan_guard: a hook until the NaN/Inf policy moved into the loop (TrainSettings)
+    retired = CONFIGURABLES["hooks.nan_guard"].retired  # type: ignore[attr-defined]
+    assert retired.startswith("hooks.nan_guard was removed: ") and "nan_policy" in retired
+    listed = gin_file(tmp_path, f"""
+        include '{QUICKSTART}'
+        HOOKS = [@hooks.console(), @hooks.nan_guard()]
+        Experiment.hooks = %HOOKS
+    """)  # fmt: skip
+    cases = {
+        (listed, ()): f"{listed}:2: {retired}",  # a reference in a macro's value
+        (QUICKSTART, ("hooks.nan_guard.max_consecutive = 2",)):
+            f"--gin override 'hooks.nan_guard.max_consecutive = 2': {retired}",
+    }  # fmt: skip
+    for (file, bindings), expected in cases.items():
+        gin.clear_config()
+        wiring.parse([file], bindings)
+        with pytest.raises(ConfigError) as err:
+            wiring.check_retired()
+        assert str(err.value) == expected
+    gin.clear_config()
+    wiring.parse([QUICKSTART])
+    wiring.check_retired()  # not named: nothing to say
+    with pytest.raises(ConfigError) as err:
+        gin.get_configurable("hooks.nan_guard")()
+    assert wiring.describe(err.value) == retired  # (gin's call trail dropped)
+
+
 def test_syntax_error_names_file_and_line(wired: Registry, tmp_path: Path) -> None:
     path = gin_file(
         tmp_path,

@@ -221,12 +221,25 @@ def mean_over_ranks(scalars: dict[str, float], world: World) -> dict[str, float]
     return {k: float(v) / world.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
-def any_over_ranks(flags: list[bool], world: World) -> list[bool]:
-    """Each flag True on every rank when it is True on any rank (one all-reduce)."""
-    if world.world_size == 1:
-        return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def any_over_ranks(flags: list[bool | torch.Tensor], world: World) -> list[bool]:
+    """Each flag True on every rank when it is True on any rank (one all-reduce).
+
+    A flag may be a 0-d tensor on the device (e.g. whether a step's loss is not finite): it is
+    read in the same device sync as the all-reduce's result (the one sync of this call; with
+    one process and no tensor flag, none)."""
+    tensors = any(isinstance(f, torch.Tensor) for f in flags)
+    if world.world_size == 1 and not tensors:
+        return [bool(f) for f in flags]
+    t = torch.stack(
+        [
+            f.detach().float().reshape(()).to(world.device)
+            if isinstance(f, torch.Tensor)
+            else torch.full((), 1.0 if f else 0.0, device=world.device)
+            for f in flags
+        ]
+    )  # device kernels only, no host transfer before the one read below
+    if world.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v > 0) for v in t.tolist()]
 
 

@@ -220,6 +220,8 @@ class Trainer:
     autocast: Any = None
     flops_per_example: float = 0.0  # model FLOPs of one example's forward + backward (0: unknown)
     peak_flops: float = 0.0  # FLOP/s of one device: TrainSettings.peak_flops, or measured
+    name: str = ""  # the stage's, for messages
+    nonfinite_in_a_row: int = 0  # non-finite steps since the last finite one (nan_policy)
 
     @classmethod
     def build(
@@ -408,7 +410,13 @@ def train_step(
     Seeds every random stream from (seed, samples seen), sets the learning rate, computes the
     stage's loss `model(batch, noise)` and its gradients, clips them, asks `check_step` whether
     to skip, and (unless any rank skips) steps the optimizer and the EMA. `log_due`: also
-    measure the per-module gradient norms (before clipping)."""
+    measure the per-module gradient norms (before clipping).
+
+    The NaN/Inf policy (`TrainSettings.nan_policy`): a step whose scalars (loss terms,
+    `loss_nats`, `grad_norm`) are not finite on any rank is skipped on every rank; "stop", or
+    `max_nonfinite_steps` of them in a row under "skip", raises `StopTraining` before the
+    optimizer step (the loop then checkpoints the unchanged weights). Whether the scalars are
+    finite is read in the step's one device sync, with the other ranks' answers and signals."""
     settings, world = trainer.settings, trainer.world
     # The loss's noise: drawn for the global batch from a seed every rank shares, each rank
     # keeping its rows (BatchNoise), so W processes compute what one would.
@@ -430,14 +438,46 @@ def train_step(
         grad_norm = grad_norm.full_tensor()
     scalars = terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}
     scalars = {k: v.detach() for k, v in scalars.items()}
-    skip = trainer.check_step(samples_seen // settings.batch_size + 1, scalars)
-    # One all-reduce: skip on every rank if any skips, stop if any got a signal.
-    skipping, stopping = distributed.any_over_ranks([skip is not None, bool(trainer.stop)], world)
+    step = samples_seen // settings.batch_size + 1
+    finite = torch.stack([v.float().reshape(()) for v in scalars.values()]).isfinite()
+    skip = trainer.check_step(step, scalars)
+    # One device sync (an all-reduce under several processes): whether the step is finite on
+    # every rank, whether a hook skips it on any, whether any rank got a signal.
+    nonfinite, skipping, stopping = distributed.any_over_ranks(
+        [~finite.all(), skip is not None, bool(trainer.stop)], world
+    )
+    if nonfinite:
+        return StepResult(
+            scalars, module_norms, _nonfinite(trainer, step, scalars, finite), stopping
+        )
+    trainer.nonfinite_in_a_row = 0
     if not skipping:
         trainer.opt.step()
         trainer.ema.update(trainer.model, settings.batch_size)
     reason = (skip or "(another rank)") if skipping else None
     return StepResult(scalars, module_norms, reason, stopping)
+
+
+def _nonfinite(
+    trainer: Trainer, step: int, scalars: dict[str, torch.Tensor], finite: torch.Tensor
+) -> str:
+    """A non-finite step (on some rank): the reason it is skipped, or `StopTraining` when the
+    NaN/Inf policy stops here (every rank counts alike: the decision was all-reduced)."""
+    trainer.nonfinite_in_a_row += 1
+    bad = [n for n, ok in zip(scalars, finite.tolist(), strict=True) if not ok]
+    what = ", ".join(bad) if bad else "values on another rank"
+    stage = f" of stage {trainer.name}" if trainer.name else ""
+    reason = f"non-finite {what} at step {step}{stage}"
+    policy = getattr(trainer.settings, "nan_policy", "skip")
+    limit = getattr(trainer.settings, "max_nonfinite_steps", 3)
+    if policy == "stop":
+        raise StopTraining(f"{reason} (TrainSettings.nan_policy = 'stop')")
+    if trainer.nonfinite_in_a_row >= limit:
+        raise StopTraining(
+            f"{reason}: {trainer.nonfinite_in_a_row} consecutive steps skipped "
+            f"(TrainSettings.max_nonfinite_steps = {limit})"
+        )
+    return reason
 
 
 @dataclass
@@ -579,13 +619,18 @@ def _build(
     autocast = torch.autocast(
         world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
     )
-    # Model FLOPs per example, once (eager, before wrapping), on two examples of the stage's data.
-    probe = probe_batch(train_source)
-    flops = count_example_flops(model, _to_device(probe, world.device), autocast) if probe else 0.0
-    trainer = Trainer.build(model, settings, world, ctx.seed, stop=ctx.stop)
-    trainer.flops_per_example = flops
-    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
-    trainer.peak_flops = settings.peak_flops or perf.matmul_rate(world.device, dtype)
+    # Model FLOPs per example, once (eager, before wrapping), on two examples of the stage's data;
+    # the peak they are compared with: given, or the matmul probe. Only when MFU is logged.
+    flops, peak = 0.0, 0.0
+    if getattr(settings, "measure_mfu", True):
+        probe = probe_batch(train_source)
+        if probe:
+            flops = count_example_flops(model, _to_device(probe, world.device), autocast)
+        if flops:
+            dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+            peak = settings.peak_flops or perf.matmul_rate(world.device, dtype)
+    trainer = Trainer.build(model, settings, world, ctx.seed, stop=ctx.stop, name=stage.name)
+    trainer.flops_per_example, trainer.peak_flops = flops, peak
     loader = build_loader(
         train_source, batch_size=per_rank, rank=world.rank, world_size=world.world_size,
         seed=ctx.seed, num_workers=ctx.num_workers,

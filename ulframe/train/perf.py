@@ -12,8 +12,10 @@ torch's counter has formulas for the CUDA attention kernels but none for the CPU
 registers torch's own sdpa formulas for it, so a CPU count includes attention as a CUDA count
 does (forward 4·B·H·L·S·D: two matmuls of 2·B·H·L·S·D).
 
-The loop counts the FLOPs per training example once at build (`example_flops`) and logs
-`perf/model_tflops_per_s` (per device) and `perf/mfu` with the training scalars.
+With `TrainSettings.measure_mfu` (the default), the loop counts the FLOPs per training example
+once at the stage's start (`loop.count_example_flops`), takes the peak (`peak_flops`, or the
+probe) and logs `perf/model_tflops_per_s` (per device) and `perf/mfu` with the training scalars;
+without it, neither the count nor the probe runs.
 """
 
 from __future__ import annotations

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ulframe.errors import ConfigError
 from ulframe.train.optim import warmup_constant, warmup_cosine
+from ulframe.wiring import retired
 
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("off", "networks", "step")
 ACTIVATION_CHECKPOINTING = ("off", "blocks")
+NAN_POLICIES = ("skip", "stop")
 
 
 @dataclass
@@ -66,6 +68,20 @@ class TrainSettings:
             value, e.g. 989e12 for an H100 SXM in bf16), the denominator of the logged
             `perf/mfu`; 0 measures the device's achieved matmul rate at the stage's start
             (a short probe; on a CPU the only meaningful reference).
+        measure_mfu: log `perf/model_tflops_per_s` and `perf/mfu`: the stage's start counts
+            the model FLOPs of a step (`torch.utils.flop_counter` on two examples) and, when
+            `peak_flops` is 0, runs the matmul probe (about a second per process). False skips
+            both and logs neither: for runs of seconds, e.g. the test suite's tiny runs.
+        nan_policy: what a training step whose loss terms or gradient norm are not finite
+            (NaN/Inf) does: "skip" changes no weight, optimizer state or EMA, does not count
+            towards `train_samples` (the stage trains one more step) and is counted in
+            `skipped_steps`; after `max_nonfinite_steps` such steps in a row the run stops.
+            "stop" stops at the first one. Either way the stop writes a checkpoint (of the last
+            good weights: the step changed nothing) and names the last finite checkpoint.
+            The check costs one device sync per step (the one that already tells every rank
+            of a SIGTERM, under several processes).
+        max_nonfinite_steps: with `nan_policy = "skip"`, stop after this many non-finite
+            steps in a row (>= 1).
     """
 
     batch_size: int = 32
@@ -86,6 +102,9 @@ class TrainSettings:
     compile: str = "off"
     activation_checkpointing: str = "off"
     peak_flops: float = 0.0
+    measure_mfu: bool = True
+    nan_policy: Literal["skip", "stop"] = "skip"
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -105,7 +124,11 @@ class TrainSettings:
                 "TrainSettings.activation_checkpointing must be one of "
                 f"{ACTIVATION_CHECKPOINTING}, got {self.activation_checkpointing!r}"
             )
-        for name in ("batch_size", "train_samples", "log_every_samples"):
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigError(
+                f"TrainSettings.nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}"
+            )
+        for name in ("batch_size", "train_samples", "log_every_samples", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"TrainSettings.{name} must be positive, got {getattr(self, name)}"
@@ -128,6 +151,13 @@ CONFIGURABLES: dict[str, Callable[..., Any]] = {
     # Counted in samples (see ulframe/train/optim.py), hence not torch's step-based schedulers.
     "lr_schedules.warmup_constant": warmup_constant,
     "lr_schedules.warmup_cosine": warmup_cosine,
+    # The NaN/Inf guard was a hook; it is the loop's now (`nan_policy`, `max_nonfinite_steps`).
+    "hooks.nan_guard": retired(
+        "hooks.nan_guard was removed: the training loop handles non-finite steps itself; set "
+        "TrainSettings.nan_policy ('skip' or 'stop') and TrainSettings.max_nonfinite_steps (was "
+        "hooks.nan_guard.max_consecutive), and drop @hooks.nan_guard() from Experiment.hooks"
+    ),
 }
 """What the training layer offers gin, by selector: `wiring.load(..., engine=CONFIGURABLES)`
-(the wiring layer below knows no training code)."""
+(the wiring layer below knows no training code); retired selectors stop a config that still
+names them, with a pointer to what replaced them."""
