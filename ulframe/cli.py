@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ulframe.errors import UserError
+from ulframe.errors import ConfigError, UserError
 
 log = logging.getLogger("ulframe")
 EXIT_USER_ERROR = 2
@@ -441,6 +441,14 @@ def cmd_config(args: argparse.Namespace, bindings: list[str]) -> int:
     _configure_logging(is_main=True)
     wiring.load(args.files, bindings, engine=settings.CONFIGURABLES)
     experiment = wiring.experiment()  # gin calls every constructor
+    from ulframe.train.runner import check_stages_fit_data
+
+    try:
+        check_stages_fit_data(experiment)
+    except UserError as err:
+        if isinstance(err, ConfigError):
+            raise
+        log.warning("data not checked against the stages: %s", err)  # e.g. not here
     try:  # the networks, on the meta device: what the operative config then shows too
         counts = parameters.describe(parameters.stage_parameters(experiment, _workdir(args)))
     except UserError as err:  # e.g. the data is not here

@@ -165,6 +165,9 @@ class Stage(Protocol):
     draws made for the global batch; `BatchNoise.of(generator)` outside the loop), so the one training loop (`ulframe.train.loop`) can wrap it in
     DDP/FSDP unchanged. `train_source`, called after `build`, returns the Source the loop trains
     on (the dataset's own, or e.g. cached latents). `evaluate` receives the EMA copy of the module.
+    Optional: `check_data(example)` raises a one-line ConfigError when the stage's settings do
+    not fit the data's first train example; the engine calls it for every stage before any
+    stage trains (`ulframe run`, `ulframe config`).
     """
 
     name: str

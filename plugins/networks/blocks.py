@@ -34,6 +34,8 @@ LOGSNR_FOURIER_FEATURES = 256
 # Base period of the fixed sin-cos positional embedding (Transformer / MAE convention).
 POSITION_MAX_PERIOD = 10000.0
 
+UPSAMPLE_MODES = ("nearest", "subpixel")
+
 _AXIS_NAMES = {1: ("w",), 2: ("h", "w"), 3: ("t", "h", "w")}
 
 
@@ -292,6 +294,7 @@ class ResBlock(nn.Module):
         out_channels: int,
         emb_dim: int | None = None,
         dropout: float = 0.0,
+        kernel_size: int | tuple[int, ...] = 3,
     ) -> None:
         """
         Args:
@@ -300,15 +303,21 @@ class ResBlock(nn.Module):
             out_channels: output channels (a 1x1 conv skip is used if they differ).
             emb_dim: width of the conditioning embedding; None for an unconditioned block.
             dropout: dropout probability before the second conv.
+            kernel_size: odd size of both convs, int or per axis: ``(1, 3, 3)`` on a video
+                convolves each frame on its own (a third of the cost of 3x3x3).
         """
         super().__init__()
         self.ndim = ndim
+        kernel = as_tuple(kernel_size, ndim)
+        if any(k % 2 == 0 for k in kernel):
+            raise ConfigError(f"ResBlock kernel sizes must be odd, got {kernel}")
+        padding = tuple(k // 2 for k in kernel)
         self.norm1 = group_norm(in_channels)
-        self.conv1 = conv_nd(ndim, in_channels, out_channels, 3, padding=1)
+        self.conv1 = conv_nd(ndim, in_channels, out_channels, kernel, padding=padding)
         self.emb = None if emb_dim is None else nn.Linear(emb_dim, 2 * out_channels)
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_(conv_nd(ndim, out_channels, out_channels, 3, padding=1))
+        self.conv2 = zero_(conv_nd(ndim, out_channels, out_channels, kernel, padding=padding))
         self.skip = (
             nn.Identity()
             if in_channels == out_channels
@@ -361,7 +370,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour up-sampling by a per-axis factor followed by a 3x3 conv."""
+    """Up-sampling by a per-axis integer factor, then a 3x3 conv; two modes.
+
+    ``"nearest"``: nearest-neighbour repeat, then the conv. With a factor of 4 or more the
+    middle copies of one input see the same conv window and come out identical, so the
+    up-sampled positions of one input can only differ at the group's borders.
+    ``"subpixel"`` (Shi et al. 2016, ESPCN): the conv at the input resolution makes
+    ``out_channels * prod(factor)`` channels, rearranged (depth-to-space) so that every output
+    position has weights of its own: the 4 frames that a video latent step spans can differ.
+    """
 
     def __init__(
         self,
@@ -369,6 +386,7 @@ class Upsample(nn.Module):
         in_channels: int,
         out_channels: int,
         factor: int | tuple[int, ...] = 2,
+        mode: str = "nearest",
     ) -> None:
         """
         Args:
@@ -376,12 +394,19 @@ class Upsample(nn.Module):
             in_channels: input channels.
             out_channels: output channels.
             factor: per-axis up-sampling factor (int for all axes, or a tuple).
+            mode: ``"nearest"`` or ``"subpixel"`` (see the class docstring).
         """
         super().__init__()
+        if mode not in UPSAMPLE_MODES:
+            raise ConfigError(f"upsample mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
         self.factor = as_tuple(factor, ndim)
-        self.conv = conv_nd(ndim, in_channels, out_channels, 3, padding=1)
+        self.mode = mode
+        multiple = math.prod(self.factor) if mode == "subpixel" else 1
+        self.conv = conv_nd(ndim, in_channels, out_channels * multiple, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "subpixel":
+            return depth_to_space(self.conv(x), self.factor)  # (B, C_out, *S * factor)
         size = tuple(s * f for s, f in zip(x.shape[2:], self.factor, strict=True))
         x = F.interpolate(x, size=size, mode="nearest")  # (B, C_in, *S * factor)
         return self.conv(x)  # (B, C_out, *S * factor)

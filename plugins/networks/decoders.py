@@ -19,6 +19,7 @@ from .blocks import (
     axis_product,
     conv_nd,
     depth_to_space,
+    divided_grid,
     from_tokens,
     group_norm,
     sincos_position_embedding,
@@ -69,6 +70,9 @@ class UViTDecoder(nn.Module):
         dropout: float = 0.1,
         stage_downsample: tuple[int | tuple[int, ...], ...] | None = None,
         mlp_ratio: float = 4.0,
+        upsample: str = "nearest",
+        conv_kernel: int | tuple[int, ...] = 3,
+        latent_patch: int | tuple[int, ...] = 1,
     ) -> None:
         """
         Args:
@@ -85,6 +89,17 @@ class UViTDecoder(nn.Module):
             stage_downsample: per-axis down-sampling factor after each conv stage, one entry
                 per stage, each int or per-axis tuple; None = 2 on every axis.
             mlp_ratio: MLP hidden width of the Transformer as a multiple of ``width``.
+            upsample: ``"nearest"`` (repeat, then a 3x3 conv) or ``"subpixel"`` (a conv to
+                ``factor`` times the channels, then depth-to-space): with a factor of 4 in time
+                (a video latent step spanning 4 frames) only ``"subpixel"`` lets the 4 frames
+                differ at the decoder's coarse path (docs/method.md, "Video").
+            conv_kernel: kernel of the conv stages' ResBlocks, int or per axis; ``(1, 3, 3)``
+                on clips convolves each frame on its own (time is mixed by the Transformer and
+                the up-sampling), a third of the cost of 3x3x3.
+            latent_patch: per-axis patch of z_0 folded into one Transformer token
+                (space-to-depth): the Transformer then runs on the latent grid divided by it,
+                e.g. ``(1, 2, 2)`` for a latent of one step per frame at 16x8x8 read by 16x4x4
+                tokens (a quarter of the tokens).
         """
         super().__init__()
         in_channels, *spatial = shape
@@ -98,7 +113,9 @@ class UViTDecoder(nn.Module):
         self.downsample = tuple(
             p * f for p, f in zip(self.patch, axis_product(factors, ndim), strict=True)
         )
-        self._check_latent_grid(tuple(spatial), tuple(latent_grid), channels)
+        self.latent_patch = as_tuple(latent_patch, ndim)
+        token_grid = divided_grid(tuple(latent_grid), self.latent_patch, "UViTDecoder latent_patch")
+        self._check_latent_grid(tuple(spatial), token_grid, channels)
 
         self.logsnr_emb = LogSNREmbedding(width)
         self.stem = conv_nd(ndim, in_channels * math.prod(self.patch), channels[0], 3, padding=1)
@@ -110,14 +127,14 @@ class UViTDecoder(nn.Module):
         for stage_channels, count, factor in zip(channels, blocks, factors, strict=True):
             stage = nn.ModuleList()
             for _ in range(count):
-                stage.append(ResBlock(ndim, ch, stage_channels, width, dropout))
+                stage.append(ResBlock(ndim, ch, stage_channels, width, dropout, conv_kernel))
                 ch = stage_channels
             self.down_stages.append(stage)
             self.downsamplers.append(Downsample(ndim, ch, ch, factor))
 
         # Middle Transformer at the latent grid; z_0 is projected per token and added.
         self.mid_in = nn.Linear(ch, width)
-        self.latent_proj = nn.Linear(latent_channels, width)
+        self.latent_proj = nn.Linear(latent_channels * math.prod(self.latent_patch), width)
         self.mid_blocks = nn.ModuleList(
             TransformerBlock(width, heads, width, mlp_ratio, dropout) for _ in range(depth)
         )
@@ -130,11 +147,13 @@ class UViTDecoder(nn.Module):
         for stage_channels, count, factor in reversed(
             list(zip(channels, blocks, factors, strict=True))
         ):
-            self.upsamplers.append(Upsample(ndim, ch, ch, factor))
+            self.upsamplers.append(Upsample(ndim, ch, ch, factor, upsample))
             stage = nn.ModuleList()
             skip_channels = stage_channels
             for _ in range(count):
-                stage.append(ResBlock(ndim, ch + skip_channels, stage_channels, width, dropout))
+                stage.append(
+                    ResBlock(ndim, ch + skip_channels, stage_channels, width, dropout, conv_kernel)
+                )
                 ch, skip_channels = stage_channels, 0
             self.up_stages.append(stage)
 
@@ -155,8 +174,8 @@ class UViTDecoder(nn.Module):
                 f"UViTDecoder: input spatial shape {spatial} divided by the total "
                 f"down-sampling {self.downsample} (patch_size {self.patch} times one "
                 f"down-sampling after each of the {len(channels)} conv stages, "
-                f"channels={tuple(channels)}) does not equal the latent grid {latent_grid} of "
-                f"latent_shape; change channels (number of stages), patch_size or "
+                f"channels={tuple(channels)}) does not equal the latent grid {latent_grid} (of "
+                f"latent_shape, divided by latent_patch); change channels (number of stages), patch_size or "
                 f"stage_downsample so that spatial / (patch_size * prod(stage factors)) equals "
                 f"the latent grid"
             )
@@ -179,7 +198,8 @@ class UViTDecoder(nn.Module):
         grid = tuple(h.shape[2:])
         tokens = self.mid_in(to_tokens(h))  # (B, N, D)
         tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], h.device, h.dtype)
-        tokens = tokens + self.latent_proj(to_tokens(z_0))  # (B, N, D)
+        z_tokens = to_tokens(space_to_depth(z_0, self.latent_patch))  # (B, N, C_z * patch)
+        tokens = tokens + self.latent_proj(z_tokens)  # (B, N, D)
         for block in self.mid_blocks:
             tokens = block(tokens, emb)  # (B, N, D)
         h = from_tokens(self.mid_out(self.mid_norm(tokens)), grid)  # (B, C_last, *grid)

@@ -5,7 +5,10 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
+
+from ulframe.errors import ConfigError
 
 from .blocks import (
     Downsample,
@@ -47,6 +50,7 @@ class ResNetEncoder(nn.Module):
         patch_size: int | tuple[int, ...] = 2,
         stage_downsample: tuple[int | tuple[int, ...], ...] | None = None,
         dropout: float = 0.0,
+        frame_wise: bool = False,
     ) -> None:
         """
         Args:
@@ -59,9 +63,23 @@ class ResNetEncoder(nn.Module):
                 entry per transition (len(channels) - 1), each int or per-axis tuple;
                 None = 2 on every axis.
             dropout: dropout probability inside the residual blocks.
+            frame_wise: clips (C, T, H, W) only: encode every frame on its own with the image
+                network that the other arguments describe (per-axis values for (H, W); the
+                frames are folded into the batch, so convolutions and GroupNorm statistics stay
+                within a frame). Latent step t is then a function of frame t alone: the latent
+                of a clip's first k frames is exactly its first k latent steps
+                (docs/method.md, "Video"). The latent is (latent_channels, T, h, w).
         """
         super().__init__()
         in_channels, *spatial = shape
+        self.frame_wise = frame_wise
+        frames: tuple[int, ...] = ()
+        if frame_wise:
+            if len(spatial) != 3:
+                raise ConfigError(
+                    f"encoders.resnet.frame_wise needs clips (C, T, H, W); the data gives {shape}"
+                )
+            frames, spatial = (spatial[0],), spatial[1:]
         ndim = len(spatial)
         num_stages = len(channels)
         blocks = as_tuple(blocks_per_stage, num_stages)
@@ -72,7 +90,8 @@ class ResNetEncoder(nn.Module):
             p * f for p, f in zip(self.patch, axis_product(factors, ndim), strict=True)
         )
         grid = divided_grid(tuple(spatial), self.downsample, "ResNetEncoder")
-        self.latent_shape = (latent_channels, *grid)
+        self.latent_shape = (latent_channels, *frames, *grid)
+        self.downsample = (1,) * len(frames) + self.downsample
 
         patch_channels = in_channels * math.prod(self.patch)
         self.stem = conv_nd(ndim, patch_channels, channels[0], 3, padding=1)
@@ -91,6 +110,13 @@ class ResNetEncoder(nn.Module):
         self.out_conv = conv_nd(ndim, ch, latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frame_wise:
+            frames = x.shape[2]
+            z = self._encode(rearrange(x, "b c t h w -> (b t) c h w"))  # (B T, Cz, h, w)
+            return rearrange(z, "(b t) c h w -> b c t h w", t=frames)  # (B, Cz, T, h, w)
+        return self._encode(x)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(space_to_depth(x, self.patch))  # (B, C0, *S / patch)
         for i, stage in enumerate(self.stages):
             for block in cast(nn.ModuleList, stage):

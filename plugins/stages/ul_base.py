@@ -119,6 +119,7 @@ class ULBaseModel(nn.Module):
         latent_shape: Sequence[int],
         image_shape: Sequence[int],
         context_frames: int = 0,
+        context_latent_steps: int = 0,
     ) -> None:
         super().__init__()
         self.stage1 = stage1.eval().requires_grad_(False)
@@ -132,6 +133,7 @@ class ULBaseModel(nn.Module):
         self.latent_logsnr_max = float(self.latents().latent_logsnr_max)
         self.pixels = math.prod(self.image_shape[1:])
         self.context_frames = context_frames
+        self.context_latent_steps = context_latent_steps
 
     def latents(self) -> LatentModel:
         """The frozen stage-1 model, as the hand-off between stages."""
@@ -286,10 +288,32 @@ class ULBaseModel(nn.Module):
             eps_cond, eps_uncond, z_1, self.schedule, sampler, steps, generator, guidance,
             interval, final,
         )  # fmt: skip
+        if z_context is not None and self.context_latent_steps:
+            # The first latent steps are the context's own (a frame-wise encoder): the decoder
+            # gets them as in training, z_0 = alpha(λ_max) z_clean + sigma(λ_max) eps.
+            m = self.context_latent_steps
+            known = z_context[:, :, :m]
+            if final == "state":
+                eps = torch.randn(known.shape, generator=generator, device=device)
+                logsnr = torch.full((n,), self.latent_logsnr_max, device=device)
+                known = diffuse(known, logsnr, eps)
+            z = torch.cat([known.to(z.dtype), z[:, :, m:]], 2)
         x = latents.decode_latents(z, generator, sampler, decoder_steps or steps)
         if context is not None and self.context_frames:
             x[:, :, : self.context_frames] = context[:, :, : self.context_frames].to(x.dtype)
         return x
+
+
+def _latent_frames(stage1: Any, shape: tuple[int, ...]) -> int | None:
+    """Latent steps in time of stage 1's encoder on clips `shape`, from the encoder built on the
+    meta device (no weights); None when it cannot be known without building stage 1."""
+    factory = getattr(stage1, "encoder_factory", None)
+    if factory is None:
+        return None
+    with torch.device("meta"):
+        encoder = factory(shape=shape)
+    latent_shape = getattr(encoder, "latent_shape", None)
+    return int(latent_shape[1]) if latent_shape is not None and len(latent_shape) == 4 else None
 
 
 def context_clip(x: Tensor, frames: int) -> Tensor:
@@ -326,6 +350,8 @@ class ULBase:
         eval_t_per_example: int = 8,
         eval_images: int = 8,
         context_frames: int = 0,
+        context_latent_steps: int = 0,
+        class_conditional: bool = True,
         name: str = "stage2",
     ) -> None:
         """
@@ -353,10 +379,25 @@ class ULBase:
             context_frames: video only: condition the base model on the latent of each clip's
                 first k frames (the paper's Kinetics-600 protocol: 5 of 16) and generate the
                 continuation; 0: unconditional on frames. See docs/method.md, "Video".
+            context_latent_steps: with a frame-wise encoder (latent step t a function of frame
+                t alone: `encoders.resnet.conv_kernel = (1, 3, 3)`, no down-sampling in time),
+                the first `context_latent_steps` latent steps of a continuation are the
+                context's own latent (noised to λ_z(0) like any z_0), not the base model's
+                estimate of it; it must equal `context_frames` divided by the latent's
+                down-sampling in time. 0: the base model's z_0 is decoded as it is.
+            class_conditional: condition the base model on the dataset's labels (with
+                `label_dropout` for guidance). False: the base model has no class input and
+                labels are ignored, so a clip is continued from its context alone (the video
+                experiments: frame prediction as on Kinetics-600, no label).
             name: the stage's folder name under `workdir/stages/`.
         """
         if context_frames < 0:
             raise ConfigError(f"ul_base.context_frames must be >= 0, got {context_frames}")
+        if context_latent_steps < 0 or (context_latent_steps and not context_frames):
+            raise ConfigError(
+                f"ul_base.context_latent_steps={context_latent_steps} needs context_frames > 0 "
+                f"(got {context_frames}) and must be >= 0"
+            )
         if not 0.0 <= label_dropout < 1.0:
             raise ConfigError(f"ul_base.label_dropout must be in [0, 1), got {label_dropout}")
         if eval_t_per_example < 1:
@@ -393,6 +434,8 @@ class ULBase:
         self.eval_t_per_example = eval_t_per_example
         self.eval_images = eval_images
         self.context_frames = context_frames
+        self.context_latent_steps = context_latent_steps
+        self.class_conditional = class_conditional
         self.name = name
         self._model: ULBaseModel | None = None
         self._stage_dir: Path | None = None
@@ -406,29 +449,54 @@ class ULBase:
         stage1 = load_stage_ema(self.stage1, ctx, ctx.previous[self.source_stage])
         image_shape = tuple(ctx.example["x"].shape)
         latents = latent_model(stage1)
-        if self.context_frames and not (
-            len(image_shape) == 4 and self.context_frames < image_shape[1]
-        ):
-            raise ConfigError(
-                f"ul_base.context_frames={self.context_frames} needs video clips (C, T, H, W) "
-                f"with more than {self.context_frames} frames; the data gives {image_shape}"
-            )
+        self.check_data(ctx.example)
         latent_shape = tuple(latents.latent_shape)
+        if self.context_latent_steps:
+            self.check_latent_steps(image_shape, latent_shape[1] if len(latent_shape) == 4 else 0)
         extra = {"context_channels": latent_shape[0]} if self.context_frames else {}
+        num_classes = ctx.num_classes if self.class_conditional else 0
         base = check_built(
             "priors",
-            self.base_factory(shape=latent_shape, num_classes=ctx.num_classes, **extra),
+            self.base_factory(shape=latent_shape, num_classes=num_classes, **extra),
             "ul_base.base",
         )
         schedule = self.schedule_factory(
             logsnr_min=self.logsnr_min, logsnr_max=float(latents.latent_logsnr_max), resolution=None
         )
         model = ULBaseModel(
-            stage1, base, schedule, self.weighting, self.label_dropout, ctx.num_classes,
-            latent_shape, image_shape, self.context_frames,
+            stage1, base, schedule, self.weighting, self.label_dropout, num_classes,
+            latent_shape, image_shape, self.context_frames, self.context_latent_steps,
         )  # fmt: skip
         self._model, self._stage_dir = model, ctx.stage_dir
         return model
+
+    def check_data(self, example: dict[str, Tensor]) -> None:
+        """ConfigError (one line) when `context_frames` does not fit the data's clips: it needs
+        clips (C, T, H, W) with T > context_frames. Called before any stage trains."""
+        shape = tuple(example["x"].shape)
+        if self.context_frames and not (len(shape) == 4 and self.context_frames < shape[1]):
+            raise ConfigError(
+                f"ul_base.context_frames={self.context_frames} needs video clips (C, T, H, W) "
+                f"with more than {self.context_frames} frames; the data gives {shape}"
+            )
+        if self.context_latent_steps:
+            self.check_latent_steps(shape, _latent_frames(self.stage1, shape))
+
+    def check_latent_steps(self, shape: tuple[int, ...], latent_frames: int | None) -> None:
+        """ConfigError unless the first `context_latent_steps` latent steps cover exactly the
+        `context_frames` frames of clips `shape` (C, T, H, W) with `latent_frames` latent steps
+        (None: not known before the encoder is built; checked again at build)."""
+        if latent_frames is None:
+            return
+        frames = shape[1]
+        stride = frames // latent_frames if latent_frames and frames % latent_frames == 0 else 0
+        if not stride or self.context_latent_steps * stride != self.context_frames:
+            raise ConfigError(
+                f"ul_base.context_latent_steps={self.context_latent_steps} does not fit "
+                f"ul_base.context_frames={self.context_frames}: the latent has {latent_frames} "
+                f"steps for {frames} frames (context_latent_steps x frames per step must equal "
+                f"context_frames)"
+            )
 
     def train_source(self, source: Any) -> Any:
         """The Source the loop trains on: cached latents when `cache_latents`, else `source`."""

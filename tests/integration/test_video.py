@@ -5,7 +5,10 @@ MP4 files written here from real photographs), clip continuation by `ulframe sam
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -171,7 +174,7 @@ def test_video_quickstart_on_photographs_config_is_ok(run_cli: RunCli) -> None:
 # gin/quickstart_video.gin with a few samples per stage (its own networks and 32x32 clips).
 TINY_VIDEO_QUICKSTART = [
     "gin/quickstart_video.gin",
-    "--gin.TRAIN_SAMPLES=8",
+    "--gin.TRAIN_SAMPLES=16",
     "--gin.BASE_TRAIN_SAMPLES=8",
     "--gin.Experiment.num_workers=0",
     "--gin.Experiment.hooks=[@hooks.console()]",
@@ -195,12 +198,25 @@ TINY_VIDEO_QUICKSTART = [
 
 
 @pytest.mark.slow
-def test_video_quickstart_runs_tiny_and_continues_moving_digits(
-    run_cli: RunCli, tmp_path: Path
+def test_video_quickstart_resumes_after_a_kill_and_continues_moving_digits(
+    run_cli: RunCli, cli_env: Callable[[], dict[str, str]], tmp_path: Path
 ) -> None:
     workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "ulframe", "run", *TINY_VIDEO_QUICKSTART, "--workdir", workdir]
+    proc = subprocess.Popen(
+        list(map(str, args)), env=cli_env(), cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = workdir / "stages" / "stage1" / "checkpoints" / f"ckpt-{8:012d}.json"  # written last
+    deadline = time.monotonic() + 300
+    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"ended before the kill:\n{err[-2000:]}"
     done = run_cli("run", *TINY_VIDEO_QUICKSTART, "--workdir", workdir, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at 8 samples" in done.stderr
     for stage in ("stage1", "stage2"):
         assert (workdir / "stages" / stage / "DONE.json").is_file()
     sampled = run_cli("sample", workdir, "-n", "2")  # the run's own config.gin

@@ -5,6 +5,7 @@ Run with ``ulframe_plugins`` importable, e.g.
 PYTHONPATH=/tmp/pp .venv/bin/python -m pytest tests/unit/test_networks.py -q``.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -12,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from ulframe.errors import ConfigError
 from ulframe_plugins.networks.blocks import (
     Downsample,
     PatchEmbed,
     PatchUnembed,
+    ResBlock,
     Upsample,
     count_parameters,
     depth_to_space,
@@ -161,6 +164,33 @@ def test_per_axis_down_and_up_sampling():
     assert down(x).shape == (BATCH, 6, 4, 4, 4)
     assert Downsample(2, 4, 4, 4)(x[:, :, 0]).shape == (BATCH, 4, 2, 2)
     assert Upsample(3, 6, 4, (2, 1, 2))(down(x)).shape == (BATCH, 4, 8, 4, 8)
+
+
+def test_subpixel_upsampling_gives_every_output_frame_its_own_weights():
+    # A 4x up-sampling in time: nearest repeats one input 4 times and its 3-tap conv sees the
+    # same window at the two middle copies, so they are identical; subpixel keeps them apart.
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, 6, 2, 3, 3)
+    nearest = Upsample(3, 6, 4, (4, 1, 1))(x)
+    subpixel = Upsample(3, 6, 4, (4, 1, 1), mode="subpixel")(x)
+    assert nearest.shape == subpixel.shape == (BATCH, 4, 8, 3, 3)
+    assert torch.equal(nearest[:, :, 1], nearest[:, :, 2])
+    for a, b in itertools.combinations(range(4), 2):
+        assert not torch.allclose(subpixel[:, :, a], subpixel[:, :, b])
+    with pytest.raises(ConfigError, match="upsample mode"):
+        Upsample(3, 6, 4, 2, mode="bilinear")
+
+
+def test_frame_wise_resblock_kernel_convolves_each_frame_on_its_own():
+    block = ResBlock(3, 4, 4, kernel_size=(1, 3, 3))
+    x = torch.randn(1, 4, 5, 6, 6)
+    y = x.clone()
+    y[:, :, 3] += 1.0  # change one frame: its convolution alone changes
+    changed = (block.conv1(x) - block.conv1(y)).abs().sum((0, 1, 3, 4))  # per frame
+    assert changed[3] > 0 and torch.count_nonzero(changed) == 1
+    assert block(x).shape == x.shape
+    with pytest.raises(ConfigError, match="odd"):
+        ResBlock(3, 4, 4, kernel_size=(2, 3, 3))
 
 
 def test_sincos_position_embedding_shape_and_distinct_rows():

@@ -31,16 +31,6 @@ def check_workdir_config(workdir: Path, config: str, allow_change: bool) -> None
         checkpoint.check_config(previous, config, f"workdir {workdir}", allow_change)
 
 
-def with_nan_guard(hooks: list[Any], registry: Any) -> list[Any]:
-    """The experiment's hooks, plus `hooks.nan_guard` (its gin bindings apply) when not listed:
-    every run skips non-finite steps and stops after a few in a row."""
-    from ulframe import wiring
-
-    if any(isinstance(h, registry.get("hooks", "nan_guard").factory) for h in hooks):
-        return hooks
-    return [*hooks, wiring.call(wiring.configured("hooks.nan_guard"))]
-
-
 def last_good(workdir: Path) -> str:
     """The newest finite checkpoint of any stage in `workdir` (by time written)."""
     found = [
@@ -85,6 +75,7 @@ def train(
     Rank 0 takes the workdir lock; `on_start(world)` runs once the lock is held and the config
     checked (the CLI points its log file at the workdir). A full disk becomes one UserError
     naming the file and the last good checkpoint."""
+    check_stages_fit_data(experiment)  # before anything is written or trained
     world = distributed.init(experiment.device)
     lock: Any = contextlib.nullcontext()
     if world.is_main:  # one lock per run: rank 0's (or the --nproc launcher's, see launch)
@@ -117,6 +108,24 @@ def train(
     return results
 
 
+def check_stages_fit_data(experiment: Any) -> None:
+    """Every stage that defines `check_data(example)` (an optional member of the Stage
+    protocol) sees the first train example before any stage trains, so a setting that does not
+    fit the data (a video stage's context length longer than the clips) stops the run at
+    config time with the stage's one-line ConfigError, not after the stages before it."""
+    checks = [s for s in experiment.stages if callable(getattr(s, "check_data", None))]
+    if not checks:
+        return
+    from ulframe.data.pipeline import first_example
+    from ulframe.registry import naming_plugins
+
+    dataset = experiment.dataset
+    with naming_plugins(source_of=dataset):
+        example = first_example(dataset.source("train"), num_classes=dataset.num_classes)
+    for stage in checks:
+        stage.check_data(example)
+
+
 def next_commands(workdir: Path) -> str:
     """The commands that sample and evaluate the run in `workdir`, to copy as they are: the
     workdir names its own config, so no gin file or override needs repeating."""
@@ -143,7 +152,7 @@ def _train(
     config = wiring.full_config()
     dists = {e.distribution for e in registry.all_entries()}
     files = rundir.RunFiles(workdir, config, dists, world.is_main)
-    hooks = hookspecs.plugin_manager(with_nan_guard(list(experiment.hooks), registry))
+    hooks = hookspecs.plugin_manager(list(experiment.hooks))
     info = RunInfo(
         workdir, [s.name for s in experiment.stages], "", world.is_main, world.world_size
     )

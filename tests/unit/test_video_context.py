@@ -1,0 +1,158 @@
+"""How the context frames of a clip reach a continuation (docs/method.md, "Video").
+
+On tiny video networks of the video quickstart's design (a frame-wise encoder, one latent step
+per frame) with weights that are not at their zero initialisation:
+(a) latent step t is a function of frame t alone, so the latent of the context clip's first k
+    steps is the clip's own;
+(b) a continuation changes when only the context changes, and not when nothing changes;
+(c) the decoder is handed the context's own first k latent steps (noised to λ_z(0)), the rest
+    from the base model;
+(d) a context that does not fit the clips or the latent steps stops with one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ulframe.diffusion import alpha_sigma
+from ulframe.errors import ConfigError
+from ulframe.protocols import BuildContext
+from ulframe.train import checkpoint
+from ulframe.train.settings import TrainSettings
+from ulframe_plugins.networks.decoders import UViTDecoder
+from ulframe_plugins.networks.encoders import ResNetEncoder
+from ulframe_plugins.networks.priors import ViT
+from ulframe_plugins.stages import ul_base
+from ulframe_plugins.stages.ul_base import ULBase, ULBaseModel
+from ulframe_plugins.stages.ul_joint import ULJoint
+
+SHAPE = (1, 8, 16, 16)  # (C, T, H, W)
+CONTEXT = 3
+ENCODER = dict(
+    latent_channels=2, channels=(8, 16), blocks_per_stage=(1, 1), patch_size=4,
+    stage_downsample=(1,), frame_wise=True,
+)  # fmt: skip
+DECODER = dict(
+    channels=(8,), blocks_per_stage=1, width=16, depth=1, heads=2, patch_size=(1, 4, 4),
+    stage_downsample=((1, 2, 2),), latent_patch=(1, 2, 2), conv_kernel=(1, 3, 3),
+    upsample="subpixel", dropout=0.0,
+)  # fmt: skip
+VIT = dict(widths=(16,), depths=(1,), heads=2, patch_size=(1, 2, 2))
+
+
+def _stage1() -> ULJoint:
+    return ULJoint(
+        encoder=lambda shape: ResNetEncoder(shape, **ENCODER),
+        prior=lambda shape: ViT(shape, **VIT),
+        decoder=lambda shape, latent_shape: UViTDecoder(shape, latent_shape, **DECODER),
+        train=TrainSettings(batch_size=2, train_samples=2),
+    )
+
+
+def _stage2(**kw) -> ULBase:
+    defaults = dict(
+        stage1=_stage1(),
+        base=lambda shape, num_classes, context_channels: ViT(
+            shape, num_classes=num_classes, context_channels=context_channels, **VIT
+        ),
+        train=TrainSettings(batch_size=2, train_samples=2),
+        sample_steps=2,
+        context_frames=CONTEXT,
+        context_latent_steps=CONTEXT,
+        class_conditional=False,
+    )
+    return ULBase(**(defaults | kw))
+
+
+def _clips(n: int, seed: int) -> torch.Tensor:
+    return torch.rand((n, *SHAPE), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> tuple[ULBase, ULBaseModel]:
+    """Stage 2 on a finished stage 1 whose EMA weights are all moved off their initial values
+    (zero-initialised output layers included), and a base model moved off them too."""
+    stage1_dir = tmp_path / "stages" / "stage1"
+    example = {"x": _clips(1, 0)[0], "label": torch.tensor(0)}
+    torch.manual_seed(0)
+    model = _stage1().build(BuildContext(example, 10, torch.device("cpu"), stage1_dir))
+    ema = {k: v + 0.05 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    checkpoint.save(
+        stage1_dir / "checkpoints", 2, {"model": model.state_dict(), "ema": ema, "samples_seen": 2}
+    )
+    stage = _stage2()
+    ctx = BuildContext(
+        example, 10, torch.device("cpu"), tmp_path / "stages" / "stage2", {"stage1": stage1_dir}
+    )
+    base_model = stage.build(ctx)
+    with torch.no_grad():
+        for p in base_model.base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return stage, base_model.eval()
+
+
+def test_latent_step_t_is_a_function_of_frame_t_alone(built) -> None:
+    _, model = built
+    x = _clips(2, 1)
+    z = model.encode_clean(x)
+    assert z.shape[2] == SHAPE[1]  # one latent step per frame
+    for t in range(SHAPE[1]):
+        y = x.clone()
+        y[:, :, t] = -y[:, :, t]
+        changed = (model.encode_clean(y) - z).abs().sum((0, 1, 3, 4))  # per latent step
+        assert changed[t] > 0 and torch.count_nonzero(changed) == 1, (t, changed)
+    # the context clip (first k frames, the last repeated) has the clip's first k steps
+    assert torch.equal(model.encode_context(x)[:, :, :CONTEXT], z[:, :, :CONTEXT])
+
+
+def test_a_continuation_changes_when_only_the_context_changes(built) -> None:
+    stage, model = built
+    a, b = _clips(2, 2), _clips(2, 3)
+
+    def continue_(context: torch.Tensor) -> torch.Tensor:
+        return stage.sample(model, 2, None, None, torch.Generator().manual_seed(7), context=context)
+
+    first, again, other = continue_(a), continue_(a), continue_(b)
+    assert torch.equal(first, again)  # the same context and seed: the same continuation
+    assert torch.equal(first[:, :, :CONTEXT], a[:, :, :CONTEXT])  # the given frames, as given
+    assert not torch.allclose(first[:, :, CONTEXT:], other[:, :, CONTEXT:], atol=1e-3)
+
+
+def test_the_decoder_gets_the_context_latent_steps_noised_to_the_latent_logsnr(
+    built, monkeypatch
+) -> None:
+    stage, model = built
+    x = _clips(64, 4)
+    handed: list[torch.Tensor] = []
+    decode = model.latents().decode_latents
+
+    def spy(z_0, *args, **kwargs):
+        handed.append(z_0)
+        return decode(z_0, *args, **kwargs)
+
+    monkeypatch.setattr(model.stage1, "decode_latents", spy)
+    stage.sample(model, 64, None, None, torch.Generator().manual_seed(0), context=x)
+    z_0 = handed[0]
+    alpha, sigma = alpha_sigma(torch.tensor(model.latent_logsnr_max))
+    eps = (z_0[:, :, :CONTEXT] - alpha * model.encode_clean(x)[:, :, :CONTEXT]) / sigma
+    assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1) < 0.05
+    # the later steps are the base model's: far from the clip's own latent
+    rest = (z_0[:, :, CONTEXT:] - alpha * model.encode_clean(x)[:, :, CONTEXT:]) / sigma
+    assert float(rest.std()) > 2
+
+
+def test_a_context_that_does_not_fit_stops_with_one_line() -> None:
+    example = {"x": _clips(1, 0)[0], "label": torch.tensor(0)}
+    with pytest.raises(ConfigError, match=r"ul_base\.context_frames=8 needs video clips"):
+        _stage2(context_frames=8, context_latent_steps=8).check_data(example)
+    with pytest.raises(ConfigError, match=r"context_latent_steps=2 does not fit"):
+        _stage2(context_latent_steps=2).check_data(example)
+    with pytest.raises(ConfigError, match=r"context_latent_steps=3 needs context_frames > 0"):
+        _stage2(context_frames=0)
+    with pytest.raises(ConfigError, match=r"needs video clips"):
+        _stage2().check_data({"x": torch.zeros(1, 16, 16), "label": torch.tensor(0)})
+    _stage2().check_data(example)  # fits
+    assert ul_base.context_clip(_clips(1, 0), CONTEXT).shape == (1, *SHAPE)
