@@ -81,7 +81,7 @@ def _checkpoints_as_shapes() -> Iterator[None]:
             raise ValueError(f"{path.name}: refused to load ({type(err).__name__}: {err})") from err
         if not isinstance(state, dict) or "samples_seen" not in state:
             raise ValueError(f"{path.name}: not a checkpoint (no samples_seen)")
-        return state
+        return checkpoint.upgrade(state)
 
     original = checkpoint.load
     checkpoint.load = shapes  # type: ignore[assignment]

@@ -19,7 +19,8 @@ from ulframe.errors import ConfigError
 from ulframe.protocols import BuildContext
 from ulframe.train import distributed
 from ulframe.train.distributed import World
-from ulframe.train.loop import Trainer, checkpoint_activations, train_step
+from ulframe.train.loop import Trainer, train_step
+from ulframe.train.parallelize import checkpoint_activations
 from ulframe.train.settings import CONFIGURABLES, TrainSettings
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "gin" / "quickstart.gin"

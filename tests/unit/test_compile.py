@@ -17,7 +17,7 @@ from ulframe import cli
 from ulframe.errors import ConfigError
 from ulframe.protocols import BuildContext
 from ulframe.train import checkpoint
-from ulframe.train.loop import compile_model
+from ulframe.train.parallelize import compile_model
 from ulframe.train.settings import TrainSettings
 from ulframe_plugins.networks.decoders import UViTDecoder
 from ulframe_plugins.networks.encoders import ResNetEncoder
@@ -129,11 +129,14 @@ def test_a_compiled_run_trains_checkpoints_and_resumes_from_and_into_eager_runs(
     eager = checkpoint.load_latest(ckpts)
     eager_keys = sorted(eager["model"])
     # rewritten as a `torch.compile(model)` wrapper would write it (every key `_orig_mod.`...):
-    # the compiled run resumes it through `checkpoint.without_compile_prefix`
+    # the compiled run resumes it through `checkpoint.without_compile_prefix` (which
+    # `checkpoint.load` applies: `checkpoint.upgrade`)
     for part in ("model", "ema"):
         eager[part] = {f"{checkpoint.COMPILE_PREFIX}{k}": v for k, v in eager[part].items()}
     checkpoint.save(ckpts, 4, eager)
-    assert all(k.startswith("_orig_mod.") for k in checkpoint.load_latest(ckpts)["model"])
+    written = torch.load(checkpoint.list_checkpoints(ckpts)[-1], weights_only=True)
+    assert all(k.startswith("_orig_mod.") for k in written["model"])
+    assert sorted(checkpoint.load_latest(ckpts)["model"]) == eager_keys
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

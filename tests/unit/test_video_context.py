@@ -119,6 +119,13 @@ def test_a_continuation_changes_when_only_the_context_changes(built) -> None:
     assert torch.equal(first, again)  # the same context and seed: the same continuation
     assert torch.equal(first[:, :, :CONTEXT], a[:, :, :CONTEXT])  # the given frames, as given
     assert not torch.allclose(first[:, :, CONTEXT:], other[:, :, CONTEXT:], atol=1e-3)
+    # and the base model itself reads the context (not only the kept latent steps): its
+    # prediction for the same noisy latent differs between the two contexts
+    z_t = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(1))
+    logsnr = torch.zeros(2)
+    eps_a = model.base_eps(z_t, logsnr, None, model.encode_context(a))
+    eps_b = model.base_eps(z_t, logsnr, None, model.encode_context(b))
+    assert not torch.allclose(eps_a[:, :, CONTEXT:], eps_b[:, :, CONTEXT:], atol=1e-4)
 
 
 def test_the_decoder_gets_the_context_latent_steps_noised_to_the_latent_logsnr(

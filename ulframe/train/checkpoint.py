@@ -7,6 +7,10 @@ arbitrary unpickling, is reported and the previous checkpoint is used. The sidec
 whether every tensor is finite: a non-finite checkpoint is never resumed from, and pruning always
 keeps the newest finite one.
 
+The layout of a checkpoint (its keys, `FORMAT`, and `FORMAT_VERSION`) is defined here, once:
+`ulframe.train.state.TrainState` writes it (`state_dict()`) and reads it (`load_state_dict()`);
+`upgrade` turns a checkpoint of an older version into the current one (`load` applies it).
+
 Every checkpoint also holds the full gin config of the run that wrote it (`config`) and its
 SHA-256 (`config_sha256`); a resume under a different config is refused (`ConfigChangedError`,
 with a unified diff) unless the user passes `--allow-config-change`.
@@ -29,6 +33,43 @@ if TYPE_CHECKING:
     from ulframe.protocols import BuildContext
 
 log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""The version of the checkpoint layout, under the key "format". Version 0: the checkpoints
+written before it had a version (the same keys, without "format"); `upgrade` reads them."""
+FORMAT: dict[str, str] = {
+    "format": "FORMAT_VERSION",
+    "model": "the training model's full (unsharded) state dict",
+    "ema": "the EMA model's state dict (weights and buffers), the weights evaluation uses",
+    "optimizer": "the optimizer's full state dict",
+    "loader": "this rank's training loader position (each rank writes its own file)",
+    "samples_seen": "the training samples the weights have seen (int)",
+    "stage": "the stage's name",
+    "config": "the full gin config of the run",
+    "config_sha256": "its SHA-256",
+}
+"""Every key of a checkpoint, with what it holds. Model and EMA keys never hold torch.compile's
+`_orig_mod.` (`without_compile_prefix`). Only "samples_seen" is required: other writers (e.g.
+benchmarks) save a partial checkpoint, e.g. with "ema" alone."""
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """`state`, a checkpoint of any known version, in the current layout (`FORMAT`): version 0
+    gains "format"; model and EMA keys lose any compile prefix. Raises ValueError for a version
+    newer than this code knows."""
+    version = state.get("format", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint format {version!r} is newer than this ulframe's ({FORMAT_VERSION})"
+        )
+    state = dict(state)
+    for key in ("model", "ema"):
+        if isinstance(state.get(key), dict):
+            state[key] = without_compile_prefix(state[key])
+    state["format"] = FORMAT_VERSION
+    return state
+
+
 PATTERN = "ckpt-{samples:012d}.pt"
 CHECKPOINTS = "checkpoints"  # a stage's checkpoint folder, under stages/<name>/
 
@@ -81,7 +122,7 @@ def load_stage_ema(
             "weights from: train it first with `ulframe run`"
         )
     try:
-        model.load_state_dict(without_compile_prefix(state["ema"]))
+        model.load_state_dict(state["ema"])
     except RuntimeError as err:  # shapes differ: not the config the stage was trained with
         first = str(err).strip().splitlines()[-1].strip()
         raise ConfigError(
@@ -179,7 +220,8 @@ def newest_finite(directory: Path) -> Path | None:
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one checkpoint, verifying its checksum; raises ValueError when it is not valid."""
+    """Load one checkpoint, verifying its checksum, in the current layout (`upgrade`); raises
+    ValueError when it is not valid."""
     meta = sidecar(path)
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
@@ -192,7 +234,10 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise ValueError(f"{path.name}: refused to load ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or "samples_seen" not in state:
         raise ValueError(f"{path.name}: not a checkpoint (no samples_seen)")
-    return state
+    try:
+        return upgrade(state)
+    except ValueError as err:
+        raise ValueError(f"{path.name}: {err}") from err
 
 
 def load_latest(

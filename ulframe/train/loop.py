@@ -29,9 +29,13 @@ from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
 from ulframe.protocols import BuildContext, EvalReport
 from ulframe.registry import naming_plugins
 from ulframe.rundir import MetricsFile
-from ulframe.train import checkpoint, distributed, perf
+from ulframe.train import checkpoint, distributed, parallelize, perf
 from ulframe.train.distributed import World
 from ulframe.train.optim import EMA
+from ulframe.train.parallelize import checkpoint_activations as checkpoint_activations
+from ulframe.train.parallelize import checkpointed_blocks as checkpointed_blocks
+from ulframe.train.parallelize import compile_model as compile_model
+from ulframe.train.state import TrainState
 
 log = logging.getLogger(__name__)
 DONE_FILE = "DONE.json"
@@ -149,31 +153,17 @@ class _Evaluator:
         return scalars
 
 
-def _checkpoint(
-    info: StageInfo, ctx: RunContext, trainer: Trainer, loader: Any, samples_seen: int
-) -> None:
-    trainer.ema.sync()  # a sharded average is gathered (every rank takes part)
-    model_state, opt_state = distributed.training_state(trainer.model, trainer.opt)
-    state = {
-        "model": checkpoint.without_compile_prefix(model_state),
-        "ema": checkpoint.without_compile_prefix(trainer.ema.model.state_dict()),
-        "optimizer": opt_state,
-        "loader": loader.state_dict(),
-        "samples_seen": samples_seen,
-        "stage": info.name,
-        "config": ctx.config,
-        "config_sha256": checkpoint.config_digest(ctx.config),
-    }
+def _checkpoint(info: StageInfo, ctx: RunContext, state: TrainState, keep: int) -> None:
+    """Save `state` (every rank takes part: a sharded state is gathered)."""
+    saved = state.state_dict()
     # Every rank's loader state lives in its own file; rank 0 writes the shared rest.
     world = ctx.world
     if world.is_main or world.world_size > 1:
         directory = checkpoint.checkpoint_dir(info.stage_dir, world.rank, world.world_size)
-        path = checkpoint.save(
-            directory, samples_seen, state, keep=trainer.settings.keep_checkpoints
-        )
+        path = checkpoint.save(directory, state.samples_seen, saved, keep=keep)
         if world.is_main:
             ctx.hooks.hook.ulframe_checkpoint_saved(
-                run=ctx.info, stage=info, path=path, samples_seen=samples_seen
+                run=ctx.info, stage=info, path=path, samples_seen=state.samples_seen
             )
 
 
@@ -227,122 +217,17 @@ class Trainer:
     def build(
         cls, model: torch.nn.Module, settings: Any, world: World, seed: int = 0, **kw: Any
     ) -> Trainer:
-        """EMA, the DDP/FSDP wrapper, activation checkpointing
-        (`settings.activation_checkpointing`), torch.compile (`settings.compile`) and the
-        optimizer (on the trainable parameters) of `model`."""
+        """The EMA (an eager copy of `model`), `model` transformed for training
+        (`parallelize.parallelize`: wrapped, activation checkpointing, compiled), the optimizer
+        (on the trainable parameters) and the autocast (`parallelize.autocast`, unless given)."""
         ema = EMA(model, settings.ema_halflife_samples)  # an eager copy: evaluation runs it
-        wrapped = distributed.wrap(model, world, settings.parallelism)
+        wrapped = parallelize.parallelize(model, world, settings)
         if distributed.is_sharded(model):
             ema.track_sharded(model)
-        checkpoint_activations(model, getattr(settings, "activation_checkpointing", "off"))
-        compile_model(model, getattr(settings, "compile", "off"))
         params = [p for p in model.parameters() if p.requires_grad]  # (sharded ones under FSDP)
         opt = settings.build_optimizer(params)
-        autocast = torch.autocast(
-            world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
-        )
-        return cls(model, wrapped, ema, opt, params, settings, world, seed, autocast=autocast, **kw)
-
-
-_CHECKPOINTED: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-
-def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """`forward` (a block class's forward function) under non-reentrant activation
-    checkpointing: only the block's inputs are saved, its forward runs again in backward.
-
-    One function per block class, each with its own code object: torch.compile caches (and
-    limits recompilations) per code object, so compiled blocks (FSDP) are cached per class as
-    without checkpointing, not all in one cache of a shared wrapper."""
-    if forward not in _CHECKPOINTED:
-        from torch.utils.checkpoint import checkpoint
-
-        def checkpointed(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            return checkpoint(forward.__get__(self), *args, use_reentrant=False, **kwargs)
-
-        name = f"{forward.__qualname__}_checkpointed".replace(".", "_")
-        code = checkpointed.__code__.replace(co_name=name, co_qualname=name)
-        checkpointed.__code__ = code
-        checkpointed.__name__ = checkpointed.__qualname__ = name
-        _CHECKPOINTED[forward] = checkpointed
-    return _CHECKPOINTED[forward]
-
-
-def checkpoint_activations(model: torch.nn.Module, mode: str) -> list[str]:
-    """Activation checkpointing of `model`'s repeated blocks in place; the names checkpointed.
-
-    "blocks": every block `distributed.repeated_blocks` finds (the FSDP2 units: each block of
-    an nn.ModuleList) that has a trainable parameter and holds no other such block (frozen
-    networks, e.g. stage 2's stage-1 networks, are left alone) runs under
-    `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`: the forward keeps only the
-    block's inputs for backward, and backward runs the block's forward again. Only the block's
-    `forward` is replaced (by a method bound to it, which a deep copy rebinds to the copy): the
-    modules, their parameters and their state-dict keys stay as they are, FSDP2's hooks (on
-    the module's call) stay outside the checkpointed region, and torch.compile traces the
-    checkpoint (after this: `compile_model`). Call it after copying the model for the EMA,
-    which stays plain."""
-    if mode == "off":
-        return []
-    inner = checkpointed_blocks(model)
-    for _, block in inner:
-        forward = _checkpointed(type(block).forward).__get__(block)  # a deep copy rebinds it
-        block.forward = forward  # type: ignore[method-assign]
-    names = [name for name, _ in inner]
-    log.info("activation checkpointing (%s): %d blocks", mode, len(names))
-    return names
-
-
-def checkpointed_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The blocks `checkpoint_activations` checkpoints, with their names: the repeated blocks
-    (`distributed.repeated_blocks`) with a trainable parameter that hold no other such block."""
-    trainable = [
-        (name, block)
-        for name, block in distributed.repeated_blocks(model)
-        if any(p.requires_grad for p in block.parameters())
-    ]
-    return [
-        (name, block)
-        for name, block in trainable
-        if not any(other is not block and _contains(block, other) for _, other in trainable)
-    ]
-
-
-def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
-
-
-def compile_model(model: torch.nn.Module, mode: str) -> list[str]:
-    """torch.compile the forward of `model`'s networks in place; the names compiled.
-
-    "networks": every top-level child module with parameters (encoder, prior, decoder...);
-    "step": `model` itself (the stage's whole forward, its loss included). Under FSDP both
-    compile each sharded block instead (`distributed.sharded_blocks`, torchtitan's recipe): FSDP's
-    hooks (all-gather, reduce-scatter) stay outside the compiled code. Only `forward` is
-    replaced: the modules, their parameters (shared with the optimizer and the EMA) and their
-    state-dict keys stay as they are. Call it after `distributed.wrap` and after copying the
-    model (a copy would share the compiled forward of the original)."""
-    if mode == "off":
-        return []
-    if distributed.is_sharded(model):
-        units = distributed.sharded_blocks(model)
-    elif mode == "step":
-        units = [("", model)]
-    else:
-        units = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
-    # Blocks of one class share their forward's code, and dynamo counts each differently shaped
-    # block as a recompile of it: without room for one graph per block, the blocks past the
-    # limit (8 by default) would silently run eager. (`recompile_limit` is torch >= 2.7's name of
-    # `cache_size_limit`.)
-    import torch._dynamo.config as dynamo_config
-
-    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, key, max(getattr(dynamo_config, key), len(units)))
-    for _, module in units:
-        module.forward = torch.compile(module.forward)  # type: ignore[method-assign]
-    names = [name or type(model).__name__ for name, _ in units]
-    shown = ", ".join(names) if len(names) <= 8 else f"{len(names)} sharded blocks"
-    log.info("torch.compile (%s): %s", mode, shown)
-    return names
+        kw.setdefault("autocast", parallelize.autocast(settings, world.device))
+        return cls(model, wrapped, ema, opt, params, settings, world, seed, **kw)
 
 
 def probe_batch(source: Any, size: int = 2, tries: int = 16) -> dict[str, torch.Tensor] | None:
@@ -545,11 +430,15 @@ def train_stage(
     stage_dir.mkdir(parents=True, exist_ok=True)
     trainer, loaders, eval_batches = _build(stage, dataset, stage_dir, previous, ctx)
     ckpt_dir = checkpoint.checkpoint_dir(stage_dir, world.rank, world.world_size)
-    samples_seen = _resume(stage, trainer, loaders[0], ckpt_dir, ctx)
+    state = TrainState(
+        trainer.model, trainer.ema, trainer.opt, loaders[0], stage=stage.name, config=ctx.config
+    )
+    _resume(stage, state, ckpt_dir, ctx)
     info = StageInfo(
-        stage.name, index, stage_dir, settings.train_samples, samples_seen, settings.batch_size,
-        world.is_main,
+        stage.name, index, stage_dir, settings.train_samples, state.samples_seen,
+        settings.batch_size, world.is_main,
     )  # fmt: skip
+    keep = settings.keep_checkpoints
     ctx.info.operative_config = ctx.operative_config()  # every factory has now been called
     ctx.hooks.hook.ulframe_stage_start(run=ctx.info, stage=info)
     ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=trainer.model)
@@ -563,43 +452,46 @@ def train_stage(
     try:
         with _stop_on_signals(ctx.stop):
             stopping = False
-            while samples_seen < settings.train_samples and not stopping:
+            while state.samples_seen < settings.train_samples and not stopping:
                 t0 = time.perf_counter()
                 batch = _to_device(next(batches), world.device)
                 t_data = time.perf_counter() - t0
-                before, after = samples_seen, samples_seen + settings.batch_size
+                before, after = state.samples_seen, state.samples_seen + settings.batch_size
                 log_due = _crossed(before, after, settings.log_every_samples)
-                result = train_step(trainer, batch, samples_seen, log_due)
+                result = train_step(trainer, batch, before, log_due)
                 stopping = result.stopping
                 if result.skipped is None:
-                    samples_seen = after
+                    state.samples_seen = after
                 else:  # a skipped step does not count: the stage trains one more
                     log.warning("stage %s: step skipped: %s", stage.name, result.skipped)
                 window.add(result, time.perf_counter() - t0, t_data)
                 if log_due and result.skipped is None:
-                    window.write(info, ctx, trainer, samples_seen, result.module_norms)
+                    window.write(info, ctx, trainer, state.samples_seen, result.module_norms)
                     window = _Window()
-                unfinished = samples_seen < settings.train_samples
-                if _crossed(before, samples_seen, settings.eval_every_samples) and unfinished:
+                unfinished = state.samples_seen < settings.train_samples
+                if _crossed(before, state.samples_seen, settings.eval_every_samples) and unfinished:
                     trainer.ema.sync()
-                    evaluate(trainer.ema.model, samples_seen)
-                if _crossed(before, samples_seen, settings.checkpoint_every_samples) and unfinished:
-                    _checkpoint(info, ctx, trainer, loaders[0], samples_seen)
+                    evaluate(trainer.ema.model, state.samples_seen)
+                if (
+                    _crossed(before, state.samples_seen, settings.checkpoint_every_samples)
+                    and unfinished
+                ):
+                    _checkpoint(info, ctx, state, keep)
             if stopping:  # pre-empted: save what we have and stop
                 signum = ctx.stop[0] if ctx.stop else signal.SIGTERM  # (another rank's signal)
                 raise StopRequested(
-                    f"stopped by signal {int(signum)} at {samples_seen} samples; "
+                    f"stopped by signal {int(signum)} at {state.samples_seen} samples; "
                     "checkpoint saved, re-run to resume"
                 )
     except StopTraining as err:  # StopRequested, or a hook: skipped steps changed no weight
-        _checkpoint(info, ctx, trainer, loaders[0], samples_seen)
+        _checkpoint(info, ctx, state, keep)
         if isinstance(err, StopRequested):
             raise
         raise StopTraining(
-            f"{err}; checkpoint saved at {samples_seen} samples; "
+            f"{err}; checkpoint saved at {state.samples_seen} samples; "
             f"last finite checkpoint: {_last_finite(ckpt_dir)}"
         ) from err
-    return _finish(info, ctx, trainer, loaders, evaluate, samples_seen, ckpt_dir)
+    return _finish(info, ctx, trainer, state, loaders, evaluate, ckpt_dir)
 
 
 def _build(
@@ -616,9 +508,7 @@ def _build(
     model = stage.build(build_ctx).to(world.device)
     # A stage may train on another Source built from the data (e.g. cached latents).
     train_source = stage.train_source(train_source)
-    autocast = torch.autocast(
-        world.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"
-    )
+    autocast = parallelize.autocast(settings, world.device)
     # Model FLOPs per example, once (eager, before wrapping), on two examples of the stage's data;
     # the peak they are compared with: given, or the matmul probe. Only when MFU is logged.
     flops, peak = 0.0, 0.0
@@ -629,7 +519,9 @@ def _build(
         if flops:
             dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
             peak = settings.peak_flops or perf.matmul_rate(world.device, dtype)
-    trainer = Trainer.build(model, settings, world, ctx.seed, stop=ctx.stop, name=stage.name)
+    trainer = Trainer.build(
+        model, settings, world, ctx.seed, stop=ctx.stop, name=stage.name, autocast=autocast
+    )
     trainer.flops_per_example, trainer.peak_flops = flops, peak
     loader = build_loader(
         train_source, batch_size=per_rank, rank=world.rank, world_size=world.world_size,
@@ -645,43 +537,36 @@ def _build(
     return trainer, (loader, eval_loader), eval_batches
 
 
-def _resume(stage: Any, trainer: Trainer, loader: Any, ckpt_dir: Path, ctx: RunContext) -> int:
-    """Restore the newest checkpoint valid on every rank (model, optimizer, EMA, loader);
-    commit the run files; the samples seen."""
-    samples_seen = 0
-    state = _restore(ckpt_dir, ctx.world)
-    if state is not None:
+def _resume(stage: Any, state: TrainState, ckpt_dir: Path, ctx: RunContext) -> None:
+    """Restore `state` from the newest checkpoint valid on every rank; commit the run files."""
+    saved = _restore(ckpt_dir, ctx.world)
+    if saved is not None:
         checkpoint.check_config(
-            state.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
+            saved.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
         )
-        model_state = checkpoint.without_compile_prefix(state["model"])
-        ema_state = checkpoint.without_compile_prefix(state["ema"])
-        distributed.load_training_state(trainer.model, trainer.opt, model_state, state["optimizer"])
-        trainer.ema.load_full(ema_state)
-        trainer.ema.model.load_state_dict(ema_state)  # buffers too
-        loader.load_state_dict(state["loader"])
-        samples_seen = int(state["samples_seen"])
-        log.info("stage %s: resumed at %d samples", stage.name, samples_seen)
+        state.load_state_dict(saved)
+        log.info("stage %s: resumed at %d samples", stage.name, state.samples_seen)
     elif ckpt_dir.is_dir():
         log.warning("no valid checkpoint in %s; starting %s from 0", ckpt_dir, stage.name)
     ctx.commit()  # nothing refused this run: its config and command are now the workdir's
-    ctx.metrics.resume(stage.name, samples_seen, samples_seen >= stage.train.train_samples)
-    return samples_seen
+    done = state.samples_seen >= stage.train.train_samples
+    ctx.metrics.resume(stage.name, state.samples_seen, done)
 
 
 def _finish(
     info: StageInfo,
     ctx: RunContext,
     trainer: Trainer,
+    state: TrainState,
     loaders: tuple[Any, Any],
     evaluate: _Evaluator,
-    samples_seen: int,
     ckpt_dir: Path,
 ) -> dict[str, float]:
     """Final evaluation and checkpoint; DONE.json when the weights are finite."""
+    samples_seen = state.samples_seen
     trainer.ema.sync()
     final = evaluate(trainer.ema.model, samples_seen)
-    _checkpoint(info, ctx, trainer, loaders[0], samples_seen)
+    _checkpoint(info, ctx, state, trainer.settings.keep_checkpoints)
     _log_unreadable(info, ctx, {"train": loaders[0], "eval": loaders[1]}, samples_seen)
     if distributed.any_over_ranks([not _finite(trainer.model, trainer.ema.model)], ctx.world)[0]:
         raise NonFiniteError(

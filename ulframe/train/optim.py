@@ -77,6 +77,23 @@ class EMA(torch.nn.Module):
                 for name, shard in self._shards.items():
                     _local(shard).copy_(local_shard_of(full[name], shard))
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """The average, full: `self.model`'s state dict (weights and buffers, its keys, no
+        `model.` prefix); under a sharded model it is gathered first (`sync`: every rank must
+        call it)."""
+        self.sync()
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """The inverse of `state_dict`: `self.model`'s weights and buffers, and the local
+        shards of the average when it tracks a sharded model."""
+        del assign  # the average's tensors stay the ones the optimizer step updates
+        result = self.model.load_state_dict(state_dict, strict=strict)
+        self.load_full(dict(self.model.named_parameters()))
+        return result
+
     def _targets(self) -> list[torch.Tensor]:
         if self._shards is not None:
             return [_local(t) for t in self._shards.values()]
