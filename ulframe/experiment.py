@@ -5,11 +5,12 @@ Bound from gin as `Experiment.*`; see gin/quickstart.gin.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from ulframe.data.pipeline import Dataset
 from ulframe.errors import ConfigError
+from ulframe.protocols import Metric, Stage
 
 
 @dataclass
@@ -29,13 +30,13 @@ class Experiment:
             so a run does not need its weights file); None: `metrics.fd_photos` for images.
     """
 
-    stages: Sequence[Any]
-    dataset: Any
-    hooks: Sequence[Any] = field(default_factory=list)
+    stages: Sequence[Stage]
+    dataset: Dataset
+    hooks: Sequence[object] = field(default_factory=list)  # pluggy hook implementations
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
-    sample_metric: Any = None
+    sample_metric: Callable[..., Metric] | None = None
 
     def __post_init__(self) -> None:
         from ulframe.protocols import check_built

@@ -10,7 +10,9 @@ that name the file, the line and the closest valid names. A removed selector reg
 `retired(message)` still parses, and `load` stops a config that binds or references it with
 `message` (what replaced it).
 
-Library and plugin modules never import gin; they receive plain objects.
+Library and plugin modules never import gin; they receive plain objects. Only gin's public API
+is used here; what ulframe needs of gin beyond it (its bindings, its search path, its error texts)
+is in `ulframe.gin_adapter`, with the gin behaviours it relies on.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from typing import Any, TextIO
 
 import gin
 import gin.config
-import gin.config_parser
 import torch
 
+from ulframe import gin_adapter
 from ulframe.errors import ConfigError, UserError
 from ulframe.experiment import Experiment
 from ulframe.registry import KINDS, Registry, naming_plugins
@@ -107,7 +109,7 @@ def check_retired() -> None:
     gone = {s: o for s, o in _registered.items() if getattr(o, "retired", None) is not None}
     if not gone:
         return
-    for (scope, selector), params in gin.config._CONFIG.items():
+    for (scope, selector), params in gin_adapter.bindings().items():
         for name, value in params.items():
             obj = gone.get(selector)
             if obj is None:
@@ -134,12 +136,8 @@ def _bnb_optimizers() -> dict[str, Callable[..., Any]]:
 
 
 def _register_one(selector: str, obj: Callable[..., Any]) -> None:
-    module, _, name = selector.rpartition(".")
-    existing = gin.config._REGISTRY.get(selector)
-    if existing is not None and existing.wrapped is not obj:
-        # A different object under this name (tests build their own registries): replace it.
-        gin.config._REGISTRY.pop(selector)
-    gin.external_configurable(obj, name=name, module=module)
+    # A different object under this name (tests build their own registries) is replaced.
+    gin_adapter.replace_configurable(obj, selector)
     _registered[selector] = obj
 
 
@@ -165,18 +163,6 @@ _REGISTRY_FOR_HINTS: list[Registry | None] = [None]
 
 
 # ---- parsing and its errors --------------------------------------------------------------------
-_LOCATION_RE = re.compile(
-    r'In (?:file "(?P<file>[^"]+)", line (?P<line>\d+)|bindings string line (?P<bline>\d+))'
-)
-_NO_PARAM_RE = re.compile(
-    r"Configurable '(?P<conf>[^']+)' doesn't have a parameter named '(?P<param>[^']+)'"
-)
-_NO_CONF_RE = re.compile(r"No configurable matching (?:reference )?'@?(?P<sel>[^'()]+)(?:\(\))?'")
-_REQUIRED_RE = re.compile(
-    r"Required bindings for `(?P<conf>[^`]+)` not provided in config: \[(?P<names>[^\]]*)\]"
-)
-
-
 def _parameters(obj: Callable[..., Any]) -> list[str]:
     target = obj.__init__ if inspect.isclass(obj) else obj  # type: ignore[misc]
     try:
@@ -223,12 +209,12 @@ def _at(file: str | None, line: int | str, bindings: Sequence[str]) -> str:
 
 
 def _where(message: str, default_file: str | None, bindings: Sequence[str] = ()) -> str:
-    m = _LOCATION_RE.search(message)
-    if m is None:
+    at = gin_adapter.error_location(message)
+    if at is None:
         return f"{default_file}: " if default_file else ""
-    if m.group("file"):
-        return f"{m.group('file')}:{m.group('line')}: "
-    return _at(OVERRIDES, int(m.group("bline")), bindings)
+    if at.file is not None:
+        return f"{at.file}:{at.line}: "
+    return _at(OVERRIDES, at.line, bindings)
 
 
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
@@ -293,32 +279,28 @@ def explain(
             hint = _quote_hint(overrides[lineno - 1])
         return ConfigError(f"{loc}gin syntax error: {err.msg}{hint}")
     if isinstance(err, tokenize.TokenError):
-        args = err.args or getattr(err.__context__, "args", ())  # gin's proxies drop args
+        args = gin_adapter.token_error_args(err)
         line = args[1][0] if len(args) > 1 else "?"
         reason = args[0] if args else "unexpected end of input"
         return ConfigError(
             f"{_at(file, line, bindings)}gin syntax error: {reason} (unclosed bracket?)"
         )
-    if m := _NO_PARAM_RE.search(msg):
-        obj = _lookup(m.group("conf"))
+    if unknown := gin_adapter.unknown_parameter(msg):
+        conf, param = unknown
+        obj = _lookup(conf)
         valid = _parameters(obj) if obj else []
-        hint = _suggest(m.group("param"), valid) or (
-            f" Valid: {', '.join(valid)}." if valid else ""
-        )
-        return ConfigError(
-            f"{where}'{m.group('conf')}' has no parameter '{m.group('param')}'.{hint}"
-        )
-    if m := _NO_CONF_RE.search(msg):
-        sel = m.group("sel")
+        hint = _suggest(param, valid) or (f" Valid: {', '.join(valid)}." if valid else "")
+        return ConfigError(f"{where}'{conf}' has no parameter '{param}'.{hint}")
+    if sel := gin_adapter.unknown_configurable(msg):
         short = {s.split(".")[-1] for s in _registered} | set(_registered)
         hint = _broken_hint(sel) or _suggest(sel.split("/")[-1], short)
         return ConfigError(
             f"{where}unknown configurable '{sel}'.{hint} (`ulframe plugins` lists them)"
         )
-    if m := _REQUIRED_RE.search(msg):
-        names = m.group("names").replace("'", "")
+    if required := gin_adapter.missing_required(msg):
+        conf, names = required
         return ConfigError(
-            f"missing required parameter(s) of {m.group('conf')}: {names} (bind them in a gin file or with --gin.NAME=VALUE)"
+            f"missing required parameter(s) of {conf}: {', '.join(names)} (bind them in a gin file or with --gin.NAME=VALUE)"
         )
     return ConfigError(f"{where}{first}")
 
@@ -354,11 +336,10 @@ def _open_gin_file(path: str) -> Iterator[TextIO]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read gin file ({err})") from err
     _sources.append((path, text))
-    prefixes = gin.config._LOCATION_PREFIXES
-    prefixes.insert(0, os.path.dirname(os.path.abspath(path)))
     _including.append(real)
     try:
-        yield _NamedText(text, path)
+        with gin_adapter.search_path_first(os.path.dirname(os.path.abspath(path))):
+            yield _NamedText(text, path)
     except (tokenize.TokenError, SyntaxError) as err:
         # As a SyntaxError it keeps naming this file when it is included (gin passes
         # SyntaxErrors through includes untouched, and hides other errors' arguments).
@@ -371,14 +352,11 @@ def _open_gin_file(path: str) -> Iterator[TextIO]:
         line = err.args[1][0] if len(err.args) > 1 else None
         raise SyntaxError(f"{err.args[0]} (unclosed bracket?)", (path, line, 0, "")) from err
     finally:
-        prefixes.pop(0)
         _including.pop()
 
 
 def _install_gin_file_reader() -> None:
-    readers = gin.config._FILE_READERS
-    if not readers or readers[0][0] is not _open_gin_file:
-        readers.insert(0, (_open_gin_file, os.path.isfile))
+    gin_adapter.read_files_with(_open_gin_file, os.path.isfile)
 
 
 def parse(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None:
@@ -415,20 +393,6 @@ _locations: dict[tuple[str, str, str], str] = {}
 _macro_uses: list[tuple[str, str]] = []
 
 
-class _Recorder(gin.config_parser.ParserDelegate):
-    """A parser delegate that only notes the macros a statement uses."""
-
-    def __init__(self) -> None:
-        self.macros: list[str] = []
-
-    def configurable_reference(self, scoped_configurable_name: str, evaluate: bool) -> Any:
-        return _REFERENCE
-
-    def macro(self, macro_name: str) -> Any:
-        self.macros.append(macro_name)
-        return _REFERENCE
-
-
 _REFERENCE = object()  # a value that is a reference: its type is not checked
 
 
@@ -440,25 +404,21 @@ def _index(bindings: Sequence[str]) -> None:
     sources = iter(_sources)  # in the order gin opened them: depth first
 
     def walk(file: str, text: str) -> None:
-        recorder = _Recorder()
         try:
-            statements = list(gin.config_parser.ConfigParser(text, recorder))
+            for st in gin_adapter.statements(text):
+                if st.include:
+                    walk(*next(sources, (file, "")))
+                    continue
+                where = _at(file, st.line, bindings)
+                _macro_uses.extend((name, where) for name in st.macros)
+                if not st.arg_name:
+                    macro = f"{st.scope}/{st.selector}" if st.scope else st.selector
+                    _locations[(macro, "gin.macro", "value")] = where
+                else:
+                    selector = _complete_selector(st.scope, st.selector, st.arg_name)
+                    _locations[(st.scope, selector, st.arg_name)] = where
         except Exception:  # gin parsed it already; a location is only a nicety
             return
-        for st in statements:
-            if isinstance(st, gin.config_parser.IncludeStatement):
-                walk(*next(sources, (file, "")))
-                continue
-            where = _at(file, st.location.line_num, bindings)
-            _macro_uses.extend((name, where) for name in recorder.macros)
-            recorder.macros.clear()
-            if isinstance(st, gin.config_parser.BindingStatement) and not st.arg_name:
-                macro = f"{st.scope}/{st.selector}" if st.scope else st.selector
-                _locations[(macro, "gin.macro", "value")] = where
-            elif isinstance(st, gin.config_parser.BindingStatement):
-                conf = gin.config._REGISTRY.get_match(st.selector)
-                selector = conf.selector if conf is not None else st.selector
-                _locations[(st.scope, selector, st.arg_name)] = where
 
     for file, text in sources:
         walk(file, text)
@@ -484,8 +444,27 @@ def _location(scope: str, selector: str, param: str, value: Any = None) -> str:
     return _locations.get(key, "")
 
 
+def _complete_selector(scope: str, selector: str, param: str) -> str:
+    """The selector gin stores a binding of `selector` (maybe partial, `resnet`) under."""
+    try:
+        return gin.config.ParsedBindingKey.parse((scope, selector, param)).complete_selector
+    except ValueError:
+        return selector
+
+
 def _bound(key: tuple[str, str, str]) -> Any:
-    return gin.config._CONFIG.get(key[:2], {}).get(key[2], _REFERENCE)
+    """The value bound to (scope, selector, parameter) as parsed (macros and references not
+    resolved), `_REFERENCE` when none is."""
+    scope, selector, param = key
+    try:
+        found = gin.get_bindings(
+            f"{scope}/{selector}" if scope else selector,
+            resolve_references=False,
+            inherit_scopes=False,
+        )
+    except ValueError:
+        return _REFERENCE
+    return found.get(param, _REFERENCE)
 
 
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -493,7 +472,7 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except (ValueError, TypeError) as err:
-        if _REQUIRED_RE.search(str(err)) or _NO_CONF_RE.search(str(err)):
+        if gin_adapter.missing_required(str(err)) or gin_adapter.unknown_configurable(str(err)):
             raise explain(err) from err
         raise
 
@@ -521,9 +500,6 @@ def registered() -> dict[str, Callable[..., Any]]:
     return dict(_registered)
 
 
-_REF_RE = re.compile(r"@(?P<sel>(?:\w+/)*[\w.]+)(?P<call>\(\))?")
-
-
 def check_required() -> None:
     """Every parameter without a default, of everything the config references, must be bound.
 
@@ -534,17 +510,17 @@ def check_required() -> None:
     from ulframe.protocols import SUPPLIED_BY_ENGINE
 
     bound: dict[str, set[str]] = {}
-    for (_scope, selector), params in gin.config._CONFIG.items():
-        bound.setdefault(selector, set()).update(params)
+    for (_scope, selector), names in gin_adapter.bindings().items():
+        bound.setdefault(selector, set()).update(names)
         lazy = _registered.get(selector)
         if isinstance(lazy, LazyOptimizer):  # gin could not check these names (see LazyOptimizer)
             valid = _parameters(lazy.target())
-            for name in sorted(set(params) - set(valid)):
+            for name in sorted(set(names) - set(valid)):
                 hint = _suggest(name, valid) or f" Valid: {', '.join(valid)}."
                 raise ConfigError(f"'{selector}' has no parameter '{name}'.{hint}")
     missing: list[str] = []
-    for m in _REF_RE.finditer(gin.config_str()):
-        selector = m.group("sel").split("/")[-1]
+    for ref in gin.config.iterate_references(gin_adapter.bindings()):
+        selector = ref.configurable.selector  # complete (`ref.selector` is as written)
         obj = _lookup(selector)
         if obj is None:
             continue
@@ -562,7 +538,7 @@ def check_required() -> None:
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
             and p.name != "self"
         }
-        if not m.group("call"):
+        if not ref.evaluate:
             needed -= SUPPLIED_BY_ENGINE.get(kind, set())
         missing += [f"{full}.{n}" for n in sorted(needed - bound.get(full, set()))]
     if missing:
@@ -576,14 +552,14 @@ def check_required() -> None:
 def check_values() -> None:
     """Every `%MACRO` used is defined, and every bound value has its parameter's annotated type
     (int, float, bool, str, None, Literal, tuples and lists of them); `file:line` in errors."""
-    defined = {scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"}
+    defined = {scope for scope, selector in gin_adapter.bindings() if selector == "gin.macro"}
     for name, where in _macro_uses:
-        if name not in defined and not gin.config._CONSTANTS.matching_selectors(name):
+        if name not in defined and not gin_adapter.is_constant(name):
             raise ConfigError(
                 f"{where}undefined macro %{name}: define it in a gin file (`{name} = ...`) "
                 f"or with --gin.{name}=VALUE"
             )
-    for (scope, selector), params in gin.config._CONFIG.items():
+    for (scope, selector), params in gin_adapter.bindings().items():
         hints = _type_hints(_registered.get(selector))
         for name, value in params.items():
             expected = hints.get(name)
@@ -621,7 +597,7 @@ def _resolved(value: Any, depth: int = 0) -> Any:
             key = ("/".join(value.scopes), "gin.macro")
             if depth > 16:
                 raise ConfigError(f"{_location(*key, 'value')}macro %{key[0]} refers to itself")
-            return _resolved(gin.config._CONFIG.get(key, {}).get("value", _REFERENCE), depth + 1)
+            return _resolved(_bound((*key, "value")), depth + 1)
         return _REFERENCE
     if isinstance(value, list | tuple):
         return type(value)(_resolved(v, depth) for v in value)
@@ -669,22 +645,17 @@ def _type_name(tp: Any) -> str:
     return _PLAIN.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-_CALL_RE = re.compile(
-    r"\n  In call to configurable '(?P<name>[^']+)' \((?P<obj>.*?)\)(?: in scope '(?P<scope>[^']*)')?"
-)
-
-
 def describe(err: BaseException) -> str:
     """The message of a `UserError` raised inside a gin-configured call, as one line: gin's
     "In call to configurable ..." lines become the plugin's name (and its scope) and, when the
     message names one of its parameters (`kind.name.param`), the file:line that binds it."""
     text = str(err)
-    calls = list(_CALL_RE.finditer(text))
+    calls = gin_adapter.configurable_calls(text)
     if not calls:
         return text
-    message = text[: calls[0].start()].strip()
-    name, scope = calls[0].group("name"), calls[0].group("scope") or ""
-    selector = _selector_called(name, calls[0].group("obj"))
+    message = text[: calls[0].start].strip()
+    name, scope = calls[0].name, calls[0].scope
+    selector = _selector_called(name, calls[0].obj)
     plugin = f"{scope}/{selector}" if scope else selector
     params = _parameters(_registered[selector]) if selector in _registered else []
     named = re.search(rf"\b{re.escape(name)}\.(\w+)", message)
@@ -728,7 +699,7 @@ def add_search_paths(folders: Sequence[str | Path]) -> None:
     """Folders where gin also looks up `include` lines (after the including file's folder and
     the working directory): `--gin-search-path`."""
     for folder in folders:
-        if str(folder) not in gin.config._LOCATION_PREFIXES:
+        if str(folder) not in gin_adapter.search_paths():
             gin.add_config_file_search_path(str(folder))
 
 

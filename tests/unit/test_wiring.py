@@ -15,7 +15,7 @@ import gin
 import gin.config
 import pytest
 
-from ulframe import wiring
+from ulframe import gin_adapter, wiring
 from ulframe.errors import ConfigError
 from ulframe.registry import DISABLE_ENV, ENABLE_ENV, KINDS, Registry
 from ulframe.train.settings import CONFIGURABLES
@@ -261,11 +261,54 @@ def test_nested_includes_resolve_relative_to_the_including_file(
     gin_file(tmp_path, "include 'leaf.gin'\nTRAIN_SAMPLES = 7\n", "exp/presets/mid.gin")
     gin_file(tmp_path, "SEED = 3\n", "exp/presets/leaf.gin")
     monkeypatch.chdir(tmp_path)  # neither folder is the working directory
-    before = list(gin.config._LOCATION_PREFIXES)
+    before = gin_adapter.search_paths()
     wiring.parse([Path("exp/main.gin")])
     assert gin.query_parameter("%SEED") == 3
     assert gin.query_parameter("%TRAIN_SAMPLES") == 7
-    assert gin.config._LOCATION_PREFIXES == before  # nothing leaks
+    assert gin_adapter.search_paths() == before  # nothing leaks
+
+
+def test_an_undefined_macro_is_named_at_the_line_that_uses_it(
+    wired: Registry, tmp_path: Path
+) -> None:
+    path = gin_file(tmp_path, f"""
+        include '{QUICKSTART}'
+        # a comment, then a binding without macros
+        stage1/TrainSettings.lr = 0.001
+        stage1/TrainSettings.grad_clip = %UNDEFINED_NAME
+    """)  # fmt: skip
+    wiring.parse([path])
+    with pytest.raises(ConfigError) as err:
+        wiring.check_values()
+    assert str(err.value) == (
+        f"{path}:4: undefined macro %UNDEFINED_NAME: define it in a gin file "
+        "(`UNDEFINED_NAME = ...`) or with --gin.UNDEFINED_NAME=VALUE"
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "allowed"),
+    [
+        ("precision", "'fp32', 'bf16'"),
+        ("parallelism", "'ddp', 'fsdp'"),
+        ("compile", "'off', 'networks', 'step'"),
+        ("activation_checkpointing", "'off', 'blocks'"),
+        ("nan_policy", "'skip', 'stop'"),
+    ],
+)
+def test_a_wrong_choice_of_an_enumerated_setting_is_one_line_with_file_line_and_choices(
+    wired: Registry, tmp_path: Path, setting: str, allowed: str
+) -> None:
+    path = gin_file(tmp_path, f"""
+        include '{QUICKSTART}'
+        stage1/TrainSettings.{setting} = 'fp16'
+    """)  # fmt: skip
+    wiring.parse([path])
+    with pytest.raises(ConfigError) as err:
+        wiring.check_values()
+    assert str(err.value) == (
+        f"{path}:2: stage1/TrainSettings.{setting}: expected one of {allowed}, got str 'fp16'"
+    )
 
 
 BROKEN_ENTRY_POINTS = {"ulframe.weightings": {"ghost": "ulframe_no_such_module.weighting:Ghost"}}

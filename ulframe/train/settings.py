@@ -4,18 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from ulframe.errors import ConfigError
 from ulframe.train.optim import warmup_constant, warmup_cosine
 from ulframe.wiring import retired
 
-PRECISIONS = ("fp32", "bf16")
-COMPILE_MODES = ("off", "networks", "step")
-ACTIVATION_CHECKPOINTING = ("off", "blocks")
-NAN_POLICIES = ("skip", "stop")
+# The enumerated settings: gin's values are checked against these types when the config loads
+# (`wiring.check_values`: file:line, the value and the allowed ones); `__post_init__` checks them
+# again for settings built in Python.
+Precision = Literal["fp32", "bf16"]
+Parallelism = Literal["ddp", "fsdp"]
+CompileMode = Literal["off", "networks", "step"]
+ActivationCheckpointing = Literal["off", "blocks"]
+NanPolicy = Literal["skip", "stop"]
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+PARALLELISMS: tuple[str, ...] = get_args(Parallelism)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+ACTIVATION_CHECKPOINTING: tuple[str, ...] = get_args(ActivationCheckpointing)
+NAN_POLICIES: tuple[str, ...] = get_args(NanPolicy)
 
 
 @dataclass
@@ -92,18 +103,18 @@ class TrainSettings:
     warmup_samples: int = 10_000
     grad_clip: float = 1.0
     ema_halflife_samples: int = 10_000
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     log_every_samples: int = 1_000
     eval_every_samples: int = 0
     eval_batches: int = 4
     checkpoint_every_samples: int = 0
     keep_checkpoints: int = 3
-    parallelism: str = "ddp"
-    compile: str = "off"
-    activation_checkpointing: str = "off"
+    parallelism: Parallelism = "ddp"
+    compile: CompileMode = "off"
+    activation_checkpointing: ActivationCheckpointing = "off"
     peak_flops: float = 0.0
     measure_mfu: bool = True
-    nan_policy: Literal["skip", "stop"] = "skip"
+    nan_policy: NanPolicy = "skip"
     max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
@@ -111,7 +122,7 @@ class TrainSettings:
             raise ConfigError(
                 f"TrainSettings.precision must be one of {PRECISIONS}, got {self.precision!r}"
             )
-        if self.parallelism not in ("ddp", "fsdp"):
+        if self.parallelism not in PARALLELISMS:
             raise ConfigError(
                 f"TrainSettings.parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}"
             )
@@ -139,7 +150,7 @@ class TrainSettings:
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
 
-    def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
+    def build_optimizer(self, params: ParamsT) -> torch.optim.Optimizer:
         return self.optimizer(params, lr=self.lr)
 
     def lr_at(self, samples_seen: int) -> float:
