@@ -449,7 +449,7 @@ class ULBase:
         stage1 = load_stage_ema(self.stage1, ctx, ctx.previous[self.source_stage])
         image_shape = tuple(ctx.example["x"].shape)
         latents = latent_model(stage1)
-        self.check_data(ctx.example)
+        self.check_clip_length(image_shape)  # the latent steps: below, on the built encoder
         latent_shape = tuple(latents.latent_shape)
         if self.context_latent_steps:
             self.check_latent_steps(image_shape, latent_shape[1] if len(latent_shape) == 4 else 0)
@@ -474,13 +474,18 @@ class ULBase:
         """ConfigError (one line) when `context_frames` does not fit the data's clips: it needs
         clips (C, T, H, W) with T > context_frames. Called before any stage trains."""
         shape = tuple(example["x"].shape)
+        self.check_clip_length(shape)
+        if self.context_latent_steps:
+            self.check_latent_steps(shape, _latent_frames(self.stage1, shape))
+
+    def check_clip_length(self, shape: tuple[int, ...]) -> None:
+        """ConfigError unless examples of `shape` are clips (C, T, H, W) with T > context_frames
+        (when the stage continues clips)."""
         if self.context_frames and not (len(shape) == 4 and self.context_frames < shape[1]):
             raise ConfigError(
                 f"ul_base.context_frames={self.context_frames} needs video clips (C, T, H, W) "
                 f"with more than {self.context_frames} frames; the data gives {shape}"
             )
-        if self.context_latent_steps:
-            self.check_latent_steps(shape, _latent_frames(self.stage1, shape))
 
     def check_latent_steps(self, shape: tuple[int, ...], latent_frames: int | None) -> None:
         """ConfigError unless the first `context_latent_steps` latent steps cover exactly the
