@@ -10,6 +10,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 WORKDIR ?= runs/quickstart
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core, each with one BLAS/OpenMP thread, so that the
+# processes do not oversubscribe the cores (docs/benchmarks.md, "Slowest tests").
+PYTEST_WORKERS ?= auto
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint install install-test clean docs
@@ -41,7 +44,7 @@ demo: install
 	$(BIN)/ulframe sample $(WORKDIR) -n 100
 
 test: install-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check ulframe plugins tests benchmarks

@@ -6,7 +6,7 @@
 The quickstart's two stages are built from gin/quickstart.gin (its networks, the digits,
 stage 1 at batch 16, stage 2 at batch 64 on latents the stage-1 encoder cached; `--quick`
 shrinks the networks to the test sizes at 16x16, batches 8 and 16). Each variant is a
-`ulframe.train.loop.Trainer` on its own copy of the same initial weights, stepped by the loop's
+`ulframe.train.step.Trainer` on its own copy of the same initial weights, stepped by the loop's
 own `train_step` on the same preloaded batches; the variants run interleaved round by round
 (A B C, C B A, ...), the first round is a warm-up (it compiles) and is dropped, and each is
 reported as the median over rounds of its mean wall time per step, with samples/s and MFU
@@ -51,8 +51,9 @@ from ulframe.data.pipeline import build_loader, first_example
 from ulframe.protocols import BuildContext
 from ulframe.train import checkpoint, perf
 from ulframe.train.distributed import World, pick_device
-from ulframe.train.loop import Trainer, count_example_flops, probe_batch, seed_for, train_step
+from ulframe.train.perf import count_example_flops, probe_batch
 from ulframe.train.settings import CONFIGURABLES
+from ulframe.train.step import Trainer, seed_for, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "gin" / "quickstart.gin"

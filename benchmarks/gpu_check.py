@@ -143,7 +143,8 @@ DEFAULT_BUDGET_S = 420.0  # under the 8 minutes of a first GPU run, with room to
 PLUGINS = (
     "encoders.resnet", "priors.vit", "decoders.uvit", "weightings.sigmoid",
     "schedules.cosine", "schedules.shifted_cosine", "samplers.ddim", "samplers.ancestral",
-    "stages.ul_joint", "stages.ul_base", "datasets.image_folder", "datasets.kinetics",
+    "samplers.dpmpp_2m", "samplers.heun", "samplers.unipc", "stages.ul_joint", "stages.ul_base",
+    "datasets.image_folder", "datasets.kinetics",
     "datasets.digits", "metrics.fvd_i3d", "metrics.fd_digits", "hooks.console",
 )  # fmt: skip
 WRAP_VARIANTS = ("ddp", "fsdp", "fsdp+compile")
@@ -599,7 +600,7 @@ def step_at(
     ctx: Context, exp: Experiment, index: int, compiled: bool, optimizer: Any, size: int
 ) -> dict[str, Any]:
     from ulframe.train.distributed import World
-    from ulframe.train.loop import Trainer
+    from ulframe.train.step import Trainer
 
     device = ctx.device
     key = f"{exp.key}/{index}/{size}"
@@ -652,7 +653,7 @@ def time_steps(
     ctx: Context, trainer: Any, batch: dict[str, torch.Tensor], size: int, flops: float
 ) -> dict[str, Any]:
     """Warm-up steps, then timed `train_step`s: speed, loss, peak memory, MFU."""
-    from ulframe.train.loop import train_step
+    from ulframe.train.step import train_step
 
     device, sizes = ctx.device, ctx.sizes
     t0 = time.perf_counter()
@@ -919,8 +920,8 @@ def wrap_worker(device: torch.device, backend: str, variants: Sequence[str]) -> 
 
     from ulframe.train import distributed
     from ulframe.train.distributed import World
-    from ulframe.train.loop import Trainer, train_step
     from ulframe.train.optim import EMA
+    from ulframe.train.step import Trainer, train_step
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -954,7 +955,7 @@ def wrap_worker(device: torch.device, backend: str, variants: Sequence[str]) -> 
                     ids = [device.index] if device.type == "cuda" else None
                     wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
                 if compiled:
-                    from ulframe.train.loop import compile_model
+                    from ulframe.train.parallelize import compile_model
 
                     with compile_backend(backend):
                         compile_model(model, "networks")

@@ -26,6 +26,17 @@ round first drains, untimed, what the loader prepared ahead while it was not bei
 CPU. The last line is ``loader/train ratio: X.XX`` = (a) / (b): how many times faster than the
 training step the loader delivers clips when it has the machine to itself; >= 5 on a 2-core
 machine means decoding needs at most ~1/5 of the CPU that training needs.
+
+(d) **shards vs folders**: the same videos written as a shard set (``ulframe shard``, i.e.
+``Shards.write_folder``), and ``--images`` JPEG photographs (``--image-size``, 4 class folders)
+written as a folder and as a shard set; for each, ``datasets.shards`` against the folder dataset
+(``datasets.kinetics``, ``datasets.image_folder``) with the same settings, through the same
+loader (the faster method of (a), ``--workers`` workers), in alternating rounds, then the CPU
+seconds per example of ``decode`` alone (every item, in this thread; unlike the loader's rate it
+does not depend on what else the machine runs). It prints ``shards/folder ratio (clips): X.XX
+(loader rate); Y.YY (decode CPU, folder/shards)`` and the same for images: >= 1 means shards
+are not slower. The files are in the page cache for both (just written): this measures what the
+format costs in opening and reading files, not the disk.
 """
 
 from __future__ import annotations
@@ -44,15 +55,18 @@ from typing import Any
 import av
 import numpy as np
 import torch
+from PIL import Image
 
 from ulframe import wiring
 from ulframe.data import build_loader
 from ulframe.protocols import BuildContext
 from ulframe.registry import Registry
-from ulframe.train.loop import seed_for
 from ulframe.train.settings import CONFIGURABLES
+from ulframe.train.step import seed_for
+from ulframe_plugins.datasets.image_folder import ImageFolder
 from ulframe_plugins.datasets.kinetics import Kinetics
 from ulframe_plugins.datasets.moving_photos import bounce, scaled_photographs
+from ulframe_plugins.datasets.shards import Shards
 from ulframe_plugins.stages.ul_joint import ULJointModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +130,23 @@ def write_videos(
     return total
 
 
+def write_images(root: Path, count: int, size: tuple[int, int], seed: int) -> int:
+    """``count`` JPEG crops of the photographs under root/train/<class>/; their total bytes."""
+    width, height = size
+    photos = scaled_photographs(2 * max(width, height))
+    rng = np.random.default_rng(seed)
+    total = 0
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        x = int(rng.integers(0, photo.shape[1] - width + 1))
+        y = int(rng.integers(0, photo.shape[0] - height + 1))
+        path = root / "train" / f"class{i % CLASSES}" / f"image{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo[y : y + height, x : x + width]).save(path, quality=90)
+        total += path.stat().st_size
+    return total
+
+
 # ---- (a) the loader ----------------------------------------------------------------------------
 
 
@@ -147,6 +178,33 @@ class LoaderBench:
         self.iterator = None
         del self.loader
         gc.collect()
+
+
+def shards_vs_folder(
+    folder: Any, shards: Any, batch_size: int, workers: int, method: str, batches: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """A folder Source against the shard Source of the same files, in alternating rounds
+    (folder first in even rounds): {"loader": examples/s through `build_loader`, "cpu": CPU
+    seconds per example of `decode` in this thread (every item, no loader)}, per source.
+
+    The CPU time is what the format costs, whatever else the machine runs; the loader's rate
+    is what training sees, noisy on a busy machine."""
+    sources = {"folder": folder, "shards": shards}
+    benches = {name: LoaderBench(s, batch_size, workers, method) for name, s in sources.items()}
+    out: dict[str, dict[str, list[float]]] = {"loader": {}, "cpu": {}}
+    for r in range(rounds):
+        for name in ("folder", "shards") if r % 2 == 0 else ("shards", "folder"):
+            out["loader"].setdefault(name, []).append(benches[name].round(batches))
+    for bench in benches.values():
+        bench.close()
+    for r in range(rounds):
+        for name in ("folder", "shards") if r % 2 == 0 else ("shards", "folder"):
+            source = sources[name]
+            t0 = time.process_time()
+            for item in source.items:
+                source.decode(item)
+            out["cpu"].setdefault(name, []).append((time.process_time() - t0) / len(source.items))
+    return out
 
 
 # ---- (b) the training step ---------------------------------------------------------------------
@@ -238,6 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="alternating rounds (default 3; 2 quick)")
     parser.add_argument("--preset", type=Path, default=PRESET, help="gin preset of the networks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 keeps)")
+    parser.add_argument("--images", type=int, help="(d): JPEG images written (default 512; 128)")
+    parser.add_argument(
+        "--image-size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"),
+        help="(d): size of the written images (default 320 240)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--image-resolution", type=int, default=64, help="(d): image side decoded (default 64)"
+    )
+    parser.add_argument(
+        "--image-batch-size", type=int, default=32, help="(d): images per batch (default 32)"
+    )
     args = parser.parse_args(argv)
     videos = args.videos or (16 if args.quick else 64)
     batches = args.batches or (6 if args.quick else 16)
@@ -297,6 +366,29 @@ def main(argv: list[str] | None = None) -> int:
         for bench in loaders.values():
             bench.close()
 
+        # (d) the same files as shard sets, against their folders
+        compared: dict[str, tuple[list[float], list[float]]] = {}
+        clip_kwargs = {
+            "num_frames": args.num_frames, "frame_stride": args.frame_stride,
+            "resolution": args.resolution, "decoder_threads": args.decoder_threads,
+        }  # fmt: skip
+        Shards.write_folder(root, Path(tmp) / "video-shards", max_bytes=2**30, workers=2)
+        clip_shards = Shards(root=str(Path(tmp) / "video-shards"), **clip_kwargs).source("train")
+        compared["clips"] = shards_vs_folder(
+            source, clip_shards, args.batch_size, args.workers, best, batches, rounds
+        )
+        images = args.images or (128 if args.quick else 512)
+        image_root = Path(tmp) / "images"
+        (image_root / "val").mkdir(parents=True)
+        image_bytes = write_images(image_root, images, tuple(args.image_size), SEED)
+        Shards.write_folder(image_root, Path(tmp) / "image-shards", max_bytes=2**30, workers=2)
+        image_kwargs = {"resolution": args.image_resolution, "random_crop": True}
+        compared["images"] = shards_vs_folder(
+            ImageFolder(root=str(image_root), **image_kwargs).source("train"),
+            Shards(root=str(Path(tmp) / "image-shards"), **image_kwargs).source("train"),
+            args.image_batch_size, args.workers, best, batches, rounds,
+        )  # fmt: skip
+
     print(
         f"stage-1 model: {args.preset.relative_to(ROOT) if args.preset.is_relative_to(ROOT) else args.preset}"
         f" networks, {params / 1e6:.2f}M parameters, x {tuple(example['x'].shape)}, "
@@ -324,6 +416,26 @@ def main(argv: list[str] | None = None) -> int:
         f"({100 * fed / train_rate:.0f}% of the rate on preloaded batches; noisy on a busy "
         "machine)"
     )
+    image_width, image_height = args.image_size
+    print(
+        f"(d) {images} JPEG images ({image_width}x{image_height}, {image_bytes / 2**20:.1f} MiB), "
+        f"random {args.image_resolution}x{args.image_resolution} crops, batch "
+        f"{args.image_batch_size}; {args.workers} {best} workers, medians of {rounds} rounds of "
+        f"{batches} batches"
+    )
+    for what, measured in compared.items():
+        rate = {name: statistics.median(v) for name, v in measured["loader"].items()}
+        cpu = {name: statistics.median(v) for name, v in measured["cpu"].items()}
+        print(
+            f"{what}: loader " + ", ".join(
+                f"{name} {rate[name]:.1f}/s (min {min(v):.1f}, max {max(v):.1f})"
+                for name, v in measured["loader"].items()
+            ) + "; decode CPU " + ", ".join(f"{name} {1e3 * cpu[name]:.2f} ms" for name in cpu)
+        )  # fmt: skip
+        print(
+            f"shards/folder ratio ({what}): {rate['shards'] / rate['folder']:.2f} (loader rate); "
+            f"{cpu['folder'] / cpu['shards']:.2f} (decode CPU, folder/shards)"
+        )
     ratio = loader_rate / train_rate if train_rate > 0 else math.inf
     print(f"loader/train ratio: {ratio:.2f}")
     return 0

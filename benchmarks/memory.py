@@ -16,7 +16,7 @@ nothing is computed:
    for backward that is not a parameter (activations, and the bf16 copies of the weights that
    autocast keeps for backward). Run at batch 1 and at the per-GPU batch: activation bytes per
    example, and the part that does not grow with the batch. Then again with activation
-   checkpointing (`ulframe.train.loop.checkpoint_activations(model, "blocks")`, what
+   checkpointing (`ulframe.train.parallelize.checkpoint_activations(model, "blocks")`, what
    `TrainSettings.activation_checkpointing = 'blocks'` does), plus the largest checkpointed
    block's own saved bytes (held again while backward recomputes it). Both are printed; the
    one-GPU estimate (`single_gpu_bytes`) follows what the stage configures.
@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from ulframe.train.loop import checkpoint_activations, checkpointed_blocks
+from ulframe.train.parallelize import checkpoint_activations, checkpointed_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("gin/ul_imagenet512.gin", "gin/ul_kinetics.gin")

@@ -22,7 +22,7 @@ warm-up and is dropped), and each is reported as the median over rounds of its m
   generator, the UL loss written inline with torch only (docs/method.md, "Stage 1"), AdamW,
   clipping, the same warm-up of the learning rate and an EMA of the weights
   (``torch._foreach_lerp_``).
-- ``ulframe step, no loader``: the loop's own step function, ``ulframe.train.loop.train_step``
+- ``ulframe step, no loader``: the loop's own step function, ``ulframe.train.step.train_step``
   (on a ``Trainer`` built as ``train_stage`` builds it), called on the preloaded batches: it
   separates the cost of the data pipeline from that of the model, loss record, seeding and EMA.
 
@@ -57,8 +57,9 @@ from ulframe.hookspecs import RunInfo, hookimpl, plugin_manager
 from ulframe.protocols import BuildContext, EvalReport
 from ulframe.rundir import MetricsFile
 from ulframe.train.distributed import World, pick_device
-from ulframe.train.loop import RunContext, Trainer, seed_for, train_stage, train_step
+from ulframe.train.loop import RunContext, train_stage
 from ulframe.train.settings import TrainSettings
+from ulframe.train.step import Trainer, seed_for, train_step
 from ulframe_plugins.datasets.photos import Photos
 from ulframe_plugins.networks.decoders import UViTDecoder
 from ulframe_plugins.networks.encoders import ResNetEncoder
@@ -273,7 +274,7 @@ class Bench:
         return window / self.steps
 
     def ulframe_step_no_loader(self, round_index: int) -> Clock:
-        """`ulframe.train.loop.train_step` (the loop's own step) on preloaded batches."""
+        """`ulframe.train.step.train_step` (the loop's own step) on preloaded batches."""
         settings = make_stage(self.size, self.batch_size, self.steps).train
         world = World(0, 1, 0, self.device)
         trainer = Trainer.build(copy.deepcopy(self.initial), settings, world, SEED)

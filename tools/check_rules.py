@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ulframe.registry", "ulframe.experiment"),
     ("ulframe.wiring", "ulframe.gin_adapter", "ulframe.testing", "ulframe.reference"),
     ("ulframe.train",),
-    ("ulframe.trained", "ulframe.parameters"),
+    ("ulframe.trained", "ulframe.parameters", "ulframe.formats"),
     ("ulframe.cli", "ulframe.__main__"),
 )
 """ulframe's layers, bottom-up: a module, or a package and every module in it (`ulframe` itself

@@ -9,3 +9,13 @@ import os
 # OMP_WAIT_POLICY=ACTIVE there. Set before torch is first imported
 # (an `OMP_WAIT_POLICY` the user exports wins); see docs/benchmarks.md, "CPU threads".
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def __getattr__(name: str) -> object:
+    """`ulframe.load` (a trained model's exported folder, `ulframe.formats.load`), imported
+    on first use so that `import ulframe` stays cheap (PEP 562)."""
+    if name == "load":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.formats").load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,10 +3,14 @@
     ulframe run FILE.gin [FILE2.gin ...] [--gin.NAME=VALUE ...] [--gin-param 'a.b = 1' ...] [--workdir DIR]
     ulframe config FILE.gin [...]          parse, validate and print the config and the networks'
                                            parameter counts; no training
-    ulframe export WORKDIR [--stage NAME] --out FILE.safetensors   EMA weights of a run
+    ulframe export WORKDIR --out DIR       a trained model others load: ulframe.load(DIR)
+    ulframe export WORKDIR [--stage NAME] --out FILE.safetensors   one stage's EMA weights
+    ulframe ema WORKDIR --sigma-rel S [--stage NAME]   a post-hoc EMA of the run's snapshots
+                                           becomes the stage's EMA (sample, eval, export)
     ulframe sample WORKDIR [EXTRA.gin ...] -n N [--class C] [--guidance G] [--steps S]
     ulframe eval WORKDIR [EXTRA.gin ...]   evaluate a trained run; prints and writes eval.json
     ulframe plugins [--kind KIND] [--markdown]
+    ulframe shard SRC OUT [--size 1GB]     an image or Kinetics folder as tar shards
     ulframe --version                      ulframe's version, torch's and Python's
 
 Gin files are positional or `--gin-file FILE` (repeatable, the T5X spelling); `--gin-search-path
@@ -51,6 +55,8 @@ RUN_EXAMPLES = """examples:
   ulframe run gin/quickstart.gin --gin-param 'stage1/TrainSettings.train_samples = 2048'
   ulframe run --gin-search-path gin --gin-file quickstart.gin   (T5X-style flags)
   ulframe run gin/quickstart.gin --nproc 2        two processes (one per GPU; gloo on CPU)
+  ulframe run gin/quickstart.gin --nproc 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400
+                                                 node 0 of two (docs/cluster.md: SLURM)
 Re-running the same command on the same workdir resumes where it stopped."""
 
 CONFIG_EXAMPLES = """examples:
@@ -60,6 +66,7 @@ CONFIG_EXAMPLES = """examples:
 SAMPLE_EXAMPLES = """examples:
   ulframe sample runs/quickstart -n 16
   ulframe sample runs/quickstart -n 8 --class 3 --guidance 2.0 --steps 64
+  ulframe sample runs/quickstart -n 16 --sampler dpmpp_2m --steps 8   (a registered sampler)
   ulframe sample runs/quickstart more.gin --seed 1     (more.gin: bindings on top of the run's)
   ulframe sample gin/quickstart.gin --workdir runs/quickstart -n 16   (the config named instead)
 Writes WORKDIR/samples/samples.png (a grid) and samples.npz (uint8 images, labels)."""
@@ -71,8 +78,26 @@ Prints one JSON object (bits_per_pixel, psnr, ssim, bits_per_pixel_base, ...) an
 WORKDIR/eval.json."""
 
 EXPORT_EXAMPLES = """examples:
+  ulframe export runs/quickstart --out quickstart-ul
   ulframe export runs/quickstart --stage stage1 --out stage1_ema.safetensors
-The file holds the EMA state dict; its metadata names the stage, samples seen and the gin config."""
+A folder (--format folder, the default unless --out ends in .safetensors): config.json, one
+.safetensors of EMA weights per network, README.md; load it with `ulframe.load(DIR)` (no gin, no
+run directory). A file (--format safetensors): one stage's EMA state dict; its metadata names
+the stage, samples seen and the gin config."""
+
+EMA_EXAMPLES = """examples:
+  ulframe ema runs/quickstart --sigma-rel 0.08
+  ulframe ema runs/quickstart --sigma-rel 0.15 --stage stage2
+Reconstructs the EMA of relative width S from the stage's snapshots (trained with
+TrainSettings.posthoc_ema_sigma_rels) and writes it to WORKDIR/stages/NAME/posthoc_ema.pt, which
+sample, eval and export then use; remove that file to use the run's own EMA again. Prints one
+JSON object (the stage, sigma_rel, snapshots, profile_error)."""
+
+SHARD_EXAMPLES = """examples:
+  ulframe shard /data/imagenet /data/imagenet-shards --size 1GB
+  ulframe shard /data/kinetics400 /data/k400-shards --size 2GB --kind clip
+Unreadable files are skipped and counted; prints one JSON object (examples, shards, skipped per
+split) and writes OUT/manifest.json last."""
 
 PLUGINS_EXAMPLES = """examples:
   ulframe plugins
@@ -199,6 +224,31 @@ def _parser() -> argparse.ArgumentParser:
         help="with --nproc: restart all processes up to K times when one fails (they resume "
         "from the newest checkpoint)",
     )  # fmt: skip
+    run.add_argument(
+        "--nnodes", type=int, default=0, metavar="N",
+        help="train on N machines, --nproc processes on each (torch's c10d rendezvous; the "
+        "workdir on a filesystem they share); see docs/cluster.md",
+    )  # fmt: skip
+    run.add_argument(
+        "--node-rank", type=int, default=0, metavar="R",
+        help="with --nnodes: this machine's number in [0, N); node 0 hosts the rendezvous and "
+        "holds the workdir lock",
+    )  # fmt: skip
+    run.add_argument(
+        "--rdzv-endpoint", metavar="HOST:PORT",
+        help="with --nnodes: node 0's address and a free port, the same on every node",
+    )  # fmt: skip
+    run.add_argument(
+        "--rdzv-timeout", type=int, default=300, metavar="SECONDS",
+        help="with --nnodes: how long to wait for the rendezvous store and for every node "
+        "(default 300)",
+    )  # fmt: skip
+    run.add_argument(
+        "--requeue-signal", default="USR1", metavar="SIG",
+        help="the signal that checkpoints, stops and exits with code 75 for the batch script "
+        "to requeue the job (SLURM: #SBATCH --signal=USR1@180); USR1, USR2, TERM, HUP, XCPU or "
+        "none (default USR1)",
+    )  # fmt: skip
     cfg = sub.add_parser(
         "config",
         help="parse, validate and print a config without training",
@@ -237,15 +287,69 @@ def _parser() -> argparse.ArgumentParser:
     )
     exp = sub.add_parser(
         "export",
-        help="write the EMA weights of a run's newest valid checkpoint to a .safetensors file",
+        help="write a trained run as a folder that ulframe.load reads, or one stage's EMA weights",
         epilog=EXPORT_EXAMPLES,
         formatter_class=fmt,
     )
     exp.set_defaults(func=cmd_export)
     exp.add_argument("workdir", type=Path, metavar="WORKDIR", help="the run's directory")
-    exp.add_argument("--stage", help="stage to export (needed when several have checkpoints)")
-    exp.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors")
     exp.add_argument(
+        "--stage",
+        help="with --format safetensors: the stage to export (needed when several have checkpoints)",
+    )
+    exp.add_argument("--out", type=Path, required=True, metavar="DIR | FILE.safetensors")
+    exp.add_argument(
+        "--format",
+        choices=("folder", "safetensors"),
+        help="folder: the model for ulframe.load; safetensors: one stage's EMA weights "
+        "(default: safetensors when --out ends in .safetensors, else folder)",
+    )
+    exp.add_argument(
+        "--stats-examples",
+        type=int,
+        metavar="N",
+        help="train examples whose latents give the per-channel mean and std (default: all)",
+    )
+    exp.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    ema = sub.add_parser(
+        "ema",
+        help="reconstruct a post-hoc EMA of any length from a run's snapshots (EDM2)",
+        epilog=EMA_EXAMPLES,
+        formatter_class=fmt,
+    )
+    ema.set_defaults(func=cmd_ema)
+    ema.add_argument("workdir", type=Path, metavar="WORKDIR", help="the run's directory")
+    ema.add_argument(
+        "--sigma-rel", type=float, required=True, metavar="S",
+        help="the EMA's length as EDM2's relative standard deviation sigma_rel, in (0, 0.2887]",
+    )  # fmt: skip
+    ema.add_argument("--stage", help="stage to reconstruct (needed when several have snapshots)")
+    ema.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    shd = sub.add_parser(
+        "shard",
+        help="write an image folder or a Kinetics folder as tar shards (datasets.shards)",
+        epilog=SHARD_EXAMPLES,
+        formatter_class=fmt,
+    )
+    shd.set_defaults(func=cmd_shard)
+    shd.add_argument("src", type=Path, metavar="SRC", help="SRC/train/<class>/<file> (and val/)")
+    shd.add_argument("out", type=Path, metavar="OUT", help="a new (or empty) folder")
+    shd.add_argument(
+        "--size", default="1GB", help="largest shard, e.g. 1GB, 500MB, 64MiB (default 1GB)"
+    )
+    shd.add_argument(
+        "--kind", choices=("auto", "image", "clip"), default="auto",
+        help="images or videos (default: clips when SRC/train holds a video file)",
+    )  # fmt: skip
+    shd.add_argument("--seed", type=int, default=0, help="seeds the order of the examples (0)")
+    shd.add_argument(
+        "--workers", type=int, default=4, help="threads reading and checking files (4)"
+    )
+    shd.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     # -- sample / eval: read a finished (or checkpointed) run ---------------------------------
@@ -264,7 +368,7 @@ def _parser() -> argparse.ArgumentParser:
         help="class of every sample (default: classes in turn; unconditional without classes)",
     )  # fmt: skip
     smp.add_argument("--guidance", type=float, default=None, help="guidance scale (default: gin)")
-    smp.add_argument("--steps", type=int, default=None, help="sampler steps (default: gin)")
+    sampling_args(smp)
     smp.add_argument("--seed", type=int, default=None, help="seed (default: Experiment.seed)")
     evl = sub.add_parser(
         "eval",
@@ -285,7 +389,24 @@ def _parser() -> argparse.ArgumentParser:
         "sample_metric, default metrics.fd_photos), 'fvd' for videos (e.g. metrics.fvd_i3d "
         "with its weights file); 0: skip",
     )  # fmt: skip
+    sampling_args(evl)
     return p
+
+
+def sampling_args(parser: argparse.ArgumentParser) -> None:
+    """`--sampler`, `--steps`, `--decoder-steps` of `sample` and `eval` (default: the gin's)."""
+    parser.add_argument(
+        "--sampler", default=None, metavar="NAME",
+        help="sampler of every chain, as registered (ddim, ancestral, dpmpp_2m, heun, unipc, ...; "
+        "default: gin)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=int, default=None, help="sampler steps of every chain (default: gin)"
+    )
+    parser.add_argument(
+        "--decoder-steps", type=int, default=None,
+        help="the decoder's steps alone, over --steps (default: --steps, else gin)",
+    )  # fmt: skip
 
 
 def _configure_logging(is_main: bool, logfile: Path | None = None) -> None:
@@ -366,39 +487,55 @@ def _run_config(args: argparse.Namespace) -> tuple[Path, list[str]]:
 
 def cmd_run(args: argparse.Namespace, bindings: list[str]) -> int:
     from ulframe import wiring
-    from ulframe.train import distributed, runner, settings
+    from ulframe.errors import EXIT_REQUEUE
+    from ulframe.train import distributed, runner, settings, signals
+    from ulframe.train.loop import StopRequested
 
     _configure_logging(is_main=True)
+    signals.set_requeue_signal(signals.parse_signal(args.requeue_signal))
     # config errors: one message, before launching
     registry = wiring.load(args.files, bindings, engine=settings.CONFIGURABLES)
     workdir = _workdir(args)
-    if args.nproc and not distributed.launched():
+    cluster = runner.rendezvous(
+        args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout, workdir
+    )
+    if (args.nproc or cluster) and not distributed.launched():
         again = ["run", *args.files, *[a for b in bindings for a in ("--gin-param", b)]]
         again += [a for d in args.gin_search_path for a in ("--gin-search-path", d)]
         again += ["--workdir", str(args.workdir)] if args.workdir else []
         again += ["--allow-config-change"] if args.allow_config_change else []
-        again += ["--debug"] if args.debug else []
+        again += ["--requeue-signal", args.requeue_signal, *(["--debug"] if args.debug else [])]
         return runner.launch(
-            again, workdir, args.nproc, args.max_restarts, args.allow_config_change
+            again, workdir, args.nproc or 1, args.max_restarts, args.allow_config_change, cluster
         )
     experiment = wiring.experiment()
-    runner.train(
-        experiment, registry, workdir, args.allow_config_change,
-        on_start=lambda world: _configure_logging(
-            world.is_main, workdir / "log.txt" if world.is_main else None
-        ),
-    )  # fmt: skip
+    try:
+        runner.train(
+            experiment, registry, workdir, args.allow_config_change,
+            on_start=lambda world: _configure_logging(
+                world.is_main, workdir / "log.txt" if world.is_main else None
+            ),
+        )  # fmt: skip
+    except StopRequested as err:
+        if not err.requeue:
+            raise
+        sys.stderr.write(f"ulframe: {err}; exit {EXIT_REQUEUE}: requeue the job\n")
+        return EXIT_REQUEUE
     return 0
 
 
 def cmd_export(args: argparse.Namespace, bindings: list[str]) -> int:
-    """The EMA weights of the newest valid checkpoint of one stage, as safetensors."""
+    """The EMA weights of the newest valid checkpoint of one stage (or the post-hoc EMA
+    `ulframe ema` wrote into it), as safetensors."""
     from safetensors.torch import save
 
     from ulframe import rundir
-    from ulframe.train import checkpoint
+    from ulframe.train import checkpoint, posthoc_ema
 
     _configure_logging(is_main=True)
+    fmt = args.format or ("safetensors" if args.out.suffix == ".safetensors" else "folder")
+    if fmt == "folder":
+        return _export_folder(args, bindings)
     if args.out.is_dir():
         raise UserError(
             f"--out {args.out} is a directory; name a file, e.g. {args.out / 'ema.safetensors'}"
@@ -416,10 +553,12 @@ def cmd_export(args: argparse.Namespace, bindings: list[str]) -> int:
     state = checkpoint.load_latest(found[name])
     if state is None:
         raise UserError(f"no valid checkpoint in {found[name]} (see the warnings above)")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state["ema"].items()}
+    weights, which = checkpoint.stage_ema(args.workdir / "stages" / name, state)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
     metadata = {
         "stage": name,
         "samples_seen": str(state["samples_seen"]),
+        "ema": posthoc_ema.describe(which),
         "config_sha256": str(state.get("config_sha256", "")),
         "config": str(state.get("config", "")),
     }
@@ -431,6 +570,37 @@ def cmd_export(args: argparse.Namespace, bindings: list[str]) -> int:
         "exported %d EMA tensors of stage %s at %d samples to %s",
         len(tensors), name, state["samples_seen"], args.out,
     )  # fmt: skip
+    return 0
+
+
+def _export_folder(args: argparse.Namespace, bindings: list[str]) -> int:
+    """`ulframe export WORKDIR --out DIR`: the folder `ulframe.load` reads."""
+    from ulframe import formats
+
+    if args.stage is not None:
+        raise UserError(
+            f"--stage {args.stage} exports one stage's weights: add --format safetensors "
+            "(the folder holds every stage of the model)"
+        )
+    if args.stats_examples is not None and args.stats_examples < 1:
+        raise UserError(f"--stats-examples must be >= 1, got {args.stats_examples}")
+    config = formats.export(args.workdir, args.out, args.stats_examples, bindings)
+    roles = [*config["stage1"]["networks"], *(config["stage2"] or {}).get("networks", {})]
+    log.info("exported %s to %s: load it with ulframe.load(%r)", ", ".join(roles), args.out,
+             str(args.out))  # fmt: skip
+    return 0
+
+
+def cmd_ema(args: argparse.Namespace, bindings: list[str]) -> int:
+    """The post-hoc EMA of `--sigma-rel` becomes the stage's EMA (`posthoc_ema.replace_stage_ema`);
+    each stage built on the EMA it replaces is named stale in one line."""
+    from ulframe.train import posthoc_ema
+
+    _configure_logging(is_main=True)
+    summary, stale = posthoc_ema.replace_stage_ema(args.workdir, args.sigma_rel, args.stage)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    for line in stale:
+        log.warning("%s", line)
     return 0
 
 
@@ -498,9 +668,13 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
     _configure_logging(is_main=True)
     if args.num < 1:
         raise UserError(f"-n must be >= 1, got {args.num}")
+    trained.check_sampling(args.sampler, args.steps, args.decoder_steps)
     workdir, files = _run_config(args)
     run = trained.open_run(workdir, files, bindings)
-    summary = trained.write_samples(run, args.num, args.label, args.guidance, args.steps, args.seed)
+    summary = trained.write_samples(
+        run, args.num, args.label, args.guidance, args.steps, args.seed, args.sampler,
+        args.decoder_steps,
+    )  # fmt: skip
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 
@@ -509,10 +683,42 @@ def cmd_eval(args: argparse.Namespace, bindings: list[str]) -> int:
     from ulframe import trained
 
     _configure_logging(is_main=True)
+    trained.check_sampling(args.sampler, args.steps, args.decoder_steps)
     workdir, files = _run_config(args)
     run = trained.open_run(workdir, files, bindings)
-    result = trained.evaluate(run, args.batches, args.fd_samples)
+    result = trained.evaluate(
+        run, args.batches, args.fd_samples, args.sampler, args.steps, args.decoder_steps
+    )
     sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace, bindings: list[str]) -> int:
+    """An image or Kinetics folder as a shard set (`datasets.shards.write_folder`)."""
+    from ulframe.data.shards import MANIFEST, parse_size
+    from ulframe.registry import Registry
+
+    _configure_logging(is_main=True)
+    max_bytes = parse_size(args.size)
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if not (args.src / "train").is_dir():
+        raise UserError(f"SRC {args.src} has no train/ folder; expected SRC/train/<class>/<file>")
+    shards: Any = Registry().get("datasets", "shards").factory  # the class: write_folder
+    written = shards.write_folder(
+        args.src, args.out, max_bytes=max_bytes, kind=args.kind, seed=args.seed,
+        workers=args.workers,
+    )  # fmt: skip
+    summary = {
+        "out": str(args.out),
+        "kind": written.kind,
+        "classes": len(written.classes),
+        **{f"{s}_examples": written.count(s) for s in written.splits},
+        **{f"{s}_shards": len(v) for s, v in written.splits.items()},
+        **{f"{s}_skipped": n for s, n in written.skipped.items()},
+    }
+    sys.stdout.write(json.dumps(summary) + "\n")
+    log.info("wrote %s; train with datasets.shards.root = %r", args.out / MANIFEST, str(args.out))
     return 0
 
 

@@ -6,6 +6,10 @@ Every error that the CLI turns into exit code 2 with one short message derives f
 
 from __future__ import annotations
 
+EXIT_REQUEUE = 75
+"""The exit code of a run stopped by the requeue signal after its checkpoint (EX_TEMPFAIL of
+sysexits.h: try again later): a batch script requeues the job on it (docs/cluster.md)."""
+
 
 class UserError(Exception):
     """A problem with the user's input (config, data, workdir): exit code 2, no traceback."""

@@ -141,6 +141,7 @@ class Progress(Generic[T]):
                 )
 
 
+# Deliberately repeated: typing.overload spells out each signature (ints, then iterables).
 @overload
 def progress(
     iterable_or_total: int,

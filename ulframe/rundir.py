@@ -313,9 +313,9 @@ class WorkdirLock:
     def acquire(self, inheritable: bool = False) -> WorkdirLock:
         """Take the lock, or raise `WorkdirError` naming the live holder.
 
-        `inheritable`: the lock survives `os.execv` (the `--nproc` launcher becomes torch's
-        elastic agent and keeps it). A holder that is our parent process (that agent, seen from
-        its worker) counts as ours: nothing is taken.
+        `inheritable`: the lock survives `os.execv`. A holder that is our parent process (the
+        `--nproc` launcher, which runs torch's elastic agent in its own process, seen from its
+        rank-0 worker) counts as ours: nothing is taken.
         """
         import fcntl
 
@@ -350,8 +350,8 @@ class WorkdirLock:
 
     def release(self, clean: bool = True) -> None:
         """Clear the holder record and unlock (the file stays: removing it would race a new
-        holder). Held by our parent (the elastic agent): its record is cleared only after a
-        `clean` end, since after a failure the agent may restart us."""
+        holder). Held by our parent (the launcher's elastic agent): its record is cleared only
+        after a `clean` end, since after a failure the agent may restart us."""
         with contextlib.suppress(OSError):
             if self.fd is not None:
                 os.ftruncate(self.fd, 0)

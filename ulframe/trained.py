@@ -12,10 +12,11 @@ own methods (`protocols.SamplingStage`): nothing here knows what a stage is made
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,81 @@ def split_examples(experiment: Any, split: str, n: int) -> torch.Tensor:
     return torch.cat(images)[:n]
 
 
+# ---- sampler and steps overrides (`--sampler`, `--steps`, `--decoder-steps`) --------------------
+def resolve_sampler(name: str | None) -> Callable[..., Any] | None:
+    """The sampler registered as `name` in `ulframe.samplers` (None for None); a UserError of one
+    line names the registered ones."""
+    if name is None:
+        return None
+    from ulframe.registry import Registry
+
+    registry = Registry()
+    names = registry.names("samplers")
+    if name not in names:
+        raise UserError(
+            f"--sampler {name!r} is not a registered sampler; one of: {', '.join(names)}"
+        )
+    return registry.get("samplers", name).factory
+
+
+def check_sampling(
+    sampler: str | None = None, steps: int | None = None, decoder_steps: int | None = None
+) -> None:
+    """A UserError of one line for an unknown `--sampler` or `--steps` / `--decoder-steps` < 1."""
+    for flag, value in (("--steps", steps), ("--decoder-steps", decoder_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    resolve_sampler(sampler)
+
+
+def sampling_overrides(
+    stage: Any, sampler: str | None = None, decoder_steps: int | None = None
+) -> dict[str, Any]:
+    """The keyword arguments that hand `--sampler` and `--decoder-steps` to `stage.sample`
+    (only those given); a UserError when the stage's `sample` takes no such argument."""
+    overrides: dict[str, Any] = {}
+    if sampler is not None:
+        overrides["sampler"] = resolve_sampler(sampler)
+    if decoder_steps is not None:
+        overrides["decoder_steps"] = decoder_steps
+    takes = inspect.signature(stage.sample).parameters
+    for key in overrides:
+        if key not in takes:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag}: stage {stage.name} draws samples without a {key} argument")
+    return overrides
+
+
+class _Overridden:
+    """A sampling stage whose `sample` gets the command line's steps and `sampling_overrides`
+    (what `eval/samples.draw_samples` calls); every other attribute is the stage's."""
+
+    def __init__(self, stage: Any, steps: int | None, overrides: dict[str, Any]) -> None:
+        self._stage, self._steps, self._overrides = stage, steps, overrides
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stage, name)
+
+    def sample(self, model: Any, n: int, *args: Any, **kwargs: Any) -> Any:
+        if self._steps is not None:
+            kwargs.setdefault("steps", self._steps)
+        return self._stage.sample(model, n, *args, **kwargs, **self._overrides)
+
+
 # ---- ulframe eval ------------------------------------------------------------------------------
-def evaluate(run: TrainedRun, batches: int | None = None, fd_samples: int = 256) -> dict[str, Any]:
+def evaluate(
+    run: TrainedRun,
+    batches: int | None = None,
+    fd_samples: int = 256,
+    sampler: str | None = None,
+    steps: int | None = None,
+    decoder_steps: int | None = None,
+) -> dict[str, Any]:
     """Every stage's evaluation on the eval split (its own `eval_batches` unless `batches`),
     merged (later stages win on a shared name) with `"stages": {name: scalars}`, plus the
-    sample metrics of the last sampling stage (`fd_samples` samples; 0: none). Written to
-    `workdir/eval.json`."""
+    sample metrics of the last sampling stage (`fd_samples` samples; 0: none), drawn with
+    `sampler` (a registered name), `steps` (both chains) and `decoder_steps` when given. Written
+    to `workdir/eval.json`."""
     from ulframe.data.pipeline import build_loader
 
     experiment, device = run.experiment, run.device
@@ -146,16 +216,23 @@ def evaluate(run: TrainedRun, batches: int | None = None, fd_samples: int = 256)
         per_stage[r.stage.name] = dict(report.scalars)
         merged.update(report.scalars)
     if fd_samples > 0:
-        merged |= sample_metrics(run, fd_samples)
+        merged |= sample_metrics(run, fd_samples, sampler, steps, decoder_steps)
     result = merged | {"stages": per_stage}
     rundir.write_text(run.workdir / EVAL_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 
-def sample_metrics(run: TrainedRun, n: int) -> dict[str, Any]:
+def sample_metrics(
+    run: TrainedRun,
+    n: int,
+    sampler: str | None = None,
+    steps: int | None = None,
+    decoder_steps: int | None = None,
+) -> dict[str, Any]:
     """`judge_samples` of n samples of the last sampling stage against n eval examples (empty
     without a sampling stage). The metric: `Experiment.sample_metric`, else `FD_METRIC` for
-    images when installed; a UserError of the metric (e.g. a missing weights file) stops."""
+    images when installed; a UserError of the metric (e.g. a missing weights file) stops.
+    `sampler`, `steps`, `decoder_steps`: the overrides of `write_samples`."""
     from ulframe import wiring
     from ulframe.eval.samples import draw_samples, judge_samples
 
@@ -171,8 +248,10 @@ def sample_metrics(run: TrainedRun, n: int) -> dict[str, Any]:
         factory = None  # the default metric compares images; name a video metric for clips
     metric = wiring.call(factory) if factory is not None else None
     continues = sampling.stage.sample_settings(sampling.model).continues
+    overrides = sampling_overrides(sampling.stage, sampler, decoder_steps)
     samples, labels = draw_samples(
-        sampling.stage, sampling.model, len(reference), experiment.dataset.num_classes,
+        _Overridden(sampling.stage, steps, overrides), sampling.model, len(reference),
+        experiment.dataset.num_classes,
         run.device, experiment.seed, context=reference if continues else None,
     )  # fmt: skip
     real = split_examples(experiment, "train", len(reference)) if metric else None
@@ -187,11 +266,15 @@ def write_samples(
     guidance: float | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    sampler: str | None = None,
+    decoder_steps: int | None = None,
 ) -> dict[str, Any]:
     """n samples of the last sampling stage, written to `workdir/samples/`: a PNG grid (images;
     n = k · classes in class order: one class per row) or a GIF and an MP4 (clips; beside the
     real clips they continue), and `samples.npz` (uint8 `images`, `labels`, `guidance`,
-    `steps`). Returns the summary (paths, n, guidance, and the stage's facts)."""
+    `steps`). `sampler` (a registered name), `steps` (both chains) and `decoder_steps` (the
+    decoder's alone) override the stage's. Returns the summary (paths, n, guidance, the
+    sampler when overridden, and the stage's facts)."""
     import numpy as np
     from einops import rearrange
 
@@ -207,6 +290,7 @@ def write_samples(
     experiment = run.experiment
     num_classes = experiment.dataset.num_classes
     settings = stage.sample_settings(model, guidance, steps)
+    overrides = sampling_overrides(stage, sampler, decoder_steps)
     context = None
     if settings.continues:  # real examples give what the samples continue
         context = split_examples(experiment, "eval", n)
@@ -221,13 +305,16 @@ def write_samples(
     generator = torch.Generator(device).manual_seed(experiment.seed if seed is None else seed)
     with torch.no_grad(), progress(n, phase="sampling", unit="samples") as bar:
         samples = stage.sample(
-            model, n, labels, settings.guidance, generator, steps=steps, context=context
-        ).cpu()
+            model, n, labels, settings.guidance, generator, steps=steps, context=context,
+            **overrides,
+        ).cpu()  # fmt: skip
         bar.update(n)
     out = run.workdir / SAMPLES_DIR
     npz = out / "samples.npz"
     label_array = labels.cpu().numpy() if labels is not None else np.full(n, -1)
     summary: dict[str, Any] = {"npz": str(npz), "n": n, "guidance": settings.guidance}
+    if sampler is not None:
+        summary["sampler"] = sampler
     if samples.dim() == 5:  # clips: (N, C, T, H, W)
         shown = samples if context is None else torch.stack([context, samples], 1).flatten(0, 1)
         ncols = 2 if context is not None else None

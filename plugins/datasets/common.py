@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ulframe.data import sample_rng
+
 logger = logging.getLogger(__name__)
 
 RESAMPLE = Image.Resampling.BICUBIC
@@ -163,6 +165,21 @@ def random_offsets(image: Image.Image, size: int, rng: np.random.Generator) -> t
 def hflip(image: Image.Image) -> Image.Image:
     """Mirror left to right."""
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def square_view(image: Image.Image, size: int, random_crop: bool, flip: bool) -> torch.Tensor:
+    """An image as a dataset shows it: its shorter side resized to `size`, a square crop (random
+    or centred) and, with `flip`, a left-right mirror half the time; (3, size, size) in [-1, 1].
+    The random choices come from ``ulframe.data.sample_rng()``: reproducible and resume-safe."""
+    image = resize_shorter_side(image, size)
+    if random_crop:
+        left, top = random_offsets(image, size, sample_rng())
+    else:
+        left, top = center_offsets(image, size)
+    image = crop_square(image, size, left, top)
+    if flip and sample_rng().random() < 0.5:
+        image = hflip(image)
+    return to_tensor(image)
 
 
 def hold_out(

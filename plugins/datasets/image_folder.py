@@ -21,20 +21,15 @@ import logging
 import os
 from pathlib import Path
 
-from ulframe.data import EmptyDatasetError, Example, sample_rng
+from ulframe.data import EmptyDatasetError, Example
 from ulframe.errors import ConfigError
 
 from .common import (
-    center_offsets,
-    crop_square,
     files_under,
-    hflip,
     hold_out,
     open_rgb,
-    random_offsets,
-    resize_shorter_side,
     shown,
-    to_tensor,
+    square_view,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,15 +63,8 @@ class ImageFolderSource:
         image = open_rgb(path)
         if image is None:
             return None
-        image = resize_shorter_side(image, self.resolution)
-        if self.random_crop:
-            left, top = random_offsets(image, self.resolution, sample_rng())
-        else:
-            left, top = center_offsets(image, self.resolution)
-        image = crop_square(image, self.resolution, left, top)
-        if self.hflip and sample_rng().random() < 0.5:
-            image = hflip(image)
-        return {"x": to_tensor(image), "label": label}
+        x = square_view(image, self.resolution, self.random_crop, self.hflip)
+        return {"x": x, "label": label}
 
 
 class ImageFolder:

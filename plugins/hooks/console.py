@@ -91,13 +91,8 @@ class ConsoleProgress:
 
     @hookimpl
     def ulframe_eval_end(
-        self,
-        run: RunInfo,
-        stage: StageInfo,
-        samples_seen: int,
-        scalars: dict[str, float],
-        images: Any,
-    ) -> None:
+        self, run: RunInfo, stage: StageInfo, samples_seen: int, scalars: dict[str, float]
+    ) -> None:  # (pluggy passes only the arguments an implementation names: no images here)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items()))
         self._write(f"[{stage.name}] eval at {samples_seen}: {shown}", run)
 

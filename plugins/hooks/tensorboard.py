@@ -196,7 +196,9 @@ def final_eval_point(metrics_path: Path) -> tuple[float, float] | None:
     return point
 
 
-def _earlier_points(workdir: Path, stage: str, before: int) -> list[tuple[float, float, str]]:
+def earlier_points(workdir: Path, stage: str, before: int) -> list[tuple[float, float, str]]:
+    """(bits_per_pixel, psnr, "") of `stage`'s evaluations in `workdir/metrics.jsonl` before
+    `before` samples: the start of the rate–distortion trajectory of a resumed run."""
     path = workdir / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -290,6 +292,7 @@ class TensorBoardLogger:
             )
             self._config_logged = True
 
+    # The hookspec's signature (ulframe/hookspecs.py), repeated as an implementation must.
     @hookimpl
     def ulframe_eval_end(
         self,
@@ -317,7 +320,7 @@ class TensorBoardLogger:
                 add_gif(w, f"eval/{name}", frames, samples_seen, self.fps)
         if "bits_per_pixel" in scalars and "psnr" in scalars:
             if stage.name not in self._rd:  # resumed: earlier points from metrics.jsonl
-                self._rd[stage.name] = _earlier_points(run.workdir, stage.name, samples_seen)
+                self._rd[stage.name] = earlier_points(run.workdir, stage.name, samples_seen)
             points = self._rd[stage.name]
             points.append((float(scalars["bits_per_pixel"]), float(scalars["psnr"]), ""))
             labelled = [*points[:-1], (*points[-1][:2], str(samples_seen))]

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ulframe.errors import UserError
-from ulframe.eval.frechet import FeatureFrechetMetric
+from ulframe.eval.frechet import FeatureFrechetMetric, load_judge
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("fd_digits.pt")
 WIDTHS = (32, 64, 128)
@@ -61,6 +60,7 @@ class DigitJudge(nn.Module):
     images (N, C, H, W) in [-1, 1] of any channel count and size (see :func:`to_grey`).
     """
 
+    # Conv stages as in fd_photos.PhotoFeatureNet, deliberately: each judge is its own shipped network.
     def __init__(self, widths: Sequence[int] = WIDTHS, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -93,26 +93,10 @@ def load_digit_judge(
     weights_path: str | Path | None = None, parameter: str = "metrics.fd_digits.weights_path"
 ) -> tuple[DigitJudge, dict]:
     """The judge in eval mode and its file's metadata; ``UserError`` naming ``parameter``."""
-    path = DEFAULT_WEIGHTS if weights_path is None else Path(weights_path).expanduser()
-    shown = f"{parameter} = {str(path)!r}" if weights_path is not None else f"{path} (default)"
-    if not path.is_file():
-        hint = (
-            "the shipped weights are missing from the installation; rebuild them with "
-            "`python tools/train_judges.py --judge digits --out <file>` (in a ulframe checkout)"
-            if weights_path is None
-            else "no such file"
-        )
-        raise UserError(f"{shown}: {hint}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        network = DigitJudge(tuple(int(w) for w in blob["widths"]), int(blob["num_classes"]))
-        network.load_state_dict(blob["state_dict"])
-    except Exception as error:
-        raise UserError(
-            f"{shown}: not an fd_digits weights file ({type(error).__name__}: {error})"
-        ) from error
-    meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    return network.eval().requires_grad_(False), meta
+    return load_judge(
+        weights_path, DEFAULT_WEIGHTS, parameter, "digits",
+        lambda blob: DigitJudge(tuple(int(w) for w in blob["widths"]), int(blob["num_classes"])),
+    )  # fmt: skip
 
 
 class FDDigits(FeatureFrechetMetric):

@@ -29,12 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ulframe.errors import UserError
-from ulframe.eval.frechet import FeatureFrechetMetric
+from ulframe.eval.frechet import FeatureFrechetMetric, load_judge
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("fd_photos.pt")
 WIDTHS = (32, 64, 96)  # conv widths; each 3x3 conv halves the grid (32 -> 16 -> 8 -> 4)
@@ -72,27 +70,10 @@ class PhotoFeatureNet(nn.Module):
 
 def load_photo_net(weights_path: str | Path | None, parameter: str) -> tuple[PhotoFeatureNet, dict]:
     """The network in eval mode and the file's metadata; ``UserError`` naming ``parameter``."""
-    path = DEFAULT_WEIGHTS if weights_path is None else Path(weights_path).expanduser()
-    shown = f"{parameter} = {str(path)!r}" if weights_path is not None else f"{path} (default)"
-    if not path.is_file():
-        hint = (
-            "the shipped weights are missing from the installation; rebuild them with "
-            "`python tools/train_judges.py --judge photos --out <file>` (in a ulframe checkout)"
-            if weights_path is None
-            else "no such file"
-        )
-        raise UserError(f"{shown}: {hint}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        widths = tuple(int(w) for w in blob["widths"])
-        network = PhotoFeatureNet(widths, int(blob["num_classes"]))
-        network.load_state_dict(blob["state_dict"])
-    except Exception as error:
-        raise UserError(
-            f"{shown}: not an fd_photos weights file ({type(error).__name__}: {error})"
-        ) from error
-    meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    return network.eval().requires_grad_(False), meta
+    return load_judge(
+        weights_path, DEFAULT_WEIGHTS, parameter, "photos",
+        lambda blob: PhotoFeatureNet(tuple(int(w) for w in blob["widths"]), int(blob["num_classes"])),
+    )  # fmt: skip
 
 
 class FDPhotos(FeatureFrechetMetric):

@@ -133,30 +133,39 @@ def grid_lengths(grid: tuple[int, ...]) -> dict[str, int]:
     return dict(zip(axis_names(len(grid)), grid, strict=True))
 
 
+def _inverse(pattern: str) -> str:
+    """The einops pattern that undoes `pattern`: its two sides swapped."""
+    source, target = pattern.split(" -> ")
+    return f"{target} -> {source}"
+
+
+def _patched_grid(ndim: int) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """Grid axes, patch axes and the grid written as patches: (['h', 'w'], ['ph', 'pw'],
+    '(h ph) (w pw)')."""
+    axes, patches = axis_names(ndim), patch_names(ndim)
+    return axes, patches, " ".join(f"({a} {p})" for a, p in zip(axes, patches, strict=True))
+
+
 def patchify_pattern(ndim: int) -> str:
     """'b c (h ph) (w pw) -> b (h w) (ph pw c)': image to patch tokens."""
-    axes, patches = axis_names(ndim), patch_names(ndim)
-    spatial = " ".join(f"({a} {p})" for a, p in zip(axes, patches, strict=True))
+    axes, patches, spatial = _patched_grid(ndim)
     return f"b c {spatial} -> b ({' '.join(axes)}) ({' '.join(patches)} c)"
 
 
 def unpatchify_pattern(ndim: int) -> str:
     """'b (h w) (ph pw c) -> b c (h ph) (w pw)': patch tokens to image."""
-    source, target = patchify_pattern(ndim).split(" -> ")
-    return f"{target} -> {source}"
+    return _inverse(patchify_pattern(ndim))
 
 
 def space_to_depth_pattern(ndim: int) -> str:
     """'b c (h ph) (w pw) -> b (ph pw c) h w': patches folded into channels, channel-first."""
-    axes, patches = axis_names(ndim), patch_names(ndim)
-    spatial = " ".join(f"({a} {p})" for a, p in zip(axes, patches, strict=True))
+    axes, patches, spatial = _patched_grid(ndim)
     return f"b c {spatial} -> b ({' '.join(patches)} c) {' '.join(axes)}"
 
 
 def depth_to_space_pattern(ndim: int) -> str:
     """'b (ph pw c) h w -> b c (h ph) (w pw)': inverse of ``space_to_depth_pattern``."""
-    source, target = space_to_depth_pattern(ndim).split(" -> ")
-    return f"{target} -> {source}"
+    return _inverse(space_to_depth_pattern(ndim))
 
 
 def to_tokens_pattern(ndim: int) -> str:

@@ -71,6 +71,7 @@ class ConvDecoder(nn.Module):
             dropout: dropout probability inside the residual blocks.
         """
         super().__init__()
+        # Deliberately like decoders.UViTDecoder's opening: each network plugin owns its constructor.
         out_channels, *spatial = shape
         latent_channels, *latent_grid = latent_shape
         ndim = len(spatial)

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,8 @@ from ulframe.train.settings import TrainSettings
 
 LOGVAR_RANGE = (-30.0, 20.0)  # SD's DiagonalGaussianDistribution clamp
 SD_LATENT_LOGSNR_MAX = 7.0  # ≈ SD's LDM endpoint: log((1 - β_1) / β_1) with β_1 = 0.00085
-RECONSTRUCTION_LOSSES = ("l1", "l2")
+Reconstruction = Literal["l1", "l2"]
+RECONSTRUCTION_LOSSES: tuple[str, ...] = get_args(Reconstruction)
 
 
 @dataclass(frozen=True)
@@ -190,58 +191,50 @@ class KLAEModel(nn.Module):
         return {**self.encoder.state_dict(), "latent_var": self.latent_var}
 
 
+@dataclass
 class KLAutoencoder:
-    """KL-regularised autoencoder (SD's AutoencoderKL objective without LPIPS and GAN losses)."""
+    """KL-regularised autoencoder (SD's AutoencoderKL objective without LPIPS and GAN losses).
 
-    def __init__(
-        self,
-        encoder: Callable[..., nn.Module],
-        decoder: Callable[..., nn.Module],
-        train: TrainSettings,
-        reconstruction: str = "l1",
-        kl_weight: float = 1e-6,
-        latent_logsnr_max: float = SD_LATENT_LOGSNR_MAX,
-        latent_stats_halflife_samples: int = 2000,
-        eval_images: int = 8,
-        name: str = "stage1",
-    ) -> None:
-        """
-        Args:
-            encoder: encoder factory (`@encoders.resnet`) with `latent_channels = 2·Cz`: the
-                first Cz channels are the posterior mean, the last Cz its log-variance.
-            decoder: deterministic decoder factory (`@ae_decoders.conv`), called with the data
-                shape and the latent shape (Cz, *s).
-            train: this stage's `TrainSettings`.
-            reconstruction: 'l1' (SD's pixel loss) or 'l2', summed over the example.
-            kl_weight: β of the KL term (SD: 1e-6).
-            latent_logsnr_max: λ_max of a base model trained on these latents (`stages.ul_base`
-                reads it); unit-variance latents diffused to ≈ SD's endpoint by default.
-            latent_stats_halflife_samples: half-life of the running variance of the posterior
-                mean that sets the latent scale (0: the last batch's).
-            eval_images: examples shown as inputs beside reconstructions.
-            name: the stage's folder name under `workdir/stages/`.
-        """
-        if reconstruction not in RECONSTRUCTION_LOSSES:
+    Its fields are the gin parameters of `stages.kl_ae`:
+
+    - encoder: encoder factory (`@encoders.resnet`) with `latent_channels = 2·Cz`: the first Cz
+      channels are the posterior mean, the last Cz its log-variance.
+    - decoder: deterministic decoder factory (`@ae_decoders.conv`), called with the data shape
+      and the latent shape (Cz, *s).
+    - train: this stage's `TrainSettings`.
+    - reconstruction: 'l1' (SD's pixel loss) or 'l2', summed over the example.
+    - kl_weight: β of the KL term (SD: 1e-6).
+    - latent_logsnr_max: λ_max of a base model trained on these latents (`stages.ul_base` reads
+      it); unit-variance latents diffused to ≈ SD's endpoint by default.
+    - latent_stats_halflife_samples: half-life of the running variance of the posterior mean
+      that sets the latent scale (0: the last batch's).
+    - eval_images: examples shown as inputs beside reconstructions.
+    - name: the stage's folder name under `workdir/stages/`.
+    """
+
+    encoder: Callable[..., nn.Module]
+    decoder: Callable[..., nn.Module]
+    train: TrainSettings
+    reconstruction: Reconstruction = "l1"
+    kl_weight: float = 1e-6
+    latent_logsnr_max: float = SD_LATENT_LOGSNR_MAX
+    latent_stats_halflife_samples: int = 2000
+    eval_images: int = 8
+    name: str = "stage1"
+    latent_shape: tuple[int, ...] = field(default=(), init=False)  # (Cz, *s), set by `build`
+
+    def __post_init__(self) -> None:
+        if self.reconstruction not in RECONSTRUCTION_LOSSES:
             raise ConfigError(
                 f"kl_ae.reconstruction must be one of {RECONSTRUCTION_LOSSES}, "
-                f"got {reconstruction!r}"
+                f"got {self.reconstruction!r}"
             )
-        if kl_weight < 0:
-            raise ConfigError(f"kl_ae.kl_weight must be >= 0, got {kl_weight}")
-        self.encoder_factory = encoder
-        self.decoder_factory = decoder
-        self.train = train
-        self.reconstruction = reconstruction
-        self.kl_weight = kl_weight
-        self.latent_logsnr_max = latent_logsnr_max
-        self.latent_stats_halflife_samples = latent_stats_halflife_samples
-        self.eval_images = eval_images
-        self.name = name
-        self.latent_shape: tuple[int, ...] = ()
+        if self.kl_weight < 0:
+            raise ConfigError(f"kl_ae.kl_weight must be >= 0, got {self.kl_weight}")
 
     def build(self, ctx: BuildContext) -> KLAEModel:
         shape = tuple(ctx.example["x"].shape)  # (C, *S), measured from the data
-        encoder = check_built("encoders", self.encoder_factory(shape=shape), "kl_ae.encoder")
+        encoder = check_built("encoders", self.encoder(shape=shape), "kl_ae.encoder")
         with torch.no_grad():
             moments = tuple(encoder(ctx.example["x"][None].float()).shape[1:])  # (2·Cz, *s)
         if moments[0] % 2:
@@ -252,7 +245,7 @@ class KLAutoencoder:
         self.latent_shape = (moments[0] // 2, *moments[1:])
         decoder = check_built(
             "ae_decoders",
-            self.decoder_factory(shape=shape, latent_shape=self.latent_shape),
+            self.decoder(shape=shape, latent_shape=self.latent_shape),
             "kl_ae.decoder",
         )
         return KLAEModel(
@@ -260,6 +253,7 @@ class KLAutoencoder:
             math.prod(shape[1:]), self.latent_stats_halflife_samples, self.latent_shape,
         )  # fmt: skip
 
+    # The Stage protocol's members, as ul_joint.py implements them: two independent stage-1 plugins.
     def train_source(self, source: Any) -> Any:
         """Stage 1 trains on the dataset's images as they are."""
         return source

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ulframe.diffusion import expand_like, logsnr_grid
+from ulframe.diffusion import expand_like
+from ulframe.diffusion.samplers import sampler_grid
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -64,7 +65,11 @@ def sample_latents(
     final: str = "state",
 ) -> Tensor:
     """Run the base model's sampler from ``z_1`` along its schedule, shape of z_1: the chain's
-    state at λ_max (``final="state"``: UL's z_0) or its clean estimate there (``"x_hat"``)."""
-    grid = logsnr_grid(schedule, steps).to(z_1.device, z_1.dtype)  # type: ignore[arg-type]
+    state at λ_max (``final="state"``: UL's z_0) or its clean estimate there (``"x_hat"``).
+
+    The grid is the one the sampler declares (``sampler_grid``: ddim and ancestral even in t,
+    the higher-order solvers even in λ); guidance applies at every model call the sampler
+    makes, its intermediate (e.g. Heun's second) calls included."""
+    grid = sampler_grid(sampler, schedule, steps).to(z_1.device, z_1.dtype)  # type: ignore[arg-type]
     eps_fn = guided_eps_fn(eps_cond, eps_uncond, guidance, interval)
     return sampler(eps_fn, z_1, grid, generator=generator, final=final)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,9 @@ from torch import Tensor, nn
 from ulframe.diffusion import (
     BatchNoise,
     CosineSchedule,
+    Schedule,
     SigmoidWeighting,
+    Weighting,
     diffuse,
     elbo_term_nats,
     eps_from_v,
@@ -61,7 +63,14 @@ from ulframe.diffusion.weighting import check_weighting
 from ulframe.errors import ConfigError
 from ulframe.eval.batches import Measured, evaluate_batches
 from ulframe.eval.metrics import bits_per_pixel
-from ulframe.protocols import BuildContext, EvalReport, LatentModel, SampleSettings, check_built
+from ulframe.protocols import (
+    BuildContext,
+    EvalReport,
+    LatentModel,
+    SampleSettings,
+    Stage,
+    check_built,
+)
 from ulframe.train.checkpoint import load_stage_ema
 from ulframe.train.settings import TrainSettings
 
@@ -307,7 +316,7 @@ class ULBaseModel(nn.Module):
 def _latent_frames(stage1: Any, shape: tuple[int, ...]) -> int | None:
     """Latent steps in time of stage 1's encoder on clips `shape`, from the encoder built on the
     meta device (no weights); None when it cannot be known without building stage 1."""
-    factory = getattr(stage1, "encoder_factory", None)
+    factory = getattr(stage1, "encoder", None)
     if factory is None:
         return None
     with torch.device("meta"):
@@ -328,117 +337,97 @@ def context_clip(x: Tensor, frames: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ the stage
+@dataclass
 class ULBase:
-    """Unified Latents stage 2: a class-conditional base model on frozen stage-1 latents."""
+    """Unified Latents stage 2: a class-conditional base model on frozen stage-1 latents.
 
-    def __init__(
-        self,
-        stage1: Any,
-        base: Callable[..., nn.Module],
-        train: TrainSettings,
-        source_stage: str = "stage1",
-        weighting: Callable[[Tensor], Tensor] | None = None,
-        schedule: Callable[..., Any] = CosineSchedule,
-        logsnr_min: float = -15.0,
-        label_dropout: float = 0.1,
-        cache_latents: bool = True,
-        sampler: Callable[..., Tensor] = sample_ddim,
-        sample_steps: int = 32,
-        decoder_sample_steps: int | None = None,
-        guidance_scale: float = 1.0,
-        guidance_interval: tuple[float, float] | None = None,
-        eval_t_per_example: int = 8,
-        eval_images: int = 8,
-        context_frames: int = 0,
-        context_latent_steps: int = 0,
-        class_conditional: bool = True,
-        name: str = "stage2",
-    ) -> None:
-        """
-        Args:
-            stage1: the stage-1 stage object, configured as the first stage
-                (`@stage1/stages.ul_joint()`, or `@stage1/stages.kl_ae()` for the KL
-                autoencoder baseline); rebuilt here and loaded with its EMA weights. Its
-                model must provide the stage-1 latent interface (`LatentModel`).
-            base: the base model's factory (`@base/priors.vit`); called with the latent shape
-                and the dataset's `num_classes`.
-            train: this stage's `TrainSettings`.
-            source_stage: name of the finished stage whose checkpoints hold the stage-1 weights.
-            weighting: w(λ) of the base loss; default `sigmoid(b' - λ)` with b' = 0.
-            schedule: the base model's schedule factory; its λ_max is stage 1's
-                `latent_logsnr_max` (UL: λ_z(0)).
-            logsnr_min: λ_min of the base model's diffusion.
-            label_dropout: probability of replacing a label by the null label while training.
-            cache_latents: encode the train split once and train on the cached latents.
-            sampler, sample_steps: sampler and steps of the base model (and of the decoder).
-            decoder_sample_steps: the decoder's steps when sampling (default: `sample_steps`).
-            guidance_scale: w of classifier-free guidance in evaluation samples (1: none).
-            guidance_interval: (λ_lo, λ_hi) where guidance applies; None: everywhere.
-            eval_t_per_example: t values per example in the evaluation's bitrate estimate.
-            eval_images: end-to-end samples shown per evaluation.
-            context_frames: video only: condition the base model on the latent of each clip's
-                first k frames (the paper's Kinetics-600 protocol: 5 of 16) and generate the
-                continuation; 0: unconditional on frames. See docs/method.md, "Video".
-            context_latent_steps: with a frame-wise encoder (latent step t a function of frame
-                t alone: `encoders.resnet.conv_kernel = (1, 3, 3)`, no down-sampling in time),
-                the first `context_latent_steps` latent steps of a continuation are the
-                context's own latent (noised to λ_z(0) like any z_0), not the base model's
-                estimate of it; it must equal `context_frames` divided by the latent's
-                down-sampling in time. 0: the base model's z_0 is decoded as it is.
-            class_conditional: condition the base model on the dataset's labels (with
-                `label_dropout` for guidance). False: the base model has no class input and
-                labels are ignored, so a clip is continued from its context alone (the video
-                experiments: frame prediction as on Kinetics-600, no label).
-            name: the stage's folder name under `workdir/stages/`.
-        """
-        if context_frames < 0:
-            raise ConfigError(f"ul_base.context_frames must be >= 0, got {context_frames}")
-        if context_latent_steps < 0 or (context_latent_steps and not context_frames):
+    Its fields are the gin parameters of `stages.ul_base`:
+
+    - stage1: the stage-1 stage object, configured as the first stage
+      (`@stage1/stages.ul_joint()`, or `@stage1/stages.kl_ae()` for the KL autoencoder baseline);
+      rebuilt here and loaded with its EMA weights. Its model must provide the stage-1 latent
+      interface (`LatentModel`).
+    - base: the base model's factory (`@base/priors.vit`); called with the latent shape and the
+      dataset's `num_classes`.
+    - train: this stage's `TrainSettings`.
+    - source_stage: name of the finished stage whose checkpoints hold the stage-1 weights.
+    - weighting: w(λ) of the base loss, `sigmoid(b' - λ)`.
+    - schedule: the base model's schedule factory; its λ_max is stage 1's `latent_logsnr_max`
+      (UL: λ_z(0)).
+    - logsnr_min: λ_min of the base model's diffusion.
+    - label_dropout: probability of replacing a label by the null label while training.
+    - cache_latents: encode the train split once and train on the cached latents.
+    - sampler, sample_steps: sampler and steps of the base model (and of the decoder).
+    - decoder_sample_steps: the decoder's steps when sampling (None: `sample_steps`).
+    - guidance_scale: w of classifier-free guidance in evaluation samples (1: none).
+    - guidance_interval: (λ_lo, λ_hi) where guidance applies; None: everywhere.
+    - eval_t_per_example: t values per example in the evaluation's bitrate estimate.
+    - eval_images: end-to-end samples shown per evaluation.
+    - context_frames: video only: condition the base model on the latent of each clip's first k
+      frames (the paper's Kinetics-600 protocol: 5 of 16) and generate the continuation; 0:
+      unconditional on frames. See docs/method.md, "Video".
+    - context_latent_steps: with a frame-wise encoder (latent step t a function of frame t alone:
+      `encoders.resnet.frame_wise = True`), the first `context_latent_steps` latent steps of a
+      continuation are the context's own latent (noised to λ_z(0) like any z_0), not the base
+      model's estimate of it; it must equal `context_frames` divided by the latent's
+      down-sampling in time. 0: the base model's z_0 is decoded as it is.
+    - class_conditional: condition the base model on the dataset's labels (with `label_dropout`
+      for guidance). False: the base model has no class input and labels are ignored, so a clip
+      is continued from its context alone (the video experiments: frame prediction as on
+      Kinetics-600, no label).
+    - name: the stage's folder name under `workdir/stages/`.
+    """
+
+    stage1: Stage
+    base: Callable[..., nn.Module]
+    train: TrainSettings
+    source_stage: str = "stage1"
+    weighting: Weighting = SigmoidWeighting(0.0)
+    schedule: Callable[..., Schedule] = CosineSchedule
+    logsnr_min: float = -15.0
+    label_dropout: float = 0.1
+    cache_latents: bool = True
+    sampler: Callable[..., Tensor] = sample_ddim
+    sample_steps: int = 32
+    decoder_sample_steps: int | None = None
+    guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
+    eval_t_per_example: int = 8
+    eval_images: int = 8
+    context_frames: int = 0
+    context_latent_steps: int = 0
+    class_conditional: bool = True
+    name: str = "stage2"
+    _model: ULBaseModel | None = field(default=None, init=False, repr=False)
+    _stage_dir: Path | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        frames, steps = self.context_frames, self.context_latent_steps
+        if frames < 0:
+            raise ConfigError(f"ul_base.context_frames must be >= 0, got {frames}")
+        if steps < 0 or (steps and not frames):
             raise ConfigError(
-                f"ul_base.context_latent_steps={context_latent_steps} needs context_frames > 0 "
-                f"(got {context_frames}) and must be >= 0"
+                f"ul_base.context_latent_steps={steps} needs context_frames > 0 "
+                f"(got {frames}) and must be >= 0"
             )
-        if not 0.0 <= label_dropout < 1.0:
-            raise ConfigError(f"ul_base.label_dropout must be in [0, 1), got {label_dropout}")
-        if eval_t_per_example < 1:
-            raise ConfigError(f"ul_base.eval_t_per_example must be >= 1, got {eval_t_per_example}")
-        if guidance_interval is not None and guidance_interval[0] > guidance_interval[1]:
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"ul_base.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.eval_t_per_example < 1:
             raise ConfigError(
-                f"ul_base.guidance_interval must be (lo, hi), got {guidance_interval}"
+                f"ul_base.eval_t_per_example must be >= 1, got {self.eval_t_per_example}"
             )
-        if sample_steps < 1:
-            raise ConfigError(f"ul_base.sample_steps must be >= 1, got {sample_steps}")
-        if decoder_sample_steps is not None and decoder_sample_steps < 1:
+        interval = self.guidance_interval
+        if interval is not None and interval[0] > interval[1]:
+            raise ConfigError(f"ul_base.guidance_interval must be (lo, hi), got {interval}")
+        self.guidance_interval = (float(interval[0]), float(interval[1])) if interval else None
+        if self.sample_steps < 1:
+            raise ConfigError(f"ul_base.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.decoder_sample_steps is not None and self.decoder_sample_steps < 1:
             raise ConfigError(
-                f"ul_base.decoder_sample_steps must be >= 1 (or None), got {decoder_sample_steps}"
+                "ul_base.decoder_sample_steps must be >= 1 (or None), "
+                f"got {self.decoder_sample_steps}"
             )
-        self.stage1 = stage1
-        self.base_factory = base
-        self.train = train
-        self.source_stage = source_stage
-        self.weighting = weighting if weighting is not None else SigmoidWeighting(0.0)
-        check_weighting(self.weighting, "ul_base.weighting", logsnr_min)  # λ_max: from stage 1
-        self.schedule_factory = schedule
-        self.logsnr_min = logsnr_min
-        self.label_dropout = label_dropout
-        self.cache_latents = cache_latents
-        self.sampler = sampler
-        self.sample_steps = sample_steps
-        self.decoder_sample_steps = decoder_sample_steps
-        self.guidance_scale = guidance_scale
-        self.guidance_interval: tuple[float, float] | None = (
-            (float(guidance_interval[0]), float(guidance_interval[1]))
-            if guidance_interval
-            else None
-        )
-        self.eval_t_per_example = eval_t_per_example
-        self.eval_images = eval_images
-        self.context_frames = context_frames
-        self.context_latent_steps = context_latent_steps
-        self.class_conditional = class_conditional
-        self.name = name
-        self._model: ULBaseModel | None = None
-        self._stage_dir: Path | None = None
+        check_weighting(self.weighting, "ul_base.weighting", self.logsnr_min)  # λ_max: stage 1's
 
     def build(self, ctx: BuildContext) -> ULBaseModel:
         if self.source_stage not in ctx.previous:
@@ -457,10 +446,10 @@ class ULBase:
         num_classes = ctx.num_classes if self.class_conditional else 0
         base = check_built(
             "priors",
-            self.base_factory(shape=latent_shape, num_classes=num_classes, **extra),
+            self.base(shape=latent_shape, num_classes=num_classes, **extra),
             "ul_base.base",
         )
-        schedule = self.schedule_factory(
+        schedule = self.schedule(
             logsnr_min=self.logsnr_min, logsnr_max=float(latents.latent_logsnr_max), resolution=None
         )
         model = ULBaseModel(
@@ -549,6 +538,7 @@ class ULBase:
         )
 
     @torch.no_grad()
+    # The signature of protocols.SamplingStage.sample, repeated as an implementation must.
     def sample(
         self,
         model: nn.Module,
@@ -558,17 +548,22 @@ class ULBase:
         generator: torch.Generator | None = None,
         steps: int | None = None,
         context: Tensor | None = None,
+        sampler: Callable[..., Tensor] | None = None,
+        decoder_steps: int | None = None,
     ) -> Tensor:
-        """n end-to-end samples (Algorithm 2) with the stage's sampler; `steps` (None: the
-        stage's `sample_steps` and `decoder_sample_steps`) sets the base model's and the
-        decoder's steps, `guidance` (None: `guidance_scale`) the guidance scale."""
+        """n end-to-end samples (Algorithm 2) with the stage's sampler (`sampler`: another one,
+        for the base model and the decoder alike); `steps` (None: the stage's `sample_steps` and
+        `decoder_sample_steps`) sets the base model's and the decoder's steps, `decoder_steps`
+        the decoder's alone (over `steps`), `guidance` (None: `guidance_scale`) the guidance
+        scale."""
         assert isinstance(model, ULBaseModel)
         if generator is None:
             generator = torch.Generator(next(model.parameters()).device)
+        if decoder_steps is None:
+            decoder_steps = self.decoder_sample_steps if steps is None else steps
         return model.sample(
-            n, generator, labels, self.sampler,
-            self.sample_steps if steps is None else steps,
-            self.decoder_sample_steps if steps is None else steps,
+            n, generator, labels, self.sampler if sampler is None else sampler,
+            self.sample_steps if steps is None else steps, decoder_steps,
             self.guidance_scale if guidance is None else guidance,
             self.guidance_interval, context,
         )  # fmt: skip

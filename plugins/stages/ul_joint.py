@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,7 @@ from ulframe.diffusion import (
     BatchNoise,
     CosineSchedule,
     ELBOWeighting,
+    Schedule,
     ShiftedCosineSchedule,
     SigmoidWeighting,
     Weighting,
@@ -44,10 +45,10 @@ from ulframe.diffusion import (
     eps_from_v,
     is_elbo_weighting,
     kl_standard_normal_nats,
-    logsnr_grid,
     sample_ddim,
     stratified_t,
 )
+from ulframe.diffusion.samplers import sampler_grid
 from ulframe.diffusion.weighting import check_weighting
 from ulframe.errors import ConfigError
 from ulframe.eval.batches import Measured, evaluate_batches
@@ -56,6 +57,16 @@ from ulframe.protocols import BuildContext, EvalReport, check_built
 from ulframe.train.settings import TrainSettings
 
 LATENT_LOGSNR_MAX = 5.0  # λ_z(0): the fixed encoding noise of the paper
+
+
+def crossing_logsnr(weighting: Callable[[Tensor], Tensor], loss_factor: float) -> float | None:
+    """λ* where loss_factor · w(λ*) = 1, the log-SNR below which the decoder's scaled weight
+    exceeds the prior's (coarser content goes to the latent); None when the weighting has no
+    crossing (`crossing_logsnr` method) or loss_factor <= 1."""
+    crossing = getattr(weighting, "crossing_logsnr", None)
+    if crossing is None or loss_factor <= 1:
+        return None
+    return float(crossing(loss_factor))
 
 
 @dataclass(frozen=True)
@@ -98,8 +109,7 @@ class ULJointModel(nn.Module):
 
     `loss_factor` (c_lf) is a registered float32 0-d buffer: it is in `state_dict()` (checkpoints,
     EMA copies) and may be changed in place while training (`model.loss_factor.fill_(c)`); the
-    crossing point λ* reported in the metrics follows it. A state dict without it (a checkpoint
-    written before it was a buffer) loads with the value given to the constructor.
+    crossing point λ* reported in the metrics follows it.
     """
 
     loss_factor: Tensor
@@ -132,7 +142,6 @@ class ULJointModel(nn.Module):
         self.latent_shape = tuple(latent_shape)  # (Cz, *s)
         self._crossing_key: tuple[int, int] | None = None  # (id, version) of the buffer seen
         self._crossing: float | None = None
-        self.register_load_state_dict_pre_hook(_default_loss_factor)
 
     def crossing_logsnr(self) -> float | None:
         """λ* where c_lf · w(λ*) = 1 for the current c_lf (None if w has no crossing or c_lf <= 1).
@@ -142,11 +151,7 @@ class ULJointModel(nn.Module):
         """
         key = (id(self.loss_factor), self.loss_factor._version)
         if key != self._crossing_key:
-            crossing = getattr(self.decoder_weighting, "crossing_logsnr", None)
-            loss_factor = float(self.loss_factor)
-            self._crossing = (
-                float(crossing(loss_factor)) if crossing is not None and loss_factor > 1 else None
-            )
+            self._crossing = crossing_logsnr(self.decoder_weighting, float(self.loss_factor))
             self._crossing_key = key
         return self._crossing
 
@@ -233,7 +238,7 @@ class ULJointModel(nn.Module):
         (UL paper, Algorithm 2; not its clean estimate noised again), (n, Cz, *s)."""
         device = next(self.parameters()).device
         z_1 = torch.randn((n, *self.latent_shape), generator=generator, device=device)
-        grid = logsnr_grid(self.prior_schedule, steps).to(device, torch.float32)
+        grid = sampler_grid(sampler, self.prior_schedule, steps).to(device, torch.float32)
         return sampler(self.prior_eps, z_1, grid, generator=generator, final="state")
 
     # -- the hand-off to a later stage (ulframe.protocols.LatentModel) ---------------------------
@@ -257,7 +262,7 @@ class ULJointModel(nn.Module):
         if not self.image_shape:
             raise ValueError("ULJointModel.decode_latents needs the model's image_shape")
         x_1 = torch.randn((z_0.shape[0], *self.image_shape), generator=generator, device=z_0.device)
-        grid = logsnr_grid(self.decoder_schedule, steps).to(z_0.device, torch.float32)
+        grid = sampler_grid(sampler, self.decoder_schedule, steps).to(z_0.device, torch.float32)
 
         def eps_fn(x_t: Tensor, logsnr: Tensor) -> Tensor:
             return self.decoder_eps(x_t, logsnr, z_0)
@@ -269,123 +274,95 @@ class ULJointModel(nn.Module):
         return self.encoder.state_dict()
 
 
-def _default_loss_factor(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    """Load-state-dict pre-hook: a state dict without `loss_factor` keeps the module's value."""
-    loss_factor = cast(Tensor, module.loss_factor)
-    state_dict.setdefault(prefix + "loss_factor", loss_factor.detach().clone())
-
-
+@dataclass
 class ULJoint:
-    """Unified Latents stage 1: joint training of encoder, diffusion prior and diffusion decoder."""
+    """Unified Latents stage 1: joint training of encoder, diffusion prior and diffusion decoder.
 
-    def __init__(
-        self,
-        encoder: Callable[..., nn.Module],
-        prior: Callable[..., nn.Module],
-        decoder: Callable[..., nn.Module],
-        train: TrainSettings,
-        decoder_weighting: Callable[[Tensor], Tensor] | None = None,
-        prior_weighting: Callable[[Tensor], Tensor] | None = None,
-        loss_factor: float = 1.5,
-        latent_logsnr_max: float = LATENT_LOGSNR_MAX,
-        latent_logsnr_min: float = -15.0,
-        decoder_logsnr_min: float = -15.0,
-        decoder_logsnr_max: float = 15.0,
-        prior_schedule: Callable[..., Any] = CosineSchedule,
-        decoder_schedule: Callable[..., Any] = ShiftedCosineSchedule,
-        sampler: Callable[..., Tensor] = sample_ddim,
-        sample_steps: int = 50,
-        eval_t_per_example: int = 32,
-        eval_images: int = 8,
-        name: str = "stage1",
-    ) -> None:
-        """
-        Args:
-            encoder, prior, decoder: network factories (`@encoders.resnet`, `@priors.vit`,
-                `@decoders.uvit`); shapes are measured from the data at build time.
-            train: this stage's `TrainSettings`.
-            decoder_weighting: w(λ) of the decoder's ELBO term; default `sigmoid(b - λ)`, b = 0.
-            prior_weighting: must be the ELBO weighting (w ≡ 1): anything else lets the encoder
-                hide information at discounted noise levels and L_z stops bounding the bitrate.
-            loss_factor: c_lf, multiplies the decoder term (paper: 1.3-1.7; 1.5 on ImageNet);
-                the initial value of the model's `loss_factor` buffer, which a hook may change
-                while training (`hooks.bitrate_controller`).
-            latent_logsnr_max: λ_z(0), the log-SNR of the fixed encoding noise (paper: 5).
-            latent_logsnr_min: λ_min of the prior's diffusion (and of KL_1).
-            decoder_logsnr_min, decoder_logsnr_max: endpoints of the decoder's diffusion.
-            prior_schedule, decoder_schedule: schedule factories (`@schedules.cosine`, ...).
-            sampler, sample_steps: the decoder's sampler for reconstructions (`@samplers.ddim`).
-            eval_t_per_example: t values per example in the evaluation's bitrate estimate.
-            eval_images: examples shown as inputs beside reconstructions.
-            name: the stage's folder name under `workdir/stages/`.
-        """
-        self.encoder_factory = encoder
-        self.prior_factory = prior
-        self.decoder_factory = decoder
-        self.train = train
-        self.decoder_weighting = (
-            decoder_weighting if decoder_weighting is not None else SigmoidWeighting(0.0)
-        )
+    Its fields are the gin parameters of `stages.ul_joint`:
+
+    - encoder, prior, decoder: network factories (`@encoders.resnet`, `@priors.vit`,
+      `@decoders.uvit`); shapes are measured from the data at build time.
+    - train: this stage's `TrainSettings`.
+    - decoder_weighting: w(λ) of the decoder's ELBO term, `sigmoid(b - λ)`.
+    - prior_weighting: must be the ELBO weighting (w ≡ 1): anything else lets the encoder hide
+      information at discounted noise levels and L_z stops bounding the bitrate.
+    - loss_factor: c_lf, multiplies the decoder term (paper: 1.3-1.7; 1.5 on ImageNet); the
+      initial value of the model's `loss_factor` buffer, which a hook may change while training
+      (`hooks.bitrate_controller`).
+    - latent_logsnr_max: λ_z(0), the log-SNR of the fixed encoding noise (paper: 5).
+    - latent_logsnr_min: λ_min of the prior's diffusion (and of KL_1).
+    - decoder_logsnr_min, decoder_logsnr_max: endpoints of the decoder's diffusion.
+    - prior_schedule, decoder_schedule: schedule factories (`@schedules.cosine`, ...).
+    - sampler, sample_steps: the decoder's sampler for reconstructions (`@samplers.ddim`).
+    - eval_t_per_example: t values per example in the evaluation's bitrate estimate.
+    - eval_images: examples shown as inputs beside reconstructions.
+    - name: the stage's folder name under `workdir/stages/`.
+    """
+
+    encoder: Callable[..., nn.Module]
+    prior: Callable[..., nn.Module]
+    decoder: Callable[..., nn.Module]
+    train: TrainSettings
+    decoder_weighting: Weighting = SigmoidWeighting(0.0)
+    prior_weighting: Weighting = ELBOWeighting()
+    loss_factor: float = 1.5
+    latent_logsnr_max: float = LATENT_LOGSNR_MAX
+    latent_logsnr_min: float = -15.0
+    decoder_logsnr_min: float = -15.0
+    decoder_logsnr_max: float = 15.0
+    prior_schedule: Callable[..., Schedule] = CosineSchedule
+    decoder_schedule: Callable[..., Schedule] = ShiftedCosineSchedule
+    sampler: Callable[..., Tensor] = sample_ddim
+    sample_steps: int = 50
+    eval_t_per_example: int = 32
+    eval_images: int = 8
+    name: str = "stage1"
+    latent_shape: tuple[int, ...] = field(default=(), init=False)  # (Cz, *s), set by `build`
+
+    def __post_init__(self) -> None:
         check_weighting(
             self.decoder_weighting,
             "ul_joint.decoder_weighting",
-            decoder_logsnr_min,
-            decoder_logsnr_max,
+            self.decoder_logsnr_min,
+            self.decoder_logsnr_max,
         )
-        prior_weighting = prior_weighting if prior_weighting is not None else ELBOWeighting()
         if not is_elbo_weighting(
-            cast(Weighting, prior_weighting), latent_logsnr_min, latent_logsnr_max
+            self.prior_weighting, self.latent_logsnr_min, self.latent_logsnr_max
         ):
             raise ConfigError(
-                f"ul_joint.prior_weighting must be the ELBO weighting (w = 1), got {type(prior_weighting).__name__}: "
+                f"ul_joint.prior_weighting must be the ELBO weighting (w = 1), got {type(self.prior_weighting).__name__}: "
                 "with any other weighting the encoder can hide information at discounted noise levels "
                 "and the prior loss no longer bounds the latent bitrate (docs/method.md, Stage 1)"
             )
-        if eval_t_per_example < 1:
-            raise ConfigError(f"ul_joint.eval_t_per_example must be >= 1, got {eval_t_per_example}")
-        if loss_factor <= 0:
-            raise ConfigError(f"ul_joint.loss_factor must be positive, got {loss_factor}")
-        if sample_steps < 1:
-            raise ConfigError(f"ul_joint.sample_steps must be >= 1, got {sample_steps}")
-        self.loss_factor = loss_factor
-        self.latent_logsnr_max = latent_logsnr_max
-        self.latent_logsnr_min = latent_logsnr_min
-        self.decoder_logsnr_min = decoder_logsnr_min
-        self.decoder_logsnr_max = decoder_logsnr_max
-        self.prior_schedule_factory = prior_schedule
-        self.decoder_schedule_factory = decoder_schedule
-        self.sampler = sampler
-        self.sample_steps = sample_steps
-        self.eval_t_per_example = eval_t_per_example
-        self.eval_images = eval_images
-        self.name = name
-        self.latent_shape: tuple[int, ...] = ()
+        if self.eval_t_per_example < 1:
+            raise ConfigError(
+                f"ul_joint.eval_t_per_example must be >= 1, got {self.eval_t_per_example}"
+            )
+        if self.loss_factor <= 0:
+            raise ConfigError(f"ul_joint.loss_factor must be positive, got {self.loss_factor}")
+        if self.sample_steps < 1:
+            raise ConfigError(f"ul_joint.sample_steps must be >= 1, got {self.sample_steps}")
 
     def crossing_logsnr(self) -> float | None:
         """λ* where loss_factor · w(λ*) = 1 (coarser content goes to the latent), if defined."""
-        crossing = getattr(self.decoder_weighting, "crossing_logsnr", None)
-        if crossing is None or self.loss_factor <= 1:
-            return None
-        return float(crossing(self.loss_factor))
+        return crossing_logsnr(self.decoder_weighting, self.loss_factor)
 
     def build(self, ctx: BuildContext) -> ULJointModel:
         shape = tuple(ctx.example["x"].shape)  # (C, *S), measured from the data
         resolution = max(shape[1:])
-        encoder = check_built("encoders", self.encoder_factory(shape=shape), "ul_joint.encoder")
+        encoder = check_built("encoders", self.encoder(shape=shape), "ul_joint.encoder")
         with torch.no_grad():
             self.latent_shape = tuple(encoder(ctx.example["x"][None].float()).shape[1:])  # (Cz, *s)
-        prior = check_built("priors", self.prior_factory(shape=self.latent_shape), "ul_joint.prior")
+        prior = check_built("priors", self.prior(shape=self.latent_shape), "ul_joint.prior")
         decoder = check_built(
             "decoders",
-            self.decoder_factory(shape=shape, latent_shape=self.latent_shape),
+            self.decoder(shape=shape, latent_shape=self.latent_shape),
             "ul_joint.decoder",
         )
-        prior_schedule = self.prior_schedule_factory(
+        prior_schedule = self.prior_schedule(
             logsnr_min=self.latent_logsnr_min, logsnr_max=self.latent_logsnr_max, resolution=None
         )
-        decoder_schedule = self.decoder_schedule_factory(
+        decoder_schedule = self.decoder_schedule(
             logsnr_min=self.decoder_logsnr_min,
             logsnr_max=self.decoder_logsnr_max,
             resolution=resolution,

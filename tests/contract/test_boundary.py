@@ -247,13 +247,13 @@ class _Shapes:
 def test_the_probe_batch_is_decoded_as_the_loader_decodes_and_never_fails_the_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from ulframe.train.loop import probe_batch
+    from ulframe.train.perf import probe_batch
 
     first, again = probe_batch(_Shapes()), probe_batch(_Shapes())
     assert first is not None and again is not None
     assert first["x"].shape == (2, 1, 8, 8) and torch.equal(first["x"], again["x"])  # seeded
     assert torch.equal(first["x"][0], first_example(_Shapes())["x"])
-    with caplog.at_level(logging.WARNING, logger="ulframe.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="ulframe.train.perf"):
         assert probe_batch(_Shapes(), size=3) is None  # 8x8 and 6x6 examples: no batch
     (record,) = caplog.records
     assert "perf/mfu is not logged" in record.getMessage()
@@ -273,7 +273,7 @@ class _Tracking(torch.nn.Module):
 
 
 def test_counting_the_flops_leaves_the_models_buffers_as_they_were() -> None:
-    from ulframe.train.loop import count_example_flops
+    from ulframe.train.perf import count_example_flops
 
     model = _Tracking()
     batch = {"x": torch.randn(2, 1, 4, 4), "label": torch.zeros(2, dtype=torch.long)}

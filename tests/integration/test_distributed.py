@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from ulframe.data.pipeline import build_loader
-from ulframe.train import checkpoint, distributed, loop
+from ulframe.train import checkpoint, distributed
 from ulframe.train.distributed import World
+from ulframe.train.state import newest_agreed
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -94,17 +95,18 @@ def test_restore_steps_back_to_a_checkpoint_every_rank_has(
 
     monkeypatch.setattr(distributed, "min_max_over_ranks", min_max)
     world = World(0, 2, 0, torch.device("cpu"))
-    state = loop._restore(tmp_path, world)
+    state = newest_agreed(tmp_path, world)
     assert state is not None and state["samples_seen"] == 4
     other_rank["newest"] = -1  # the other rank has none: both start from scratch
-    assert loop._restore(tmp_path, world) is None
+    assert newest_agreed(tmp_path, world) is None
 
 
 def test_launch_argv_is_torchrun() -> None:
-    argv = distributed.launch_argv(2, 3, ["run", "gin/quickstart.gin"])
+    argv = distributed.launch_argv(2, 3, ["run", "gin/quickstart.gin"], signals=["SIGUSR1"])
     assert argv[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "--max-restarts", "3", "-m", "ulframe", "run", "gin/quickstart.gin",
+        "-m", "torch.distributed.run", "--standalone", "--signals-to-handle", "SIGUSR1",
+        "--nproc-per-node", "2", "--max-restarts", "3", "-m", "ulframe", "run",
+        "gin/quickstart.gin",
     ]  # fmt: skip
 
 

@@ -550,6 +550,11 @@ def test_export_to_a_directory_or_an_unwritable_path_is_one_line(
     workdir = tmp_path / "run"
     assert run_cli(*_args(workdir, tiny_run)).returncode == 0
     assert _error(run_cli("export", str(workdir), "--out", str(tmp_path))) == (
+        f"--out {tmp_path} is a folder that holds other files; name a new folder (or "
+        "FILE.safetensors for one stage's weights)"
+    )
+    fmt = ("--format", "safetensors")
+    assert _error(run_cli("export", str(workdir), "--out", str(tmp_path), *fmt)) == (
         f"--out {tmp_path} is a directory; name a file, e.g. {tmp_path / 'ema.safetensors'}"
     )
     blocked = tmp_path / "a-file"

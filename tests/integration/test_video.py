@@ -21,10 +21,15 @@ import torch
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 FRAMES, SIDE = 16, 16
 
-# gin/ul_kinetics.gin with the tiny video networks and a few samples per stage.
+# gin/ul_kinetics.gin with the tiny video networks and a few samples per stage; eager (its
+# torch.compile is tested in tests/unit/test_compile.py: compiling here costs minutes of C++
+# builds), no MFU measurement.
 TINY_KINETICS = [
     "gin/ul_kinetics.gin",
     "gin/presets/tiny_video.gin",
+    "--gin.TrainSettings.measure_mfu=False",
+    "--gin.stage1/TrainSettings.compile='off'",
+    "--gin.stage2/TrainSettings.compile='off'",
     "--gin.datasets.kinetics.resolution=16",
     "--gin.Experiment.num_workers=0",
     "--gin.stage1/TrainSettings.batch_size=4",
@@ -174,6 +179,7 @@ def test_video_quickstart_on_photographs_config_is_ok(run_cli: RunCli) -> None:
 # gin/quickstart_video.gin with a few samples per stage (its own networks and 32x32 clips).
 TINY_VIDEO_QUICKSTART = [
     "gin/quickstart_video.gin",
+    "--gin.TrainSettings.measure_mfu=False",
     "--gin.TRAIN_SAMPLES=16",
     "--gin.BASE_TRAIN_SAMPLES=8",
     "--gin.Experiment.num_workers=0",

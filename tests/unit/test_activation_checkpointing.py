@@ -19,9 +19,9 @@ from ulframe.errors import ConfigError
 from ulframe.protocols import BuildContext
 from ulframe.train import distributed
 from ulframe.train.distributed import World
-from ulframe.train.loop import Trainer, train_step
 from ulframe.train.parallelize import checkpoint_activations
 from ulframe.train.settings import CONFIGURABLES, TrainSettings
+from ulframe.train.step import Trainer, train_step
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "gin" / "quickstart.gin"
 CPU = World(0, 1, 0, torch.device("cpu"))

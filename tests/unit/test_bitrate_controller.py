@@ -205,12 +205,11 @@ def test_buffer_value_is_restored_by_load_state_dict():
     assert fresh.crossing_logsnr() == pytest.approx(math.log(1.25))  # b = 0: log(c - 1)
 
 
-def test_state_dict_without_the_buffer_keeps_the_configured_value():
-    """Checkpoints written before c_lf was a buffer still load (strictly)."""
-    model = build(1.8)
+def test_state_dict_without_the_buffer_is_refused():
+    """c_lf is part of the model's state: a state dict that lacks it does not load strictly."""
     state = {k: v for k, v in build(1.5).state_dict().items() if k != "loss_factor"}
-    model.load_state_dict(state)
-    assert float(model.loss_factor) == pytest.approx(1.8)
+    with pytest.raises(RuntimeError, match="loss_factor"):
+        build(1.8).load_state_dict(state)
 
 
 def test_ema_model_gets_the_buffer_value():

@@ -16,7 +16,7 @@ import torch
 from ulframe import cli
 from ulframe.errors import ConfigError
 from ulframe.protocols import BuildContext
-from ulframe.train import checkpoint
+from ulframe.train import checkpoint, optim
 from ulframe.train.parallelize import compile_model
 from ulframe.train.settings import TrainSettings
 from ulframe_plugins.networks.decoders import UViTDecoder
@@ -132,7 +132,7 @@ def test_a_compiled_run_trains_checkpoints_and_resumes_from_and_into_eager_runs(
     # the compiled run resumes it through `checkpoint.without_compile_prefix` (which
     # `checkpoint.load` applies: `checkpoint.upgrade`)
     for part in ("model", "ema"):
-        eager[part] = {f"{checkpoint.COMPILE_PREFIX}{k}": v for k, v in eager[part].items()}
+        eager[part] = {f"{optim.COMPILE_PREFIX}{k}": v for k, v in eager[part].items()}
     checkpoint.save(ckpts, 4, eager)
     written = torch.load(checkpoint.list_checkpoints(ckpts)[-1], weights_only=True)
     assert all(k.startswith("_orig_mod.") for k in written["model"])

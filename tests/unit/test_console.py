@@ -38,7 +38,6 @@ def _feed(hook: ConsoleProgress, clock: Clock, is_main: bool = True) -> None:
         stage=stage,
         samples_seen=12,
         scalars={"psnr": 21.456, "bits_per_pixel": 0.5},
-        images={},
     )
     hook.ulframe_stage_end(run=run, stage=stage, scalars={})
 

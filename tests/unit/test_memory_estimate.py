@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from ulframe.train.loop import checkpoint_activations
+from ulframe.train.parallelize import checkpoint_activations
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,10 +17,10 @@ from ulframe.data.pipeline import build_loader
 from ulframe.protocols import BuildContext
 from ulframe.train import checkpoint
 from ulframe.train.distributed import World
-from ulframe.train.loop import Trainer, train_step
 from ulframe.train.optim import EMA
 from ulframe.train.settings import TrainSettings
 from ulframe.train.state import TrainState
+from ulframe.train.step import Trainer, train_step
 
 
 @dataclass(frozen=True)

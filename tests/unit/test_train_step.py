@@ -1,4 +1,4 @@
-"""ulframe.train.loop.train_step: the loop's body, one optimizer step (also what
+"""ulframe.train.step.train_step: the loop's body, one optimizer step (also what
 benchmarks/overhead.py times)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from ulframe.errors import ConfigError
 from ulframe.hookspecs import StopTraining
 from ulframe.train import distributed
 from ulframe.train.distributed import World
-from ulframe.train.loop import Trainer, seed_for, train_step
 from ulframe.train.settings import TrainSettings
+from ulframe.train.step import Trainer, seed_for, train_step
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,8 @@ def test_stage_satisfies_protocol_and_needs_the_source_stage(tmp_path: Path) -> 
         _stage2(decoder_sample_steps=0)
     with pytest.raises(ConfigError, match=r"ul_joint\.sample_steps must be >= 1"):
         _stage2(stage1=ULJoint(
-            encoder=_stage1().encoder_factory, prior=_stage1().prior_factory,
-            decoder=_stage1().decoder_factory, train=TrainSettings(batch_size=4, train_samples=4),
+            encoder=_stage1().encoder, prior=_stage1().prior,
+            decoder=_stage1().decoder, train=TrainSettings(batch_size=4, train_samples=4),
             sample_steps=0,
         ))  # fmt: skip
     with pytest.raises(ConfigError, match=r"ul_base\.context_frames=5"):

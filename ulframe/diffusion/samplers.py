@@ -14,13 +14,28 @@ Every sampler is ``sampler(eps_fn, x_1, logsnrs, generator=None, clip_x=None, fi
   base model's state at λ_z(0), not the clean estimate noised again (docs/method.md, "Stage 2").
 
 In a step from t to s, s is the LESS noisy time: ``λ_s > λ_t``.
+
+Grids. A sampler may declare the grid it is meant to step on with a ``grid`` attribute (one of
+:data:`GRIDS`); callers build it with :func:`sampler_grid`. ``"time"`` (the default, and
+``ddim`` / ``ancestral``): :func:`logsnr_grid`, λ(t) at t evenly spaced. ``"logsnr"`` (the
+higher-order solvers): :func:`logsnr_uniform_grid`, evenly spaced in λ between the schedule's
+λ(1) and λ(0), where their step sizes ``h = (λ_s - λ_t) / 2`` are all equal. Every sampler
+accepts any strictly increasing grid; the attribute only says which one its callers build.
+
+The higher-order solvers (:func:`sample_dpmpp_2m`, :func:`sample_heun`, :func:`sample_unipc`)
+integrate the probability-flow ODE. In half log-SNR ``ℓ = λ / 2`` its exact solution from t to
+s is ``z_s = (sigma_s / sigma_t) z_t + alpha_s ∫_{ℓ_t}^{ℓ_s} e^{-(ℓ_s - ℓ)} x_hat(ℓ) dℓ``
+(Lu et al. 2022, data prediction), and with ``x_hat`` constant it is the DDIM step. Each takes
+a lower order on its last step (its first-order step there is DDIM's), so that the step which
+lands on the least noisy level uses only the model's newest estimate.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -31,21 +46,32 @@ from ulframe.errors import ConfigError
 
 __all__ = [
     "FINALS",
+    "GRIDS",
     "EpsFn",
     "Sampler",
     "ancestral_step",
     "ddim_step",
     "denoise",
     "logsnr_grid",
+    "logsnr_uniform_grid",
     "sample_ancestral",
     "sample_ddim",
+    "sample_dpmpp_2m",
+    "sample_heun",
+    "sample_unipc",
+    "sampler_grid",
 ]
+
+_F = TypeVar("_F", bound=Callable[..., Tensor])
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 """``eps_fn(x_t (B, C, *spatial), logsnr (B,)) -> eps_hat (B, C, *spatial)``."""
 
 FINALS = ("x_hat", "state")
 """What a sampler returns: the clean estimate at the last grid point, or the chain's state there."""
+
+GRIDS = ("time", "logsnr")
+"""The grids a sampler's ``grid`` attribute may name: even in t, or even in λ."""
 
 
 @runtime_checkable
@@ -81,6 +107,49 @@ def logsnr_grid(schedule: Schedule, steps: int, *, dtype: torch.dtype = torch.fl
         raise ConfigError(f"steps must be >= 1, got {steps} (sample_steps)")
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=dtype)  # (N + 1,)
     return schedule.logsnr(t)
+
+
+def logsnr_uniform_grid(
+    schedule: Schedule, steps: int, *, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """Sampling grid even in λ from the schedule's ``λ(1)`` (noisiest) to ``λ(0)``.
+
+    Args:
+        schedule: any schedule; only its endpoints ``λ(1)`` and ``λ(0)`` are used.
+        steps: N >= 1, number of sampler steps.
+        dtype: dtype of the grid (float64 by default; samplers cast to the data dtype).
+
+    Returns:
+        ``logsnrs``, ``(N + 1,)``, ``λ(1) + i (λ(0) - λ(1)) / N`` for ``i = 0 .. N``.
+    """
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps} (sample_steps)")
+    ends = schedule.logsnr(torch.tensor([1.0, 0.0], dtype=torch.float64))  # (2,)
+    return torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=dtype)
+
+
+def sampler_grid(
+    sampler: object, schedule: Schedule, steps: int, *, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """The grid ``sampler`` steps on: the one its ``grid`` attribute names (default ``"time"``).
+
+    Args:
+        sampler: any sampler; ``getattr(sampler, "grid", "time")`` must be one of :data:`GRIDS`.
+        schedule: the chain's schedule.
+        steps: N >= 1, number of sampler steps.
+        dtype: dtype of the grid.
+
+    Returns:
+        ``logsnrs``, ``(N + 1,)``, increasing: :func:`logsnr_grid` for ``"time"``,
+        :func:`logsnr_uniform_grid` for ``"logsnr"``.
+    """
+    kind = getattr(sampler, "grid", "time")
+    if kind == "time":
+        return logsnr_grid(schedule, steps, dtype=dtype)
+    if kind == "logsnr":
+        return logsnr_uniform_grid(schedule, steps, dtype=dtype)
+    name = getattr(sampler, "__name__", repr(sampler))
+    raise ConfigError(f"sampler {name} declares grid {kind!r}; a grid must be one of {GRIDS}")
 
 
 def denoise(
@@ -244,3 +313,240 @@ def sample_ddim(
         return z
     x_hat, _ = denoise(eps_fn, z, _per_example(grid[-1], z), clip_x)
     return x_hat
+
+
+# ---- higher-order solvers of the probability-flow ODE, on a grid even in λ ---------------------
+def _on_grid(kind: str) -> Callable[[_F], _F]:
+    """Declare the grid a sampler steps on (its ``grid`` attribute; see the module docstring)."""
+
+    def mark(sampler: _F) -> _F:
+        sampler.__dict__["grid"] = kind
+        return sampler
+
+    return mark
+
+
+def _scales(logsnr: float) -> tuple[float, float]:
+    """``(alpha, sigma)`` of a grid value, in float64: the step coefficients of the solvers.
+
+    ``alpha² = sigmoid(λ)`` and ``sigma² = sigmoid(-λ)``, each from the form that neither
+    overflows nor cancels, so both keep their relative precision at either end of the grid.
+    """
+
+    def sigmoid(v: float) -> float:
+        return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
+
+    return math.sqrt(sigmoid(logsnr)), math.sqrt(sigmoid(-logsnr))
+
+
+def _grids(x_1: Tensor, logsnrs: Tensor) -> tuple[Tensor, list[float]]:
+    """The checked grid in ``x_1``'s dtype (what models receive) and in float64 (coefficients)."""
+    grid = _check_grid(x_1, logsnrs)  # (N + 1,)
+    return grid, logsnrs.detach().to("cpu", torch.float64).tolist()
+
+
+def _exponential_step(z_t: Tensor, d: Tensor, logsnr_t: float, logsnr_s: float) -> Tensor:
+    """First-order step of the data-prediction ODE with the estimate ``d`` held constant.
+
+    ``z_s = (sigma_s / sigma_t) z_t + alpha_s (1 - e^{-h}) d``, ``h = (λ_s - λ_t) / 2``: with
+    ``d = x_hat`` this is exactly :func:`ddim_step` (DPM-Solver++ 1 = DDIM).
+    """
+    _, sigma_t = _scales(logsnr_t)
+    alpha_s, sigma_s = _scales(logsnr_s)
+    return (sigma_s / sigma_t) * z_t - alpha_s * math.expm1(-(logsnr_s - logsnr_t) / 2) * d
+
+
+def _final(eps_fn: EpsFn, z: Tensor, grid: Tensor, clip_x: float | None, final: str) -> Tensor:
+    """The chain's state at the last grid point, or the model's clean estimate there."""
+    if final == "state":
+        return z
+    x_hat, _ = denoise(eps_fn, z, _per_example(grid[-1], z), clip_x)
+    return x_hat
+
+
+# Each sampler below spells out the Sampler signature and its arguments again, deliberately: a
+# sampler's docstring stands alone in `ulframe plugins` and docs/gin_reference.md.
+@_on_grid("logsnr")
+def sample_dpmpp_2m(
+    eps_fn: EpsFn,
+    x_1: Tensor,
+    logsnrs: Tensor,
+    generator: torch.Generator | None = None,
+    clip_x: float | None = None,
+    final: str = "x_hat",
+) -> Tensor:
+    """DPM-Solver++ (2M): the second-order multistep solver in data prediction (Lu et al. 2022).
+
+    Step i from ``λ_t`` to ``λ_s`` with ``h = (λ_s - λ_t) / 2`` and the previous step's
+    ``h' = (λ_t - λ_r) / 2``, ``r = h' / h``: ``d = (1 + 1 / 2r) x_hat_t - (1 / 2r) x_hat_r``,
+    then :func:`_exponential_step` with ``d``. The first step (no earlier estimate) and the last
+    are first order (``d = x_hat_t``, a DDIM step). One model call per step.
+
+    Args:
+        eps_fn: noise-prediction model.
+        x_1: starting noise, ``(B, C, *spatial)``.
+        logsnrs: increasing grid ``(N + 1,)`` (callers build it even in λ: ``grid = "logsnr"``).
+        generator: accepted for the common signature and ignored (deterministic).
+        clip_x: optional bound on ``|x_hat|`` at every step.
+        final: ``"x_hat"`` (N + 1 model calls) or ``"state"`` (N calls).
+
+    Returns:
+        ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
+    """
+    del generator  # deterministic
+    _check_final(final)
+    grid, values = _grids(x_1, logsnrs)
+    steps = len(values) - 1
+    z = x_1
+    earlier: tuple[float, Tensor] | None = None  # (λ_r, x_hat_r) of the previous step
+    for i, (logsnr_t, logsnr_s) in enumerate(itertools.pairwise(values)):
+        x_hat, _ = denoise(eps_fn, z, _per_example(grid[i], z), clip_x)
+        d = x_hat
+        if earlier is not None and i < steps - 1:
+            r = (logsnr_t - earlier[0]) / (logsnr_s - logsnr_t)
+            d = (1.0 + 0.5 / r) * x_hat - (0.5 / r) * earlier[1]
+        z = _exponential_step(z, d, logsnr_t, logsnr_s)
+        earlier = (logsnr_t, x_hat)
+    return _final(eps_fn, z, grid, clip_x, final)
+
+
+@_on_grid("logsnr")
+def sample_heun(
+    eps_fn: EpsFn,
+    x_1: Tensor,
+    logsnrs: Tensor,
+    generator: torch.Generator | None = None,
+    clip_x: float | None = None,
+    final: str = "x_hat",
+) -> Tensor:
+    """EDM's second-order Heun sampler (Karras et al. 2022, Algorithm 1) on a grid in λ.
+
+    EDM integrates ``dx̃ / dσ̃ = eps_hat`` in the scaled state ``x̃ = z / alpha`` against
+    ``σ̃ = sigma / alpha = e^{-λ/2}``. Its Euler step is the DDIM step
+    ``z' = alpha_s x_hat_t + sigma_s eps_t``; Heun's correction averages the slopes at both ends:
+    ``z_s = z' + alpha_s (σ̃_s - σ̃_t) (eps_s' - eps_t) / 2`` with ``eps_s'`` the model at
+    ``(z', λ_s)``. Two model calls per step; the last step is the Euler step alone (one call).
+
+    Args:
+        eps_fn: noise-prediction model.
+        x_1: starting noise, ``(B, C, *spatial)``.
+        logsnrs: increasing grid ``(N + 1,)`` (callers build it even in λ: ``grid = "logsnr"``).
+        generator: accepted for the common signature and ignored (deterministic).
+        clip_x: optional bound on ``|x_hat|`` at every model call.
+        final: ``"x_hat"`` (2N model calls) or ``"state"`` (2N - 1 calls).
+
+    Returns:
+        ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
+    """
+    del generator  # deterministic
+    _check_final(final)
+    grid, values = _grids(x_1, logsnrs)
+    steps = len(values) - 1
+    z = x_1
+    for i, (logsnr_t, logsnr_s) in enumerate(itertools.pairwise(values)):
+        x_hat, eps_t = denoise(eps_fn, z, _per_example(grid[i], z), clip_x)
+        alpha_s, sigma_s = _scales(logsnr_s)
+        euler = alpha_s * x_hat + sigma_s * eps_t  # ddim_step
+        if i == steps - 1:
+            z = euler
+            break
+        _, eps_s = denoise(eps_fn, euler, _per_example(grid[i + 1], z), clip_x)
+        dsigma = math.exp(-logsnr_s / 2) - math.exp(-logsnr_t / 2)  # σ̃_s - σ̃_t < 0
+        z = euler + (alpha_s * dsigma / 2) * (eps_s - eps_t)
+    return _final(eps_fn, z, grid, clip_x, final)
+
+
+def _unipc_update(
+    z_t: Tensor,
+    x_hat_t: Tensor,
+    logsnr_t: float,
+    logsnr_s: float,
+    earlier: tuple[float, Tensor] | None,
+    x_hat_s: Tensor | None = None,
+) -> Tensor:
+    """One UniPC update from t to s (Zhao et al. 2023, the B(h) = e^{-h} - 1 variant "bh2").
+
+    Predictor UniP (``x_hat_s`` None): order 1 without ``earlier`` (DDIM), order 2 with it
+    (``rho = 1/2``; the same step as DPM-Solver++ 2M). Corrector UniC (``x_hat_s``, the model's
+    estimate at the predicted state): recomputes the step with ``x_hat_s`` as one more point,
+    ``rho`` solving ``R rho = b`` for ``R = [[1, 1], [r, 1]]`` (``r = (λ_r - λ_t) / (λ_s - λ_t)``)
+    and ``b_k = h φ_k(h) k! / B(h)``; without ``earlier``, ``rho = 1/2`` (the trapezoidal rule).
+
+    Args:
+        z_t: state at λ_t, ``(B, C, *spatial)``.
+        x_hat_t: model estimate at ``(z_t, λ_t)``.
+        logsnr_t, logsnr_s: the step's ends, ``λ_s > λ_t``.
+        earlier: ``(λ_r, x_hat_r)`` one grid point before t, or None (a first-order step).
+        x_hat_s: the estimate at the predicted state at λ_s (corrector), or None (predictor).
+
+    Returns:
+        ``z_s``, shape of ``z_t``.
+    """
+    h = (logsnr_s - logsnr_t) / 2
+    b_h = math.expm1(-h)  # B(h) = e^{-h} - 1 = h φ_1(h) with hh = -h
+    alpha_s, _ = _scales(logsnr_s)
+    z = _exponential_step(z_t, x_hat_t, logsnr_t, logsnr_s)
+    if earlier is None and x_hat_s is None:
+        return z
+    d_r = r = None
+    if earlier is not None:
+        r = (earlier[0] - logsnr_t) / (2 * h)  # < 0: the earlier point lies behind t
+        d_r = (earlier[1] - x_hat_t) / r
+    if x_hat_s is None:
+        assert d_r is not None
+        return z - (alpha_s * b_h * 0.5) * d_r
+    d_s = x_hat_s - x_hat_t
+    if d_r is None or r is None:
+        return z - (alpha_s * b_h * 0.5) * d_s
+    phi = b_h / -h - 1.0  # h φ_2 / h
+    b_1 = phi / b_h
+    phi = phi / -h - 0.5
+    b_2 = 2.0 * phi / b_h
+    rho_r = (b_1 - b_2) / (1.0 - r)
+    rho_s = b_1 - rho_r
+    return z - alpha_s * b_h * (rho_r * d_r + rho_s * d_s)
+
+
+@_on_grid("logsnr")
+def sample_unipc(
+    eps_fn: EpsFn,
+    x_1: Tensor,
+    logsnrs: Tensor,
+    generator: torch.Generator | None = None,
+    clip_x: float | None = None,
+    final: str = "x_hat",
+) -> Tensor:
+    """UniPC (Zhao et al. 2023): the 2M predictor plus a corrector at no extra model call.
+
+    Each model call at a newly predicted state first corrects that state (UniC, of the order of
+    the step that made it, plus one), then the next step is predicted from the corrected state
+    (UniP-2; first order on the first step and on the last, whose state is not corrected: no
+    model call follows it). One model call per step, as DPM-Solver++ 2M.
+
+    Args:
+        eps_fn: noise-prediction model.
+        x_1: starting noise, ``(B, C, *spatial)``.
+        logsnrs: increasing grid ``(N + 1,)`` (callers build it even in λ: ``grid = "logsnr"``).
+        generator: accepted for the common signature and ignored (deterministic).
+        clip_x: optional bound on ``|x_hat|`` at every step.
+        final: ``"x_hat"`` (N + 1 model calls) or ``"state"`` (N calls).
+
+    Returns:
+        ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
+    """
+    del generator  # deterministic
+    _check_final(final)
+    grid, values = _grids(x_1, logsnrs)
+    steps = len(values) - 1
+    z = x_1
+    earlier: tuple[float, Tensor] | None = None  # (λ, x_hat) one grid point back
+    made: tuple[Tensor, Tensor, float, tuple[float, Tensor] | None] | None = None
+    for i, (logsnr_t, logsnr_s) in enumerate(itertools.pairwise(values)):
+        x_hat, _ = denoise(eps_fn, z, _per_example(grid[i], z), clip_x)
+        if made is not None:  # UniC: correct z (predicted by the last step) with x_hat there
+            z = _unipc_update(made[0], made[1], made[2], logsnr_t, made[3], x_hat)
+        using = earlier if 0 < i < steps - 1 else None
+        made = (z, x_hat, logsnr_t, using)
+        earlier = (logsnr_t, x_hat)
+        z = _unipc_update(z, x_hat, logsnr_t, logsnr_s, using)
+    return _final(eps_fn, z, grid, clip_x, final)

@@ -47,8 +47,15 @@ class Schedule(Protocol):
     Constructors share the signature ``(logsnr_min, logsnr_max, resolution)``.
     """
 
-    logsnr_min: float
-    logsnr_max: float
+    @property
+    def logsnr_min(self) -> float:
+        """λ(1), the noisiest log-SNR."""
+        ...
+
+    @property
+    def logsnr_max(self) -> float:
+        """λ(0), the least noisy log-SNR."""
+        ...
 
     def logsnr(self, t: Tensor) -> Tensor:
         """λ(t); ``λ(0) = logsnr_max``, ``λ(1) = logsnr_min``. Same shape as ``t``."""
@@ -89,7 +96,21 @@ def _f64(t: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class CosineSchedule:
+class _Endpoints:
+    """The fields every schedule shares, validated: ``λ(1) = logsnr_min < λ(0) = logsnr_max``,
+    both finite, and the data's ``resolution`` (None or a positive number of pixels)."""
+
+    logsnr_min: float = DEFAULT_LOGSNR_MIN
+    logsnr_max: float = DEFAULT_LOGSNR_MAX
+    resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        _validate_endpoints(self.logsnr_min, self.logsnr_max)
+        _validate_resolution(self.resolution)
+
+
+@dataclass(frozen=True)
+class CosineSchedule(_Endpoints):
     """Cosine log-SNR schedule between fixed endpoints (Nichol & Dhariwal 2021; Kingma et al. 2021).
 
     ``λ(t) = -2 log tan(t_min + t (t_max - t_min))`` with
@@ -106,14 +127,6 @@ class CosineSchedule:
         logsnr_max: λ(0), least-noisy log-SNR.
         resolution: data resolution in pixels; accepted for the uniform signature, ignored.
     """
-
-    logsnr_min: float = DEFAULT_LOGSNR_MIN
-    logsnr_max: float = DEFAULT_LOGSNR_MAX
-    resolution: int | None = None
-
-    def __post_init__(self) -> None:
-        _validate_endpoints(self.logsnr_min, self.logsnr_max)
-        _validate_resolution(self.resolution)
 
     @property
     def t_min(self) -> float:
@@ -170,7 +183,7 @@ class CosineSchedule:
 
 
 @dataclass(frozen=True)
-class ShiftedCosineSchedule:
+class ShiftedCosineSchedule(_Endpoints):
     """Resolution-shifted cosine schedule (Hoogeboom et al. 2023, "simple diffusion").
 
     ``λ(t) = λ_cos(t) + shift`` with ``shift = 2 log(reference_resolution / resolution)``,
@@ -189,14 +202,10 @@ class ShiftedCosineSchedule:
         reference_resolution: resolution at which the shift is zero (pixels).
     """
 
-    logsnr_min: float = DEFAULT_LOGSNR_MIN
-    logsnr_max: float = DEFAULT_LOGSNR_MAX
-    resolution: int | None = None
     reference_resolution: int = DEFAULT_REFERENCE_RESOLUTION
 
     def __post_init__(self) -> None:
-        _validate_endpoints(self.logsnr_min, self.logsnr_max)
-        _validate_resolution(self.resolution)
+        super().__post_init__()
         _validate_resolution(self.reference_resolution, "reference_resolution")
 
     @property
@@ -225,7 +234,7 @@ class ShiftedCosineSchedule:
 
 
 @dataclass(frozen=True)
-class LinearSchedule:
+class LinearSchedule(_Endpoints):
     """Schedule linear in log-SNR: ``λ(t) = λ_max + t (λ_min - λ_max)``.
 
     ``-dλ/dt = λ_max - λ_min`` (constant), ``t(λ) = (λ_max - λ) / (λ_max - λ_min)``.
@@ -237,14 +246,6 @@ class LinearSchedule:
         logsnr_max: λ(0), least-noisy log-SNR.
         resolution: accepted for the uniform signature, ignored.
     """
-
-    logsnr_min: float = DEFAULT_LOGSNR_MIN
-    logsnr_max: float = DEFAULT_LOGSNR_MAX
-    resolution: int | None = None
-
-    def __post_init__(self) -> None:
-        _validate_endpoints(self.logsnr_min, self.logsnr_max)
-        _validate_resolution(self.resolution)
 
     def logsnr(self, t: Tensor) -> Tensor:
         """``λ(t) = λ_max + t (λ_min - λ_max)``."""

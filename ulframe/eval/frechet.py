@@ -31,9 +31,14 @@ Numerics, all in float64:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ulframe.errors import UserError
 
 __all__ = [
     "FrechetStats",
@@ -250,3 +255,43 @@ class FeatureFrechetMetric:
             predicted = classify(self.adapt_channels(estimate)).cpu()
             out["class_accuracy"] = float((predicted == labels.cpu()).float().mean())
         return out
+
+
+Net = TypeVar("Net", bound=nn.Module)
+
+
+def load_judge(
+    weights_path: str | Path | None,
+    default: Path,
+    parameter: str,
+    judge: str,
+    build: Callable[[dict[str, Any]], Net],
+) -> tuple[Net, dict[str, Any]]:
+    """A shipped feature network (a "judge"), in eval mode without gradients, and its file's
+    metadata (every key but ``state_dict``).
+
+    The file is a ``torch.save`` dict read without unpickling code: ``state_dict`` and the
+    values ``build(blob)`` needs to make the network. A missing or unreadable file is one
+    ``UserError`` naming ``parameter`` (or the default path) and how to rebuild the shipped one
+    (``tools/train_judges.py --judge JUDGE``).
+    """
+    path = default if weights_path is None else Path(weights_path).expanduser()
+    shown = f"{parameter} = {str(path)!r}" if weights_path is not None else f"{path} (default)"
+    if not path.is_file():
+        hint = (
+            "the shipped weights are missing from the installation; rebuild them with "
+            f"`python tools/train_judges.py --judge {judge} --out <file>` (in a ulframe checkout)"
+            if weights_path is None
+            else "no such file"
+        )
+        raise UserError(f"{shown}: {hint}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        network = build(blob)
+        network.load_state_dict(blob["state_dict"])
+    except Exception as error:
+        raise UserError(
+            f"{shown}: not an fd_{judge} weights file ({type(error).__name__}: {error})"
+        ) from error
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return network.eval().requires_grad_(False), meta

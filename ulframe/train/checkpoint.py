@@ -28,19 +28,22 @@ import torch
 
 from ulframe import rundir
 from ulframe.errors import ConfigError, UserError
+from ulframe.train.optim import without_compile_prefix
 
 if TYPE_CHECKING:
     from ulframe.protocols import BuildContext
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """The version of the checkpoint layout, under the key "format". Version 0: the checkpoints
-written before it had a version (the same keys, without "format"); `upgrade` reads them."""
+written before it had a version (the same keys, without "format"); version 1: before
+"power_ema"; `upgrade` reads both."""
 FORMAT: dict[str, str] = {
     "format": "FORMAT_VERSION",
     "model": "the training model's full (unsharded) state dict",
     "ema": "the EMA model's state dict (weights and buffers), the weights evaluation uses",
+    "power_ema": "the post-hoc EMA's power-function EMAs, {sigma_rel: state dict}, or None",
     "optimizer": "the optimizer's full state dict",
     "loader": "this rank's training loader position (each rank writes its own file)",
     "samples_seen": "the training samples the weights have seen (int)",
@@ -55,8 +58,8 @@ benchmarks) save a partial checkpoint, e.g. with "ema" alone."""
 
 def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     """`state`, a checkpoint of any known version, in the current layout (`FORMAT`): version 0
-    gains "format"; model and EMA keys lose any compile prefix. Raises ValueError for a version
-    newer than this code knows."""
+    gains "format"; versions 0 and 1 gain "power_ema" (None: none tracked); model and EMA keys
+    lose any compile prefix. Raises ValueError for a version newer than this code knows."""
     version = state.get("format", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
@@ -66,6 +69,8 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     for key in ("model", "ema"):
         if isinstance(state.get(key), dict):
             state[key] = without_compile_prefix(state[key])
+    if version < 2:
+        state.setdefault("power_ema", None)
     state["format"] = FORMAT_VERSION
     return state
 
@@ -104,11 +109,18 @@ def load_stage_ema(
     stage: Any, ctx: BuildContext, stage_dir: Path, map_location: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """A finished (or checkpointed) stage's model: `stage.build(ctx)` as in its own run, with the
-    EMA weights of the newest valid checkpoint under `stage_dir` loaded.
+    EMA weights of the newest valid checkpoint under `stage_dir` loaded, or the post-hoc EMA
+    `ulframe ema` wrote into the stage (`stage_ema`).
+
+    When another stage builds on this one (`ctx.stage_dir` is not `stage_dir`, e.g. UL's stage 2
+    on stage 1's encoder) which EMA it got is recorded before that stage trains, and a stage
+    trained on another EMA than the one loaded now is logged as stale in one line
+    (`posthoc_ema.note_source`).
 
     Raises ConfigError when there is no valid checkpoint, or when the checkpoint does not fit
     the model built (the config is not the one the stage was trained with)."""
     from ulframe import protocols
+    from ulframe.train import posthoc_ema
 
     directory = checkpoint_dir(stage_dir)
     sub = protocols.BuildContext(
@@ -121,8 +133,12 @@ def load_stage_ema(
             f"stage '{stage.name}' has no valid checkpoint under {directory} to load its EMA "
             "weights from: train it first with `ulframe run`"
         )
+    weights, which = stage_ema(stage_dir, state)
+    if ctx.stage_dir != stage_dir:
+        trained = bool(list_checkpoints(checkpoint_dir(ctx.stage_dir)))
+        posthoc_ema.note_source(ctx.stage_dir, stage_dir, which, trained)
     try:
-        model.load_state_dict(state["ema"])
+        model.load_state_dict(weights)
     except RuntimeError as err:  # shapes differ: not the config the stage was trained with
         first = str(err).strip().splitlines()[-1].strip()
         raise ConfigError(
@@ -133,17 +149,19 @@ def load_stage_ema(
     return model
 
 
-COMPILE_PREFIX = "_orig_mod."  # what a module wrapped by torch.compile adds to its keys
+def stage_ema(stage_dir: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The EMA weights sample, eval and export use for the stage in `stage_dir`, and which they
+    are (`posthoc_ema.ema_identity`; `posthoc_ema.describe` puts it in words): the post-hoc EMA
+    `ulframe ema` wrote into the stage when there is one, else `state`'s (the stage's newest
+    checkpoint)."""
+    from ulframe.train import posthoc_ema
 
-
-def without_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    """`state` with every `_orig_mod.` of torch.compile's wrapper removed from its keys, so
-    that checkpoints of compiled and eager runs hold the same keys and load into either. (The
-    loop compiles in place and writes none; a state dict from a `torch.compile(module)` has
-    them.)"""
-    if not any(COMPILE_PREFIX in key for key in state):
-        return state
-    return {key.replace(COMPILE_PREFIX, ""): value for key, value in state.items()}
+    posthoc = posthoc_ema.read_posthoc(stage_dir)
+    which = posthoc_ema.ema_identity(posthoc, int(state["samples_seen"]))
+    if posthoc is None:
+        return state["ema"], which
+    log.info("stage %s: %s", stage_dir.name, posthoc_ema.describe(which))
+    return posthoc["ema"], which
 
 
 def all_finite(value: Any) -> bool:
@@ -299,3 +317,17 @@ def check_config(old: str, new: str, where: str, allow: bool) -> None:
             "use a new --workdir, or pass --allow-config-change to resume with this config"
         )
     log.warning("resuming %s with a changed config (--allow-config-change):\n%s", where, diff)
+
+
+def models_finite(*models: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer of `models` (this rank's shard, when sharded) is
+    finite."""
+    tensors = [t for m in models for t in [*m.parameters(), *m.buffers()]]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return all_finite([t.detach() for t in local])
+
+
+def last_finite(ckpt_dir: Path) -> str:
+    """The newest finite checkpoint in `ckpt_dir`, for a message (`none in DIR` when none)."""
+    path = newest_finite(ckpt_dir)
+    return str(path) if path is not None else f"none in {ckpt_dir}"

@@ -7,11 +7,14 @@ A single process (no torchrun environment) is a world of size 1 and never touche
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ulframe.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -35,17 +38,64 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
 
 
 def init(requested_device: str = "auto") -> World:
-    """Join the process group when launched by torchrun; else a world of one."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Join the process group when launched by torchrun; else a world of one.
+
+    A missing or inconsistent rank environment stops this process before it joins anything,
+    with one line (`rank_environment`): every process checks its own, so none waits for a peer
+    that will never come."""
+    rank, world_size, local_rank = rank_environment()
     device = pick_device(requested_device, local_rank)
+    if device.type == "cuda" and local_rank >= torch.cuda.device_count():
+        raise UserError(
+            f"LOCAL_RANK={local_rank} but {torch.cuda.device_count()} CUDA device(s) are "
+            f"visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            "start at most one process per visible device on a node"
+        )
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, **_attempt_store(rank, world_size))
     return World(rank, world_size, local_rank, device)
+
+
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def rank_environment() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as a launcher (torchrun, `ulframe run --nproc`) set them;
+    (0, 1, 0) when none is set. A value that is not an integer, RANK without WORLD_SIZE or the
+    reverse, a rank outside [0, WORLD_SIZE), a LOCAL_RANK outside [0, LOCAL_WORLD_SIZE), or a
+    world of several processes without MASTER_ADDR/MASTER_PORT is a one-line UserError."""
+    values: dict[str, int] = {}
+    for name in RANK_VARIABLES:
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise UserError(f"{name}={raw!r} is not an integer") from None
+    if ("RANK" in values) != ("WORLD_SIZE" in values):
+        have, lack = ("RANK", "WORLD_SIZE") if "RANK" in values else ("WORLD_SIZE", "RANK")
+        raise UserError(
+            f"{have}={values[have]} is set but {lack} is not; a launcher (torchrun, ulframe run "
+            "--nproc) sets both"
+        )
+    rank, world_size = values.get("RANK", 0), values.get("WORLD_SIZE", 1)
+    local_rank = values.get("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
+    local_world = values.get("LOCAL_WORLD_SIZE", world_size)
+    if not 0 <= local_rank < local_world:
+        raise UserError(f"LOCAL_RANK={local_rank} is outside [0, LOCAL_WORLD_SIZE={local_world})")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if world_size > 1 and missing:
+        raise UserError(
+            f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set; a launcher "
+            "(torchrun, ulframe run --nproc) sets them"
+        )
+    return rank, world_size, local_rank
 
 
 def _attempt_store(rank: int, world_size: int) -> dict[str, Any]:
@@ -115,7 +165,7 @@ def shard(model: torch.nn.Module) -> None:
 def repeated_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Every block held in an `nn.ModuleList` of `model` (not itself a ModuleList/ModuleDict),
     with its name, children before their parents: the units of `shard` (FSDP2) and of
-    activation checkpointing (`ulframe.train.loop.checkpoint_activations`)."""
+    activation checkpointing (`ulframe.train.parallelize.checkpoint_activations`)."""
     found: list[tuple[str, torch.nn.Module]] = []
     for name, module in reversed(list(model.named_modules())):  # children before parents
         if isinstance(module, torch.nn.ModuleList):
@@ -252,21 +302,125 @@ def min_max_over_ranks(value: int, world: World) -> tuple[int, int]:
     return int(t[0]), -int(t[1])
 
 
-def launch_argv(nproc: int, max_restarts: int, ulframe_args: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the elastic agents of a multi-node run meet: torch's c10d rendezvous, its store
+    hosted by the agent of node 0 at `endpoint` (HOST:PORT, HOST being node 0's address)."""
+
+    nnodes: int
+    node_rank: int  # 0 hosts the store; the global ranks are the rendezvous' to assign
+    endpoint: str
+    run_id: str  # the same on every node
+    timeout_s: int  # how long to wait for the store and for every node to join
+
+    def agent_args(self) -> list[str]:
+        """The agent's rendezvous flags (no --node-rank: c10d ignores it; `is_host` says which
+        agent hosts the store)."""
+        conf = f"is_host={int(self.node_rank == 0)},join_timeout={self.timeout_s}"
+        conf += f",read_timeout={self.timeout_s}"
+        return [
+            "--nnodes", str(self.nnodes), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id, "--rdzv-conf", conf,
+        ]  # fmt: skip
+
+
+def launch_argv(
+    nproc: int,
+    max_restarts: int,
+    ulframe_args: list[str],
+    rendezvous: Rendezvous | None = None,
+    signals: Sequence[str] = (),
+) -> list[str]:
     """The command that runs `ulframe ULFRAME_ARGS` in `nproc` processes under torch's elastic
-    agent (torchrun), restarting all of them up to `max_restarts` times when one fails."""
+    agent (torchrun), restarting all of them up to `max_restarts` times when one fails: on this
+    machine alone (`--standalone`), or as one node of `rendezvous`. `signals`: the signals the
+    agent handles and forwards to its workers (its default set when empty)."""
     import sys
 
+    where = ["--standalone"] if rendezvous is None else rendezvous.agent_args()
+    handled = ["--signals-to-handle", ",".join(signals)] if signals else []
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-m", "torch.distributed.run", *where, *handled,
         "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
         "-m", "ulframe", *ulframe_args,
     ]  # fmt: skip
 
 
+def run_agent(
+    argv: Sequence[str],
+    rendezvous: Rendezvous | None,
+    requeue_signal: int | None,
+    requeue_code: int,
+) -> int:
+    """Run torch's elastic agent for `argv` (a `launch_argv`) in this process; its exit code.
+
+    0 when every worker succeeded. `requeue_code` when the agent was stopped by `requeue_signal`
+    (it forwarded the signal to the workers and waited for them to checkpoint and exit), or
+    when every failed worker exited with `requeue_code`. 128 + the signal when another signal
+    stopped it (forwarded the same way), 1 when a worker failed (logged). A rendezvous that does
+    not complete within its timeout is a one-line UserError naming the endpoint.
+
+    The agent's signal handlers (each raises `SignalException`) are in place from the start, not
+    only once its workers run: a signal during the rendezvous stops the launcher the same way.
+    """
+    import logging
+    import signal
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import (
+        RendezvousConnectionError,
+        RendezvousError,
+        RendezvousTimeoutError,
+    )
+
+    args = torchrun.parse_args(list(argv[3:]))  # after `python -m torch.distributed.run`
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SignalException(f"launcher got signal {signum}", signal.Signals(signum))
+
+    handled = [getattr(signal, name.strip()) for name in args.signals_to_handle.split(",")]
+    previous = {s: signal.signal(s, stop) for s in handled}
+    try:
+        torchrun.run(args)
+    except SignalException as err:
+        return requeue_code if err.sigval == requeue_signal else 128 + int(err.sigval)
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        if codes == {requeue_code}:
+            return requeue_code
+        logging.getLogger(__name__).error("%s", err.format_msg())
+        return 1
+    except RendezvousError as err:
+        if rendezvous is None:
+            raise
+        where = f"{rendezvous.endpoint} within {rendezvous.timeout_s} s (--rdzv-timeout)"
+        if isinstance(err, RendezvousConnectionError) and rendezvous.node_rank == 0:
+            message = f"cannot host the rendezvous store at {where}; is the port free?"
+        elif isinstance(err, RendezvousConnectionError):
+            message = (
+                f"cannot reach the rendezvous store at {where}; node 0 (--node-rank 0) hosts "
+                "it: start it on that host"
+            )
+        elif isinstance(err, RendezvousTimeoutError):
+            message = (
+                f"not all {rendezvous.nnodes} nodes joined the rendezvous at {where}; start "
+                "each with the same --nnodes and --rdzv-endpoint"
+            )
+        else:
+            message = f"the rendezvous at {rendezvous.endpoint} failed: {type(err).__name__}"
+        raise UserError(message) from err
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
 def launched() -> bool:
-    """True inside a process started by torchrun / the elastic agent."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    """True inside a process started by a launcher: torchrun / the elastic agent, or any that
+    sets RANK (then `rank_environment` checks the rest)."""
+    return any(v in os.environ for v in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK"))
 
 
 def barrier(world: World) -> None:

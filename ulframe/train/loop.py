@@ -15,27 +15,24 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+import pluggy
 import torch
 
 from ulframe import rundir
-from ulframe.data.pipeline import build_loader, collate, first_example, readable_examples
-from ulframe.diffusion import BatchNoise
+from ulframe.data.pipeline import Dataset, PipelineLoader, build_loader, first_example
 from ulframe.errors import ConfigError, UserError
 from ulframe.eval.media import save_media
+from ulframe.experiment import Experiment
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, StopTraining
-from ulframe.protocols import BuildContext, EvalReport
+from ulframe.protocols import BuildContext, EvalReport, Stage
 from ulframe.registry import naming_plugins
 from ulframe.rundir import MetricsFile
-from ulframe.train import checkpoint, distributed, parallelize, perf
+from ulframe.train import checkpoint, distributed, parallelize, perf, posthoc_ema
 from ulframe.train.distributed import World
-from ulframe.train.optim import EMA
-from ulframe.train.parallelize import checkpoint_activations as checkpoint_activations
-from ulframe.train.parallelize import checkpointed_blocks as checkpointed_blocks
-from ulframe.train.parallelize import compile_model as compile_model
-from ulframe.train.state import TrainState
+from ulframe.train.signals import requeue_requested, stop_on_signals
+from ulframe.train.state import TrainState, newest_agreed
+from ulframe.train.step import LogWindow, Trainer, seed_for, train_step
 
 log = logging.getLogger(__name__)
 DONE_FILE = "DONE.json"
@@ -43,14 +40,13 @@ EVAL_STREAM = 2**62  # a samples-seen value no training step reaches: the evalua
 
 
 class StopRequested(StopTraining):
-    """SIGTERM/SIGINT arrived: a checkpoint was written and the run stopped; re-run to resume."""
+    """SIGTERM/SIGINT or the requeue signal arrived: a checkpoint was written and the run
+    stopped; re-run to resume. `requeue`: this process received the requeue signal
+    (`ulframe.train.signals`), and `ulframe run` exits with `EXIT_REQUEUE`."""
 
-
-def seed_for(seed: int, rank: int, samples_seen: int) -> int:
-    """A 63-bit seed that is a pure function of (seed, rank, samples seen)."""
-    return int(
-        np.random.SeedSequence([seed, rank, samples_seen]).generate_state(2, np.uint64)[0] >> 1
-    )
+    def __init__(self, message: str, requeue: bool = False) -> None:
+        super().__init__(message)
+        self.requeue = requeue
 
 
 @dataclass
@@ -59,7 +55,7 @@ class RunContext:
 
     workdir: Path
     world: World
-    hooks: Any  # pluggy.PluginManager
+    hooks: pluggy.PluginManager
     info: RunInfo
     metrics: MetricsFile
     seed: int = 0
@@ -75,7 +71,7 @@ class NonFiniteError(UserError):
     """The weights of a stage are not finite at its end: it is not marked done."""
 
 
-def run_experiment(experiment: Any, ctx: RunContext) -> dict[str, dict[str, float]]:
+def run_experiment(experiment: Experiment, ctx: RunContext) -> dict[str, dict[str, float]]:
     """Run each unfinished stage in order; finished ones (DONE.json) are skipped."""
     results: dict[str, dict[str, float]] = {}
     previous: dict[str, Path] = {}
@@ -117,7 +113,7 @@ def _crossed(before: int, after: int, period: int) -> bool:
 class _Evaluator:
     """Evaluates the EMA weights on a fixed set of held-out batches."""
 
-    stage: Any
+    stage: Stage
     batches: list[dict[str, torch.Tensor]]
     info: StageInfo
     ctx: RunContext
@@ -167,256 +163,11 @@ def _checkpoint(info: StageInfo, ctx: RunContext, state: TrainState, keep: int) 
             )
 
 
-def _finite(*models: torch.nn.Module) -> bool:
-    """Whether every parameter and buffer (this rank's shard, when sharded) is finite."""
-    tensors = [t for m in models for t in [*m.parameters(), *m.buffers()]]
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    return checkpoint.all_finite([t.detach() for t in local])
-
-
-def _last_finite(ckpt_dir: Path) -> str:
-    path = checkpoint.newest_finite(ckpt_dir)
-    return str(path) if path is not None else f"none in {ckpt_dir}"
-
-
-def _restore(ckpt_dir: Path, world: World) -> dict[str, Any] | None:
-    """The newest checkpoint valid on every rank (each rank keeps its own loader position)."""
-    limit = None
-    while True:
-        state = checkpoint.load_latest(ckpt_dir, map_location=world.device, at_most=limit)
-        mine = int(state["samples_seen"]) if state is not None else -1
-        lowest, highest = distributed.min_max_over_ranks(mine, world)
-        if lowest == highest:
-            return state
-        limit = lowest  # a rank lost its newest checkpoint (killed mid-save): all step back
-
-
-# ---- one training step -------------------------------------------------------------------------
-@dataclass
-class Trainer:
-    """What a training step reads and changes; built once per stage (`Trainer.build`)."""
-
-    model: torch.nn.Module  # the stage's module: EMA, gradient norms and checkpoints read it
-    wrapped: torch.nn.Module  # what the step calls: `model` wrapped for DDP/FSDP (or itself)
-    ema: EMA
-    opt: torch.optim.Optimizer
-    params: list[torch.nn.Parameter]
-    settings: Any  # ulframe.train.settings.TrainSettings
-    world: World
-    seed: int = 0
-    # (step, scalars) -> a reason to skip the step, or None (the loop asks the hooks)
-    check_step: Callable[[int, dict[str, torch.Tensor]], str | None] = lambda step, s: None
-    stop: list[int] = field(default_factory=list)  # signals received (RunContext.stop)
-    autocast: Any = None
-    flops_per_example: float = 0.0  # model FLOPs of one example's forward + backward (0: unknown)
-    peak_flops: float = 0.0  # FLOP/s of one device: TrainSettings.peak_flops, or measured
-    name: str = ""  # the stage's, for messages
-    nonfinite_in_a_row: int = 0  # non-finite steps since the last finite one (nan_policy)
-
-    @classmethod
-    def build(
-        cls, model: torch.nn.Module, settings: Any, world: World, seed: int = 0, **kw: Any
-    ) -> Trainer:
-        """The EMA (an eager copy of `model`), `model` transformed for training
-        (`parallelize.parallelize`: wrapped, activation checkpointing, compiled), the optimizer
-        (on the trainable parameters) and the autocast (`parallelize.autocast`, unless given)."""
-        ema = EMA(model, settings.ema_halflife_samples)  # an eager copy: evaluation runs it
-        wrapped = parallelize.parallelize(model, world, settings)
-        if distributed.is_sharded(model):
-            ema.track_sharded(model)
-        params = [p for p in model.parameters() if p.requires_grad]  # (sharded ones under FSDP)
-        opt = settings.build_optimizer(params)
-        kw.setdefault("autocast", parallelize.autocast(settings, world.device))
-        return cls(model, wrapped, ema, opt, params, settings, world, seed, **kw)
-
-
-def probe_batch(source: Any, size: int = 2, tries: int = 16) -> dict[str, torch.Tensor] | None:
-    """A batch of the first `size` readable examples of a Source (among its first `tries`
-    items, decoded as the loader decodes them: `readable_examples`), or None, logged, when
-    there is none or they make no batch: the run then logs no MFU, and goes on."""
-    try:
-        examples = readable_examples(source, size, tries)
-        if not examples:
-            raise ValueError(f"none of the first {tries} items could be decoded")
-        return collate(examples)
-    except Exception as err:  # only the MFU needs it: the loader reports bad data itself
-        log.warning("no batch to count the model's FLOPs on (%s): perf/mfu is not logged", err)
-        return None
-
-
-def count_example_flops(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Any = None
-) -> float:
-    """Model FLOPs of one example's forward and backward, counted (`perf.train_flops`) on
-    `batch` with eager `model` before it is wrapped or compiled; 0 when counting fails. The
-    random streams, the gradients and the buffers (running statistics a training forward
-    updates, e.g. a KL autoencoder's latent variance) are left as they were."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    device = next(iter(batch.values())).device
-    rows = len(next(iter(batch.values())))
-
-    def step() -> torch.Tensor:
-        noise = BatchNoise(torch.Generator(device).manual_seed(0), 0, 1)
-        with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
-            return model(batch, noise).total_nats().mean()
-
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            flops = perf.train_flops(step)
-    except Exception as err:  # a model FlopCounterMode cannot run: no MFU, training goes on
-        log.warning("could not count the model's FLOPs (%s): perf/mfu is not logged", err)
-        flops = 0
-    finally:
-        for p in model.parameters():
-            p.grad = None
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
-    return flops / max(rows, 1)
-
-
-@dataclass
-class StepResult:
-    """What one step did."""
-
-    scalars: dict[str, torch.Tensor]  # detached: the loss terms' metrics, loss_nats, grad_norm
-    module_norms: dict[str, float]  # per-module gradient norms (only when the step logs)
-    skipped: str | None  # why the step changed no weight (None: it stepped)
-    stopping: bool  # a signal arrived (on any rank): checkpoint and stop
-
-
-def train_step(
-    trainer: Trainer, batch: dict[str, torch.Tensor], samples_seen: int, log_due: bool = False
-) -> StepResult:
-    """One optimizer step on `batch` (this rank's rows of the global batch, on the device).
-
-    Seeds every random stream from (seed, samples seen), sets the learning rate, computes the
-    stage's loss `model(batch, noise)` and its gradients, clips them, asks `check_step` whether
-    to skip, and (unless any rank skips) steps the optimizer and the EMA. `log_due`: also
-    measure the per-module gradient norms (before clipping).
-
-    The NaN/Inf policy (`TrainSettings.nan_policy`): a step whose scalars (loss terms,
-    `loss_nats`, `grad_norm`) are not finite on any rank is skipped on every rank; "stop", or
-    `max_nonfinite_steps` of them in a row under "skip", raises `StopTraining` before the
-    optimizer step (the loop then checkpoints the unchanged weights). Whether the scalars are
-    finite is read in the step's one device sync, with the other ranks' answers and signals."""
-    settings, world = trainer.settings, trainer.world
-    # The loss's noise: drawn for the global batch from a seed every rank shares, each rank
-    # keeping its rows (BatchNoise), so W processes compute what one would.
-    generator = torch.Generator(world.device).manual_seed(seed_for(trainer.seed, 0, samples_seen))
-    noise = BatchNoise(generator, world.rank, world.world_size)
-    torch.manual_seed(seed_for(trainer.seed, world.rank, samples_seen))  # dropout etc.
-    for group in trainer.opt.param_groups:
-        group["lr"] = settings.lr_at(samples_seen)
-    with trainer.autocast:
-        terms = trainer.wrapped(batch, noise)
-    loss = terms.total_nats().mean()
-    trainer.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    module_norms = distributed.module_grad_norms(trainer.model, world) if log_due else {}
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        trainer.params, settings.grad_clip if settings.grad_clip > 0 else float("inf")
-    )
-    if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a replicated DTensor
-        grad_norm = grad_norm.full_tensor()
-    scalars = terms.metrics() | {"loss_nats": loss, "grad_norm": grad_norm}
-    scalars = {k: v.detach() for k, v in scalars.items()}
-    step = samples_seen // settings.batch_size + 1
-    finite = torch.stack([v.float().reshape(()) for v in scalars.values()]).isfinite()
-    skip = trainer.check_step(step, scalars)
-    # One device sync (an all-reduce under several processes): whether the step is finite on
-    # every rank, whether a hook skips it on any, whether any rank got a signal.
-    nonfinite, skipping, stopping = distributed.any_over_ranks(
-        [~finite.all(), skip is not None, bool(trainer.stop)], world
-    )
-    if nonfinite:
-        return StepResult(
-            scalars, module_norms, _nonfinite(trainer, step, scalars, finite), stopping
-        )
-    trainer.nonfinite_in_a_row = 0
-    if not skipping:
-        trainer.opt.step()
-        trainer.ema.update(trainer.model, settings.batch_size)
-    reason = (skip or "(another rank)") if skipping else None
-    return StepResult(scalars, module_norms, reason, stopping)
-
-
-def _nonfinite(
-    trainer: Trainer, step: int, scalars: dict[str, torch.Tensor], finite: torch.Tensor
-) -> str:
-    """A non-finite step (on some rank): the reason it is skipped, or `StopTraining` when the
-    NaN/Inf policy stops here (every rank counts alike: the decision was all-reduced)."""
-    trainer.nonfinite_in_a_row += 1
-    bad = [n for n, ok in zip(scalars, finite.tolist(), strict=True) if not ok]
-    what = ", ".join(bad) if bad else "values on another rank"
-    stage = f" of stage {trainer.name}" if trainer.name else ""
-    reason = f"non-finite {what} at step {step}{stage}"
-    policy = getattr(trainer.settings, "nan_policy", "skip")
-    limit = getattr(trainer.settings, "max_nonfinite_steps", 3)
-    if policy == "stop":
-        raise StopTraining(f"{reason} (TrainSettings.nan_policy = 'stop')")
-    if trainer.nonfinite_in_a_row >= limit:
-        raise StopTraining(
-            f"{reason}: {trainer.nonfinite_in_a_row} consecutive steps skipped "
-            f"(TrainSettings.max_nonfinite_steps = {limit})"
-        )
-    return reason
-
-
-@dataclass
-class _Window:
-    """The train records of one log window: sums of the steps' scalars, counts, times."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    taken: int = 0  # steps that changed the weights
-    steps: int = 0  # all steps, skipped ones too
-    skipped: int = 0
-    seconds: float = 0.0
-    waiting: float = 0.0  # of which waiting for data
-
-    def add(self, result: StepResult, seconds: float, waiting: float) -> None:
-        if result.skipped is None:
-            for k, v in result.scalars.items():
-                self.sums[k] = self.sums.get(k, 0.0) + v.float()
-            self.taken += 1
-        else:
-            self.skipped += 1
-        self.steps += 1
-        self.seconds += seconds
-        self.waiting += waiting
-
-    def write(
-        self, info: StageInfo, ctx: RunContext, trainer: Trainer, samples_seen: int, norms: dict
-    ) -> None:
-        """Log the window's means (a metrics row, the train-step hook)."""
-        world = ctx.world
-        scalars = {k: float(v) / max(self.taken, 1) for k, v in self.sums.items()}
-        scalars["lr"] = trainer.opt.param_groups[0]["lr"]
-        scalars["skipped_steps"] = float(self.skipped)
-        scalars = distributed.mean_over_ranks(scalars, world) | norms
-        scalars["samples_per_s"] = self.steps * info.batch_size / max(self.seconds, 1e-9)
-        scalars["data_wait_fraction"] = self.waiting / max(self.seconds, 1e-9)
-        scalars |= perf.mfu_scalars(
-            trainer.flops_per_example, scalars["samples_per_s"], world.world_size,
-            trainer.peak_flops,
-        )  # fmt: skip
-        step = samples_seen // info.batch_size
-        if world.is_main:
-            row = {"stage": info.name, "step": step, "samples_seen": samples_seen, "kind": "train"}
-            ctx.metrics.write(row | scalars)
-        per_step = (self.seconds / self.steps, self.waiting / self.steps)
-        ctx.hooks.hook.ulframe_train_step_end(
-            run=ctx.info, step=StepInfo(info, step, samples_seen, scalars, *per_step)
-        )
-
-
 # ---- one stage ---------------------------------------------------------------------------------
 def train_stage(
-    stage: Any,
+    stage: Stage,
     index: int,
-    dataset: Any,
+    dataset: Dataset,
     stage_dir: Path,
     previous: dict[str, Path],
     ctx: RunContext,
@@ -431,8 +182,9 @@ def train_stage(
     trainer, loaders, eval_batches = _build(stage, dataset, stage_dir, previous, ctx)
     ckpt_dir = checkpoint.checkpoint_dir(stage_dir, world.rank, world.world_size)
     state = TrainState(
-        trainer.model, trainer.ema, trainer.opt, loaders[0], stage=stage.name, config=ctx.config
-    )
+        trainer.model, trainer.ema, trainer.opt, loaders[0], stage=stage.name, config=ctx.config,
+        power_ema=trainer.power_ema,
+    )  # fmt: skip
     _resume(stage, state, ckpt_dir, ctx)
     info = StageInfo(
         stage.name, index, stage_dir, settings.train_samples, state.samples_seen,
@@ -448,9 +200,9 @@ def train_stage(
     trainer.wrapped.train()
     evaluate = _Evaluator(stage, eval_batches, info, ctx)
     batches: Iterator[dict[str, torch.Tensor]] = iter(loaders[0])
-    window = _Window()
+    window = LogWindow()
     try:
-        with _stop_on_signals(ctx.stop):
+        with stop_on_signals(ctx.stop):
             stopping = False
             while state.samples_seen < settings.train_samples and not stopping:
                 t0 = time.perf_counter()
@@ -466,12 +218,16 @@ def train_stage(
                     log.warning("stage %s: step skipped: %s", stage.name, result.skipped)
                 window.add(result, time.perf_counter() - t0, t_data)
                 if log_due and result.skipped is None:
-                    window.write(info, ctx, trainer, state.samples_seen, result.module_norms)
-                    window = _Window()
+                    scalars = window.means(trainer, info.batch_size) | result.module_norms
+                    _log_train(info, ctx, state.samples_seen, scalars, window)
+                    window = LogWindow()
                 unfinished = state.samples_seen < settings.train_samples
                 if _crossed(before, state.samples_seen, settings.eval_every_samples) and unfinished:
                     trainer.ema.sync()
                     evaluate(trainer.ema.model, state.samples_seen)
+                every = settings.posthoc_ema_every_samples  # (before the checkpoint: see _finish)
+                if _crossed(before, state.samples_seen, every) and unfinished:
+                    _snapshot(info, ctx, trainer, state.samples_seen)
                 if (
                     _crossed(before, state.samples_seen, settings.checkpoint_every_samples)
                     and unfinished
@@ -481,7 +237,8 @@ def train_stage(
                 signum = ctx.stop[0] if ctx.stop else signal.SIGTERM  # (another rank's signal)
                 raise StopRequested(
                     f"stopped by signal {int(signum)} at {state.samples_seen} samples; "
-                    "checkpoint saved, re-run to resume"
+                    "checkpoint saved, re-run to resume",
+                    requeue=requeue_requested(ctx.stop),
                 )
     except StopTraining as err:  # StopRequested, or a hook: skipped steps changed no weight
         _checkpoint(info, ctx, state, keep)
@@ -489,14 +246,36 @@ def train_stage(
             raise
         raise StopTraining(
             f"{err}; checkpoint saved at {state.samples_seen} samples; "
-            f"last finite checkpoint: {_last_finite(ckpt_dir)}"
+            f"last finite checkpoint: {checkpoint.last_finite(ckpt_dir)}"
         ) from err
     return _finish(info, ctx, trainer, state, loaders, evaluate, ckpt_dir)
 
 
+def _snapshot(info: StageInfo, ctx: RunContext, trainer: Trainer, samples_seen: int) -> None:
+    """The post-hoc EMA's snapshot at `samples_seen` (every rank; none tracked: nothing)."""
+    if trainer.power_ema is not None:
+        posthoc_ema.write_snapshot(
+            trainer.power_ema, info.stage_dir, samples_seen, info.batch_size, ctx.world.is_main
+        )
+
+
+def _log_train(
+    info: StageInfo, ctx: RunContext, samples_seen: int, scalars: dict, window: LogWindow
+) -> None:
+    """A log window's scalars: a metrics row (rank 0) and the train-step hook (every rank)."""
+    step = samples_seen // info.batch_size
+    if ctx.world.is_main:
+        row = {"stage": info.name, "step": step, "samples_seen": samples_seen, "kind": "train"}
+        ctx.metrics.write(row | scalars)
+    per_step = (window.seconds / window.steps, window.waiting / window.steps)
+    ctx.hooks.hook.ulframe_train_step_end(
+        run=ctx.info, step=StepInfo(info, step, samples_seen, scalars, *per_step)
+    )
+
+
 def _build(
-    stage: Any, dataset: Any, stage_dir: Path, previous: dict[str, Path], ctx: RunContext
-) -> tuple[Trainer, tuple[Any, Any], list[dict[str, torch.Tensor]]]:
+    stage: Stage, dataset: Dataset, stage_dir: Path, previous: dict[str, Path], ctx: RunContext
+) -> tuple[Trainer, tuple[PipelineLoader, PipelineLoader], list[dict[str, torch.Tensor]]]:
     """The stage's networks (measured from the data), trainer, loaders and eval batches."""
     settings, world = stage.train, ctx.world
     per_rank = settings.batch_size // world.world_size
@@ -512,10 +291,10 @@ def _build(
     # Model FLOPs per example, once (eager, before wrapping), on two examples of the stage's data;
     # the peak they are compared with: given, or the matmul probe. Only when MFU is logged.
     flops, peak = 0.0, 0.0
-    if getattr(settings, "measure_mfu", True):
-        probe = probe_batch(train_source)
+    if settings.measure_mfu:
+        probe = perf.probe_batch(train_source)
         if probe:
-            flops = count_example_flops(model, _to_device(probe, world.device), autocast)
+            flops = perf.count_example_flops(model, _to_device(probe, world.device), autocast)
         if flops:
             dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
             peak = settings.peak_flops or perf.matmul_rate(world.device, dtype)
@@ -537,9 +316,9 @@ def _build(
     return trainer, (loader, eval_loader), eval_batches
 
 
-def _resume(stage: Any, state: TrainState, ckpt_dir: Path, ctx: RunContext) -> None:
+def _resume(stage: Stage, state: TrainState, ckpt_dir: Path, ctx: RunContext) -> None:
     """Restore `state` from the newest checkpoint valid on every rank; commit the run files."""
-    saved = _restore(ckpt_dir, ctx.world)
+    saved = newest_agreed(ckpt_dir, ctx.world)
     if saved is not None:
         checkpoint.check_config(
             saved.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
@@ -558,7 +337,7 @@ def _finish(
     ctx: RunContext,
     trainer: Trainer,
     state: TrainState,
-    loaders: tuple[Any, Any],
+    loaders: tuple[PipelineLoader, PipelineLoader],
     evaluate: _Evaluator,
     ckpt_dir: Path,
 ) -> dict[str, float]:
@@ -566,13 +345,17 @@ def _finish(
     samples_seen = state.samples_seen
     trainer.ema.sync()
     final = evaluate(trainer.ema.model, samples_seen)
+    # The snapshot first: a resume from this checkpoint would not write it again.
+    _snapshot(info, ctx, trainer, samples_seen)
     _checkpoint(info, ctx, state, trainer.settings.keep_checkpoints)
     _log_unreadable(info, ctx, {"train": loaders[0], "eval": loaders[1]}, samples_seen)
-    if distributed.any_over_ranks([not _finite(trainer.model, trainer.ema.model)], ctx.world)[0]:
+    if distributed.any_over_ranks(
+        [not checkpoint.models_finite(trainer.model, trainer.ema.model)], ctx.world
+    )[0]:
         raise NonFiniteError(
             f"stage {info.name}: the weights are not finite (NaN/Inf) at {samples_seen} "
             f"samples; the stage is not marked done; last finite checkpoint: "
-            f"{_last_finite(ckpt_dir)}"
+            f"{checkpoint.last_finite(ckpt_dir)}"
         )
     distributed.barrier(ctx.world)
     if ctx.world.is_main:
@@ -585,7 +368,7 @@ def _finish(
 
 
 def _log_unreadable(
-    info: StageInfo, ctx: RunContext, loaders: dict[str, Any], samples_seen: int
+    info: StageInfo, ctx: RunContext, loaders: dict[str, PipelineLoader], samples_seen: int
 ) -> None:
     """How many unreadable items each split skipped (summed over ranks): a log line and a
     metrics row (kind "data")."""
@@ -603,26 +386,3 @@ def _log_unreadable(
     ctx.metrics.write(
         {"stage": info.name, "step": step, "samples_seen": samples_seen, "kind": "data"} | totals
     )
-
-
-class _stop_on_signals:
-    """Within the block, SIGTERM/SIGINT only record the signal; the loop checkpoints and stops."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, received: list[int]) -> None:
-        self.received = received
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> None:
-        try:
-            for s in self.SIGNALS:
-                self.previous[s] = signal.signal(
-                    s, lambda signum, _frame: self.received.append(signum)
-                )
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)

@@ -32,7 +32,7 @@ def warmup_cosine(samples_seen: int, total_samples: int, warmup_samples: int) ->
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_part(t: torch.Tensor) -> torch.Tensor:
     """A sharded DTensor's local shard (a view: in-place ops update the DTensor); else `t`."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
@@ -75,7 +75,7 @@ class EMA(torch.nn.Module):
                 from ulframe.train.distributed import local_shard_of
 
                 for name, shard in self._shards.items():
-                    _local(shard).copy_(local_shard_of(full[name], shard))
+                    local_part(shard).copy_(local_shard_of(full[name], shard))
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """The average, full: `self.model`'s state dict (weights and buffers, its keys, no
@@ -94,15 +94,17 @@ class EMA(torch.nn.Module):
         self.load_full(dict(self.model.named_parameters()))
         return result
 
-    def _targets(self) -> list[torch.Tensor]:
+    def targets(self) -> list[torch.Tensor]:
+        """The tensors an update moves: this rank's shards of the averaged weights (sharded
+        model), else the EMA copy's floating-point parameters."""
         if self._shards is not None:
-            return [_local(t) for t in self._shards.values()]
+            return [local_part(t) for t in self._shards.values()]
         return [p for p in self.model.parameters() if p.is_floating_point()]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, batch_size: int) -> None:
-        targets = self._targets()
-        params = [_local(p.detach()) for p in model.parameters() if p.is_floating_point()]
+        targets = self.targets()
+        params = [local_part(p.detach()) for p in model.parameters() if p.is_floating_point()]
         if self.halflife_samples <= 0:
             torch._foreach_copy_(targets, params)
         else:
@@ -110,7 +112,7 @@ class EMA(torch.nn.Module):
             torch._foreach_lerp_(targets, params, 1.0 - beta)
         buffers = list(model.buffers())
         if buffers:
-            torch._foreach_copy_(list(self.model.buffers()), [_local(b) for b in buffers])
+            torch._foreach_copy_(list(self.model.buffers()), [local_part(b) for b in buffers])
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -120,3 +122,16 @@ class EMA(torch.nn.Module):
             return
         for name, p in self.model.named_parameters():
             p.copy_(self._shards[name].full_tensor())
+
+
+COMPILE_PREFIX = "_orig_mod."  # what a module wrapped by torch.compile adds to its keys
+
+
+def without_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with every `_orig_mod.` of torch.compile's wrapper removed from its keys, so
+    that checkpoints of compiled and eager runs hold the same keys and load into either. (The
+    loop compiles in place and writes none; a state dict from a `torch.compile(module)` has
+    them.)"""
+    if not any(COMPILE_PREFIX in key for key in state):
+        return state
+    return {key.replace(COMPILE_PREFIX, ""): value for key, value in state.items()}

@@ -27,21 +27,22 @@ import torch
 
 from ulframe.train import distributed
 from ulframe.train.distributed import World
+from ulframe.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
 
-def parallelize(model: torch.nn.Module, world: World, settings: Any) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, world: World, settings: TrainSettings) -> torch.nn.Module:
     """Wrap (`settings.parallelism`), checkpoint activations
     (`settings.activation_checkpointing`) and compile (`settings.compile`) `model` in place, in
     that order; what the training step calls (the DDP wrapper, or `model` itself)."""
     wrapped = distributed.wrap(model, world, settings.parallelism)
-    checkpoint_activations(model, getattr(settings, "activation_checkpointing", "off"))
-    compile_model(model, getattr(settings, "compile", "off"))
+    checkpoint_activations(model, settings.activation_checkpointing)
+    compile_model(model, settings.compile)
     return wrapped
 
 
-def autocast(settings: Any, device: torch.device) -> Any:
+def autocast(settings: TrainSettings, device: torch.device) -> torch.autocast:
     """The step's autocast: bfloat16 when `settings.precision` is "bf16", else disabled."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
 

@@ -13,7 +13,7 @@ registers torch's own sdpa formulas for it, so a CPU count includes attention as
 does (forward 4·B·H·L·S·D: two matmuls of 2·B·H·L·S·D).
 
 With `TrainSettings.measure_mfu` (the default), the loop counts the FLOPs per training example
-once at the stage's start (`loop.count_example_flops`), takes the peak (`peak_flops`, or the
+once at the stage's start (`count_example_flops` on `probe_batch`), takes the peak (`peak_flops`, or the
 probe) and logs `perf/model_tflops_per_s` (per device) and `perf/mfu` with the training scalars;
 without it, neither the count nor the probe runs.
 """
@@ -21,6 +21,7 @@ without it, neither the count nor the probe runs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,11 @@ from typing import Any
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+from ulframe.data.pipeline import collate, readable_examples
+from ulframe.diffusion import BatchNoise
+
+log = logging.getLogger(__name__)
 
 PROBE_SIZES = {"cuda": 8192, "cpu": 512}  # square matmul sizes: large enough to be compute-bound
 PROBE_REPEATS = 5  # timed repeats after the warm-up; the rate is the best of them
@@ -130,3 +136,50 @@ def mfu_scalars(
         return {}
     per_device = flops_per_example * samples_per_s / max(world_size, 1)
     return {"perf/model_tflops_per_s": per_device / 1e12, "perf/mfu": per_device / peak_flops}
+
+
+def probe_batch(source: Any, size: int = 2, tries: int = 16) -> dict[str, torch.Tensor] | None:
+    """A batch of the first `size` readable examples of a Source (among its first `tries`
+    items, decoded as the loader decodes them: `readable_examples`), or None, logged, when
+    there is none or they make no batch: the run then logs no MFU, and goes on."""
+    try:
+        examples = readable_examples(source, size, tries)
+        if not examples:
+            raise ValueError(f"none of the first {tries} items could be decoded")
+        return collate(examples)
+    except Exception as err:  # only the MFU needs it: the loader reports bad data itself
+        log.warning("no batch to count the model's FLOPs on (%s): perf/mfu is not logged", err)
+        return None
+
+
+def count_example_flops(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Any = None
+) -> float:
+    """Model FLOPs of one example's forward and backward, counted (`train_flops`) on
+    `batch` with eager `model` before it is wrapped or compiled; 0 when counting fails. The
+    random streams, the gradients and the buffers (running statistics a training forward
+    updates, e.g. a KL autoencoder's latent variance) are left as they were."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    device = next(iter(batch.values())).device
+    rows = len(next(iter(batch.values())))
+
+    def step() -> torch.Tensor:
+        noise = BatchNoise(torch.Generator(device).manual_seed(0), 0, 1)
+        with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+            return model(batch, noise).total_nats().mean()
+
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            flops = train_flops(step)
+    except Exception as err:  # a model FlopCounterMode cannot run: no MFU, training goes on
+        log.warning("could not count the model's FLOPs (%s): perf/mfu is not logged", err)
+        flops = 0
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    return flops / max(rows, 1)

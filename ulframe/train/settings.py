@@ -11,6 +11,7 @@ from torch.optim.optimizer import ParamsT
 
 from ulframe.errors import ConfigError
 from ulframe.train.optim import warmup_constant, warmup_cosine
+from ulframe.train.posthoc_ema import SIGMA_REL_MAX
 from ulframe.wiring import retired
 
 # The enumerated settings: gin's values are checked against these types when the config loads
@@ -93,6 +94,13 @@ class TrainSettings:
             of a SIGTERM, under several processes).
         max_nonfinite_steps: with `nan_policy = "skip"`, stop after this many non-finite
             steps in a row (>= 1).
+        posthoc_ema_sigma_rels: the post-hoc EMA (EDM2, docs/posthoc_ema.md): power-function
+            EMAs of the weights with these relative widths σ_rel (each in (0, 1/sqrt(12)],
+            e.g. (0.05, 0.1)) are tracked beside the half-life EMA, which evaluation keeps
+            using; () tracks none. Each costs one more copy of the weights.
+        posthoc_ema_every_samples: with `posthoc_ema_sigma_rels`, save every profile to
+            `stages/<name>/ema_snapshots/` every this many samples (> 0) and at the end;
+            `ulframe ema WORKDIR --sigma-rel S` reconstructs any σ_rel from them.
     """
 
     batch_size: int = 32
@@ -116,6 +124,8 @@ class TrainSettings:
     measure_mfu: bool = True
     nan_policy: NanPolicy = "skip"
     max_nonfinite_steps: int = 3
+    posthoc_ema_sigma_rels: tuple[float, ...] = ()
+    posthoc_ema_every_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -149,6 +159,22 @@ class TrainSettings:
                      "keep_checkpoints", "peak_flops"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainSettings.{name} must be >= 0, got {getattr(self, name)}")
+        self._check_posthoc_ema()
+
+    def _check_posthoc_ema(self) -> None:
+        sigma_rels = tuple(self.posthoc_ema_sigma_rels)
+        for s in sigma_rels:
+            if not 0.0 < s <= SIGMA_REL_MAX:
+                raise ConfigError(
+                    f"TrainSettings.posthoc_ema_sigma_rels: {s} is not in (0, {SIGMA_REL_MAX:.4f}]"
+                )
+        if len(set(sigma_rels)) != len(sigma_rels):
+            raise ConfigError(f"TrainSettings.posthoc_ema_sigma_rels repeats a value: {sigma_rels}")
+        if sigma_rels and self.posthoc_ema_every_samples <= 0:
+            raise ConfigError(
+                "TrainSettings.posthoc_ema_every_samples must be positive with "
+                f"posthoc_ema_sigma_rels, got {self.posthoc_ema_every_samples}"
+            )
 
     def build_optimizer(self, params: ParamsT) -> torch.optim.Optimizer:
         return self.optimizer(params, lr=self.lr)
