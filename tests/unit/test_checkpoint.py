@@ -147,3 +147,40 @@ def test_load_stage_ema_builds_and_loads_the_ema_weights(tmp_path: Path) -> None
         assert torch.equal(v, ema[k])
     with pytest.raises(ConfigError, match="does not fit this config"):
         checkpoint.load_stage_ema(_Stage(width=5), ctx, stage_dir)
+
+
+def test_checkpoints_of_another_number_of_processes_are_refused_not_restarted(
+    tmp_path: Path,
+) -> None:
+    """A stage never starts from 0 beside another world size's checkpoints (that work would be
+    lost): 2 processes' checkpoints under 1, 1's under 2, 4's under 2 are one line each."""
+    from ulframe.errors import UserError
+
+    two, one = tmp_path / "two" / "checkpoints", tmp_path / "one" / "checkpoints"
+    for rank in (0, 1):
+        checkpoint.save(checkpoint.checkpoint_dir(two.parent, rank, 2), 8, {"samples_seen": 8})
+    checkpoint.save(checkpoint.checkpoint_dir(one.parent, 0, 1), 8, {"samples_seen": 8})
+    with pytest.raises(UserError) as refused:
+        checkpoint.check_world_size(two, 1)
+    assert str(refused.value) == (
+        f"{two} holds checkpoints written by 2 process(es), this run has 1: resume with "
+        "--nproc 2 (a checkpoint is not resharded to another number of processes); nothing was "
+        "changed"
+    )
+    with pytest.raises(UserError, match=r"by 1 process\(es\), this run has 2: resume with one"):
+        checkpoint.check_world_size(one, 2)
+    with pytest.raises(UserError, match=r"by 2 process\(es\), this run has 1"):
+        checkpoint.check_world_size(two, 1)
+    checkpoint.check_world_size(two, 2)  # its own world size: resumed, not refused
+    checkpoint.check_world_size(one, 1)
+    checkpoint.check_world_size(tmp_path / "none" / "checkpoints", 2)  # nothing written yet
+    # only rank 0 saved before a kill (a first save cut short): a restart of 2 is not refused
+    checkpoint.save(checkpoint.checkpoint_dir(tmp_path / "cut", 0, 2), 4, {"samples_seen": 4})
+    checkpoint.check_world_size(tmp_path / "cut" / "checkpoints", 2)
+    four = tmp_path / "four" / "checkpoints"
+    for rank in range(4):
+        checkpoint.save(checkpoint.checkpoint_dir(four.parent, rank, 4), 8, {"samples_seen": 8})
+    with pytest.raises(
+        UserError, match=r"by 4 process\(es\), this run has 2: resume with --nproc 4"
+    ):
+        checkpoint.check_world_size(four, 2)

@@ -94,6 +94,29 @@ def checkpoint_dir(stage_dir: Path, rank: int = 0, world_size: int | None = None
     return base / f"rank{rank}" if several else base
 
 
+def check_world_size(directory: Path, world_size: int) -> None:
+    """Refuse (one line, before anything is written) to start a stage from 0 when `directory`
+    (a stage's `checkpoints/` folder) holds checkpoints that another number of processes wrote:
+    `checkpoints/` itself under one process, `checkpoints/rank<r>/` under several (each rank's
+    loader position lives in its own file, so they cannot resume here). Refused: rank folders
+    under one process; `checkpoints/` itself, or a rank beyond this run's, under several."""
+    ranks = [int(p.name[4:]) for p in directory.glob("rank*") if p.name[4:].isdigit()]
+    ranks = [r for r in ranks if list_checkpoints(directory / f"rank{r}")]
+    if world_size == 1:
+        written = max(ranks) + 1 if ranks else 0
+    elif list_checkpoints(directory):
+        written = 1
+    else:  # fewer ranks than this run's may be a first save cut short: not refused
+        written = max(ranks) + 1 if ranks and max(ranks) >= world_size else 0
+    if written:
+        again = f"--nproc {written}" if written > 1 else "one process (no --nproc)"
+        raise UserError(
+            f"{directory} holds checkpoints written by {written} process(es), this run has "
+            f"{world_size}: resume with {again} (a checkpoint is not resharded to another "
+            "number of processes); nothing was changed"
+        )
+
+
 def stage_checkpoints(workdir: Path) -> dict[str, Path]:
     """Stage name -> its checkpoint folder (rank 0's under several processes), for every stage
     of a workdir that has at least one checkpoint file."""

@@ -325,8 +325,11 @@ def _resume(stage: Stage, state: TrainState, ckpt_dir: Path, ctx: RunContext) ->
         )
         state.load_state_dict(saved)
         log.info("stage %s: resumed at %d samples", stage.name, state.samples_seen)
-    elif ckpt_dir.is_dir():
-        log.warning("no valid checkpoint in %s; starting %s from 0", ckpt_dir, stage.name)
+    else:  # never from 0 beside another world size's checkpoints: that work would be lost
+        checkpoint.check_world_size(ckpt_dir.parent if ctx.world.world_size > 1 else ckpt_dir,
+                                    ctx.world.world_size)  # fmt: skip
+        if ckpt_dir.is_dir():
+            log.warning("no valid checkpoint in %s; starting %s from 0", ckpt_dir, stage.name)
     ctx.commit()  # nothing refused this run: its config and command are now the workdir's
     done = state.samples_seen >= stage.train.train_samples
     ctx.metrics.resume(stage.name, state.samples_seen, done)
