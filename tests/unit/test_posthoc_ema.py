@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from toy_training import Model
 
 from ulframe.cli import main
 from ulframe.errors import ConfigError, UserError
@@ -152,31 +153,6 @@ def test_an_untracked_sigma_rel_is_reconstructed_within_the_stated_error(
 
 
 # ---- training state: exact resume, checkpoints of format 1 ------------------------------------
-class _Terms:
-    def __init__(self, nats: torch.Tensor) -> None:
-        self.nats = nats
-
-    def total_nats(self) -> torch.Tensor:
-        return self.nats
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"total_nats": self.nats.mean()}
-
-
-class _Model(torch.nn.Module):
-    """The model of tests/unit/test_train_state.py (the format-1 fixture was written with it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(4, 4)
-        self.b = torch.nn.Linear(4, 1)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, batch: dict[str, torch.Tensor], noise: object) -> _Terms:
-        self.calls += 1
-        x = batch["x"]
-        target = noise.randn((x.shape[0], 1), x.device)  # type: ignore[attr-defined]
-        return _Terms((self.b(self.a(x)) - target).square().flatten(1).sum(1))
 
 
 def _settings(sigma_rels: tuple[float, ...] = TRACKED) -> TrainSettings:
@@ -194,7 +170,7 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 
 def _trainer(sigma_rels: tuple[float, ...] = TRACKED, seed: int = 0) -> Trainer:
     torch.manual_seed(seed)
-    return Trainer.build(_Model(), _settings(sigma_rels), CPU, seed=3)
+    return Trainer.build(Model(), _settings(sigma_rels), CPU, seed=3)
 
 
 def test_a_resumed_run_keeps_the_power_emas_bit_for_bit(tmp_path: Path) -> None:
@@ -263,7 +239,7 @@ def test_settings_refuse_what_cannot_be_tracked() -> None:
 
 # ---- the run: `ulframe ema`, what sample/eval/export load, stale stages -----------------------
 class _Stage:
-    """A stage whose model is `_Model`; `on` names an earlier stage it is built on (loading
+    """A stage whose model is `Model`; `on` names an earlier stage it is built on (loading
     that stage's EMA, as UL's stage 2 loads stage 1's encoder)."""
 
     def __init__(self, name: str, on: _Stage | None = None) -> None:
@@ -272,7 +248,7 @@ class _Stage:
     def build(self, ctx: BuildContext) -> torch.nn.Module:
         if self.on is not None:
             checkpoint.load_stage_ema(self.on, ctx, ctx.previous[self.on.name])
-        return _Model()
+        return Model()
 
 
 def _context(stage_dir: Path, previous: dict[str, Path]) -> BuildContext:

@@ -5,13 +5,13 @@ written before TrainState (tests/unit/data/legacy_stage/) still load."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from toy_training import Model
 
 from ulframe.data.pipeline import build_loader
 from ulframe.protocols import BuildContext
@@ -21,34 +21,6 @@ from ulframe.train.optim import EMA
 from ulframe.train.settings import TrainSettings
 from ulframe.train.state import TrainState
 from ulframe.train.step import Trainer, train_step
-
-
-@dataclass(frozen=True)
-class _Terms:
-    nats: torch.Tensor
-
-    def total_nats(self) -> torch.Tensor:
-        return self.nats
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"total_nats": self.nats.mean()}
-
-
-class _Model(torch.nn.Module):
-    """forward(batch, noise) -> loss terms: a regression with noisy targets and a buffer (the
-    number of forwards) that the EMA copies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(4, 4)
-        self.b = torch.nn.Linear(4, 1)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, batch, noise) -> _Terms:
-        self.calls += 1
-        x = batch["x"]
-        target = noise.randn((x.shape[0], 1), x.device)
-        return _Terms((self.b(self.a(x)) - target).square().flatten(1).sum(1))
 
 
 class _Source:
@@ -74,7 +46,7 @@ LEGACY = Path(__file__).resolve().parent / "data" / "legacy_stage"  # see its RE
 def _state(steps: int = 2) -> tuple[TrainState, Trainer, Iterator[dict[str, torch.Tensor]]]:
     """A TrainState after `steps` steps (as the fixture's was written), and its batches."""
     torch.manual_seed(0)
-    trainer = Trainer.build(_Model(), _settings(), CPU, seed=3)
+    trainer = Trainer.build(Model(), _settings(), CPU, seed=3)
     loader = build_loader(_Source(), batch_size=8, seed=5)
     state = TrainState(trainer.model, trainer.ema, trainer.opt, loader, stage="s", config="c\n")
     batches = iter(loader)
@@ -86,7 +58,7 @@ def _state(steps: int = 2) -> tuple[TrainState, Trainer, Iterator[dict[str, torc
 
 def _fresh() -> tuple[TrainState, Trainer]:
     torch.manual_seed(1)  # other initial weights
-    trainer = Trainer.build(_Model(), _settings(), CPU, seed=3)
+    trainer = Trainer.build(Model(), _settings(), CPU, seed=3)
     loader = build_loader(_Source(), batch_size=8, seed=5)
     return TrainState(trainer.model, trainer.ema, trainer.opt, loader), trainer
 
@@ -128,7 +100,7 @@ def test_a_saved_state_loads_into_a_fresh_one_exactly(tmp_path: Path) -> None:
 
 def test_the_ema_saves_and_restores_itself() -> None:
     state, _, _ = _state()
-    ema = EMA(_Model(), halflife_samples=8)
+    ema = EMA(Model(), halflife_samples=8)
     saved = state.ema.state_dict()
     assert saved.keys() == state.model.state_dict().keys()  # the model's keys: no prefix
     ema.load_state_dict(saved)
@@ -161,7 +133,7 @@ class _Stage:
     name = "legacy"
 
     def build(self, ctx: BuildContext) -> torch.nn.Module:
-        return _Model()
+        return Model()
 
 
 def test_load_stage_ema_reads_a_checkpoint_written_before_train_state() -> None:

@@ -3,11 +3,11 @@ benchmarks/overhead.py times)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import pytest
 import torch
+from toy_training import Terms
 
 from ulframe.errors import ConfigError
 from ulframe.hookspecs import StopTraining
@@ -15,17 +15,6 @@ from ulframe.train import distributed
 from ulframe.train.distributed import World
 from ulframe.train.settings import TrainSettings
 from ulframe.train.step import Trainer, seed_for, train_step
-
-
-@dataclass(frozen=True)
-class _Terms:
-    nats: torch.Tensor
-
-    def total_nats(self) -> torch.Tensor:
-        return self.nats
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        return {"total_nats": self.nats.mean()}
 
 
 class _Model(torch.nn.Module):
@@ -36,10 +25,10 @@ class _Model(torch.nn.Module):
         self.a = torch.nn.Linear(4, 4)
         self.b = torch.nn.Linear(4, 1)
 
-    def forward(self, batch, noise) -> _Terms:
+    def forward(self, batch, noise) -> Terms:
         x = batch["x"]
         target = noise.randn((x.shape[0], 1), x.device)
-        return _Terms((self.b(self.a(x)) - target).square().flatten(1).sum(1))
+        return Terms((self.b(self.a(x)) - target).square().flatten(1).sum(1))
 
 
 def _trainer(nan_policy: str = "skip", max_nonfinite_steps: int = 3, **kw) -> Trainer:
