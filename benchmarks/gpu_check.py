@@ -843,7 +843,7 @@ def check_launch(ctx: Context, until: float) -> dict[str, Any]:
         raise RuntimeError(f"no DONE.json; stderr:\n{err[-1500:]}")
     if "launching 1 processes" not in err:
         raise RuntimeError(f"not launched through the elastic agent; stderr:\n{err[-1500:]}")
-    ckpts = sorted(p.name for p in (workdir / "stages" / "stage1" / "checkpoints").rglob("*.pt"))
+    ckpts = sorted(p.name for p in (workdir / "stages" / "stage1" / "checkpoints").glob("ckpt-*"))
     return {
         "checkpoints": ckpts,
         "scalars": json.loads(done.read_text()).get("scalars", {}),
@@ -858,8 +858,8 @@ def check_sigterm(ctx: Context, until: float) -> dict[str, Any]:
     cmd = _ulframe_run(ctx, workdir, samples=samples)
     t0 = time.perf_counter()
     proc = _start(cmd, ctx)
-    first = workdir / "stages" / "stage1" / "checkpoints" / f"ckpt-{4:012d}.json"
-    while not first.is_file() and proc.poll() is None and time.perf_counter() < until:
+    first = workdir / "stages" / "stage1" / "checkpoints" / f"ckpt-{4:012d}"  # renamed in whole
+    while not first.is_dir() and proc.poll() is None and time.perf_counter() < until:
         time.sleep(0.005)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -873,8 +873,8 @@ def check_sigterm(ctx: Context, until: float) -> dict[str, Any]:
     if "stopped by signal 15 at " not in last:
         raise RuntimeError(f"unexpected last line: {last}")
     stopped_at = int(last.split(" at ")[1].split()[0])
-    saved = workdir / "stages" / "stage1" / "checkpoints" / f"ckpt-{stopped_at:012d}.pt"
-    if not saved.is_file():
+    saved = workdir / "stages" / "stage1" / "checkpoints" / f"ckpt-{stopped_at:012d}"
+    if not (saved / "manifest.json").is_file():
         raise RuntimeError(f"no checkpoint at {stopped_at} samples")
     again = _start(cmd, ctx)
     _, err2, timed_out = _communicate(again, until)

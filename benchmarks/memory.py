@@ -37,8 +37,9 @@ fp32 weights (autocast computes in bf16), `P` parameters of which `Pt` train:
 | EMA | 4 P (a full copy: evaluation reads it) | 4 P full copy, + 4 P / N averaged shards |
 | activations | per example × batch + fixed | the same |
 
-Under FSDP2 a checkpoint gathers the full model and optimizer state on every GPU
-(`distributed.training_state`): a transient 4 P + 8 Pt more while it is written.
+A checkpoint gathers nothing: each rank writes its own shards through
+torch.distributed.checkpoint. With `TrainSettings.async_checkpoint` a copy of the rank's part
+(weights, optimizer state, EMA shards) sits in host memory while it is written, not on the GPU.
 "Needs activation checkpointing" is: the estimate exceeds `--usable` (0.9) of the GPU.
 
 The last line is `memory: largest per-GPU estimate X GiB (EXPERIMENT STAGE, PARALLELISM) of

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DISTRIBUTED_MODULES = {
     "ulframe/train/distributed.py",  # process groups, DDP/FSDP wrapping, sharded state dicts
+    "ulframe/train/checkpoint.py",  # torch.distributed.checkpoint (DCP): save, load, reshard
 }
 """The only files that may use `torch.distributed`: one line each, with what it uses it for."""
 

@@ -550,7 +550,7 @@ def cmd_export(args: argparse.Namespace, bindings: list[str]) -> int:
     name = args.stage or next(iter(found))
     if name not in found:
         raise UserError(f"stage '{name}' has no checkpoints; stages with some: {', '.join(found)}")
-    state = checkpoint.load_latest(found[name])
+    state = checkpoint.load_latest(found[name], only=("ema",))  # (DCP: any number of processes)
     if state is None:
         raise UserError(f"no valid checkpoint in {found[name]} (see the warnings above)")
     weights, which = checkpoint.stage_ema(args.workdir / "stages" / name, state)

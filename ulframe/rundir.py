@@ -101,6 +101,11 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (a rename into it) durable."""
+    _fsync(path, os.O_RDONLY)
+
+
 def write_bytes(path: Path, data: bytes, durable: bool = False, unique: bool = False) -> None:
     """Write `data` to `path` atomically (see `replacing`)."""
     with replacing(path, durable, unique) as tmp:

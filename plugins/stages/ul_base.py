@@ -22,7 +22,8 @@ even when the loop calls `.train()`; only the base model's parameters are traina
 Stage 1 is reached only through the hand-off between stages (`ulframe.protocols.LatentModel`:
 `encode_clean`, `decode_latents`, `latent_state`, `latent_shape`, `latent_logsnr_max`,
 `noisy_latent`), which `ULJointModel` and the KL autoencoder baseline (`stages.kl_ae`) implement
-themselves. With `cache_latents` the train split is encoded once (`latent_cache.py`); the loop
+themselves. With `cache_latents` the train split is encoded once (`latent_cache.py`: one file
+held in memory, or with `latent_cache_format = 'shards'` tar shards streamed from disk); the loop
 trains on the stage's `train_source(source)`.
 
 End-to-end samples (UL paper Algorithm 2, `sampling.py`): the base model's chain runs from
@@ -357,6 +358,11 @@ class ULBase:
     - logsnr_min: λ_min of the base model's diffusion.
     - label_dropout: probability of replacing a label by the null label while training.
     - cache_latents: encode the train split once and train on the cached latents.
+    - latent_cache_format: how the cache is stored: "file" (one file, loaded into memory) or
+      "shards" (tar shards of `ulframe.data.shards`, read example by example: for a cache
+      larger than memory); the same items, order and resume either way.
+    - latent_cache_shard_size: the most bytes of one shard with `latent_cache_format =
+      'shards'` ("1GB", "256MB", "64MiB").
     - sampler, sample_steps: sampler and steps of the base model (and of the decoder).
     - decoder_sample_steps: the decoder's steps when sampling (None: `sample_steps`).
     - guidance_scale: w of classifier-free guidance in evaluation samples (1: none).
@@ -387,6 +393,8 @@ class ULBase:
     logsnr_min: float = -15.0
     label_dropout: float = 0.1
     cache_latents: bool = True
+    latent_cache_format: latent_cache.CacheFormat = "file"
+    latent_cache_shard_size: str = latent_cache.SHARD_SIZE
     sampler: Callable[..., Tensor] = sample_ddim
     sample_steps: int = 32
     decoder_sample_steps: int | None = None
@@ -412,6 +420,12 @@ class ULBase:
             )
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"ul_base.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.latent_cache_format not in latent_cache.CACHE_FORMATS:
+            raise ConfigError(
+                f"ul_base.latent_cache_format must be one of {latent_cache.CACHE_FORMATS}, "
+                f"got {self.latent_cache_format!r}"
+            )
+        latent_cache.shard_bytes(self.latent_cache_shard_size)  # ConfigError unless a size
         if self.eval_t_per_example < 1:
             raise ConfigError(
                 f"ul_base.eval_t_per_example must be >= 1, got {self.eval_t_per_example}"
@@ -493,20 +507,39 @@ class ULBase:
             )
 
     def train_source(self, source: Any) -> Any:
-        """The Source the loop trains on: cached latents when `cache_latents`, else `source`."""
+        """The Source the loop trains on: cached latents when `cache_latents` (in memory, or
+        streamed from the shard cache with `latent_cache_format = 'shards'`), else `source`."""
         if not self.cache_latents:
             return source
         if self._model is None or self._stage_dir is None:
             raise RuntimeError("ul_base.train_source is called after build")
         model = self._model
         latents = model.latents()
-        key = latent_cache.cache_key(latents.latent_state(), source, self.context_frames)
+        key = latent_cache.cache_key(
+            latents.latent_state(), source, self.context_frames, self.latent_cache_format
+        )
         directory = self._stage_dir / latent_cache.CACHE_DIR
+        device = next(model.stage1.parameters()).device
+        context = model.encode_context if self.context_frames else None
+        if self.latent_cache_format == "shards":
+            shards = latent_cache.read_shard_cache(directory, key)
+            if shards is None:
+                log.info(
+                    "stage %s: encoding the train split into shards in %s", self.name, directory
+                )
+                batches = latent_cache.encode_batches(
+                    latents.encode_clean, source, device, context=context
+                )
+                max_bytes = latent_cache.shard_bytes(self.latent_cache_shard_size)
+                shards = latent_cache.write_shard_cache(directory, key, batches, max_bytes)
+            else:
+                log.info(
+                    "stage %s: %d cached latents in %s", self.name, len(shards.items), shards.folder
+                )
+            return shards
         cached = latent_cache.read_cache(directory, key)
         if cached is None:
-            device = next(model.stage1.parameters()).device
             log.info("stage %s: encoding the train split into %s", self.name, directory)
-            context = model.encode_context if self.context_frames else None
             cached = latent_cache.encode_source(
                 latents.encode_clean, source, device, context=context
             )

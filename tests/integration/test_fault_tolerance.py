@@ -51,9 +51,9 @@ def _start_and_signal(
         stderr=subprocess.PIPE,
         text=True,
     )
-    first = _ckpts(workdir) / f"ckpt-{wait_for:012d}.json"  # the sidecar is written last
+    first = _ckpts(workdir) / f"ckpt-{wait_for:012d}"  # renamed into place when complete
     deadline = time.monotonic() + 120
-    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -61,7 +61,7 @@ def _start_and_signal(
 
 
 def _final(workdir: Path) -> dict[str, Any]:
-    return checkpoint.load(_ckpts(workdir) / f"ckpt-{SAMPLES:012d}.pt")
+    return checkpoint.load(_ckpts(workdir) / f"ckpt-{SAMPLES:012d}")
 
 
 def _assert_bit_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -80,8 +80,8 @@ def test_sigkill_and_a_truncated_newest_checkpoint_resume_bit_identical(
     done = run_cli(*_args(reference, tiny_run))
     assert done.returncode == 0, done.stderr[-3000:]
 
-    # SIGKILL once two checkpoints exist; the newest is then truncated (as a kill mid-write on a
-    # filesystem without atomic rename would leave it). The same command again warns, resumes
+    # SIGKILL once two checkpoints exist; the newest's data file is then truncated (as a kill
+    # mid-write on a filesystem without atomic rename would leave it). The same command again warns, resumes
     # from the previous checkpoint and ends with bit-identical weights, data order included.
     killed = tmp_path / "killed"
     code, _, err = _start_and_signal(
@@ -90,10 +90,12 @@ def test_sigkill_and_a_truncated_newest_checkpoint_resume_bit_identical(
     assert code == -signal.SIGKILL, f"the run ended before it was killed:\n{err[-2000:]}"
     assert not (killed / "stages" / "stage1" / "DONE.json").exists()
     *_, previous, newest = checkpoint.list_checkpoints(_ckpts(killed))
-    newest.write_bytes(newest.read_bytes()[:1000])
+    data = newest / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:1000])
     resumed = run_cli(*_args(killed, tiny_run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"skipping checkpoint {newest}: {newest.name}: checksum mismatch" in resumed.stderr
+    expected = f"skipping checkpoint {newest}: {newest.name}: __0_0.distcp has the wrong size"
+    assert expected in resumed.stderr
     assert f"resumed at {checkpoint.load(previous)['samples_seen']} samples" in resumed.stderr
     _assert_bit_identical(_final(reference), _final(killed))
 
@@ -109,7 +111,7 @@ def test_sigterm_checkpoints_and_a_changed_config_is_refused_on_resume(
     assert last.startswith("ulframe: error: stopped by signal 15 at "), last
     assert "checkpoint saved, re-run to resume" in last
     stopped_at = int(last.split(" at ")[1].split()[0])
-    assert (_ckpts(workdir) / f"ckpt-{stopped_at:012d}.pt").is_file()
+    assert (_ckpts(workdir) / f"ckpt-{stopped_at:012d}" / "manifest.json").is_file()
 
     # A changed config is refused before anything is built, with the lines that changed.
     changed = ["--gin.stage1/TrainSettings.lr=2e-3"]
@@ -190,7 +192,7 @@ def test_the_nan_policy_skips_non_finite_steps_and_stops_after_k_in_a_row(
     assert "(TrainSettings.max_nonfinite_steps = 2)" in last
     assert "loss_nats" in last and "grad_norm" in last
     assert "checkpoint saved at 8 samples" in last
-    assert last.endswith(f"last finite checkpoint: {_ckpts(workdir) / 'ckpt-000000000008.pt'}")
+    assert last.endswith(f"last finite checkpoint: {_ckpts(workdir) / 'ckpt-000000000008'}")
     assert done.stderr.count("step skipped: non-finite") == 2  # passes 2 and 4; 5 stops
 
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -199,7 +201,7 @@ def test_the_nan_policy_skips_non_finite_steps_and_stops_after_k_in_a_row(
     assert all(math.isfinite(r["loss_nats"]) for r in records if "loss_nats" in r)
 
     # The stop checkpoint holds the weights of the last good step: passes 4, 5 changed nothing.
-    stop = checkpoint.load(_ckpts(workdir) / "ckpt-000000000008.pt")
+    stop = checkpoint.load(_ckpts(workdir) / "ckpt-000000000008")
     assert stop["samples_seen"] == 8
     for part in ("model", "ema"):
         assert all(t.isfinite().all() for t in stop[part].values() if t.is_floating_point())
@@ -234,9 +236,9 @@ def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
-    while not path.is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert path.is_file(), f"{path} never appeared"
+    assert path.exists(), f"{path} never appeared"
 
 
 @pytest.mark.slow
@@ -249,18 +251,17 @@ def test_two_processes_a_killed_worker_is_restarted(
     # machine a restarted gloo group can fail to connect once; the agent then tries again.)
     workdir = tmp_path / "restarted"
     proc = _start([*_args(workdir, tiny_run), "--nproc", "2", "--max-restarts", "2"], cli_env())
-    _wait_for(_ckpts(workdir) / "rank1" / f"ckpt-{8:012d}.json", proc)
+    _wait_for(_ckpts(workdir) / f"ckpt-{8:012d}", proc)
     victim = _worker_pid(proc.pid, rank=1)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed at" in err, err[-3000:]
     assert (workdir / "stages" / "stage1" / "DONE.json").is_file()
-    ranks = [
-        checkpoint.load(_ckpts(workdir) / f"rank{r}" / f"ckpt-{SAMPLES:012d}.pt") for r in (0, 1)
-    ]
-    for part in ("model", "ema"):
-        assert all(torch.equal(ranks[0][part][k], ranks[1][part][k]) for k in ranks[0][part])
+    final = _ckpts(workdir) / f"ckpt-{SAMPLES:012d}"
+    assert sorted(p.name for p in final.glob("loader-rank*.json")) == [
+        "loader-rank0.json", "loader-rank1.json",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -271,7 +272,7 @@ def test_two_processes_sigterm_checkpoints_every_rank_ddp_and_fsdp_alike(
     # writes its checkpoint at the same step, the run stops; the same command resumes. Once
     # with DDP, once with FSDP2 (the sharded model and optimizer state gathered into the
     # checkpoint and sharded again on resume): both end with the same weights.
-    eps = ["--gin_param", "optimizers.AdamW.eps = 1e-4"]  # see test_two_process_gloo_run
+    eps = ["--gin_param", "optimizers.AdamW.eps = 1e-4"]  # see test_distributed.py
     finals = [
         _preempt_and_resume(tmp_path / name, [*tiny_run, *eps, *extra], cli_env())
         for name, extra in (
@@ -288,17 +289,17 @@ def test_two_processes_sigterm_checkpoints_every_rank_ddp_and_fsdp_alike(
 
 def _preempt_and_resume(workdir: Path, tiny_run: list[str], env: dict[str, str]) -> dict[str, Any]:
     proc = _start([*_args(workdir, tiny_run), "--nproc", "2"], env)
-    _wait_for(_ckpts(workdir) / "rank1" / f"ckpt-{4:012d}.json", proc)
+    _wait_for(_ckpts(workdir) / f"ckpt-{4:012d}", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "checkpoint saved, re-run to resume" in err, err[-3000:]
-    newest = [checkpoint.list_checkpoints(_ckpts(workdir) / f"rank{r}")[-1].name for r in (0, 1)]
-    assert newest[0] == newest[1], newest
+    newest = checkpoint.list_checkpoints(_ckpts(workdir))[-1]
+    assert len(list(newest.glob("loader-rank*.json"))) == 2, newest  # every rank's part
     assert not (workdir / "stages" / "stage1" / "DONE.json").exists()
     resumed = _start([*_args(workdir, tiny_run), "--nproc", "2"], env)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert "resumed at" in err
     assert (workdir / "stages" / "stage1" / "DONE.json").is_file()
-    return checkpoint.load(_ckpts(workdir) / "rank0" / f"ckpt-{SAMPLES:012d}.pt")
+    return checkpoint.load(_ckpts(workdir) / f"ckpt-{SAMPLES:012d}")

@@ -84,9 +84,9 @@ def test_disk_full_while_saving_a_checkpoint_removes_its_temporary(
 ) -> None:
     checkpoint.save(tmp_path, 4, _state(4.0))
     monkeypatch.setattr(rundir, "_fsync", _enospc)
-    with pytest.raises(rundir.DiskFullError, match=r"ckpt-000000000008\.pt"):
+    with pytest.raises(rundir.DiskFullError, match=r"ckpt-000000000008$"):
         checkpoint.save(tmp_path, 8, _state(8.0))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000000004.json", "ckpt-000000000004.pt"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000000004"]
 
 
 # ---- metrics.jsonl -----------------------------------------------------------------------------
@@ -125,17 +125,19 @@ def test_resume_drops_the_rows_past_the_checkpoint_and_a_finished_stage_s_final_
 
 
 # ---- damaged files ----------------------------------------------------------------------------
-@pytest.mark.parametrize("text", ["", "not json", "[]", "{}", '{"sha256": 3}'])
-def test_a_damaged_sidecar_skips_its_checkpoint_with_a_warning(
+@pytest.mark.parametrize(
+    "text", ["", "not json", "[]", "{}", '{"files": 3}', '{"files": {}, "plain": {}}']
+)
+def test_a_damaged_manifest_skips_its_checkpoint_with_a_warning(
     tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     checkpoint.save(tmp_path, 4, _state(4.0))
     newest = checkpoint.save(tmp_path, 8, _state(8.0))
-    newest.with_suffix(".json").write_text(text)
+    (newest / "manifest.json").write_text(text)
     with caplog.at_level(logging.WARNING, logger="ulframe.train.checkpoint"):
         state = checkpoint.load_latest(tmp_path)
     assert state is not None and state["samples_seen"] == 4
-    assert f"skipping checkpoint {newest}: ckpt-000000000008.json: damaged checksum file" in (
+    assert f"skipping checkpoint {newest}: ckpt-000000000008/manifest.json: damaged" in (
         caplog.text
     )
 
@@ -178,15 +180,15 @@ def test_pruning_keeps_the_newest_finite_checkpoint_and_loading_skips_non_finite
     for n in (8, 12):
         checkpoint.save(tmp_path, n, _state(float("nan")), keep=1)
     names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
-    assert names == ["ckpt-000000000004.pt", "ckpt-000000000012.pt"]
-    assert checkpoint.newest_finite(tmp_path) == tmp_path / "ckpt-000000000004.pt"
+    assert names == ["ckpt-000000000004", "ckpt-000000000012"]
+    assert checkpoint.newest_finite(tmp_path) == tmp_path / "ckpt-000000000004"
     with caplog.at_level(logging.WARNING, logger="ulframe.train.checkpoint"):
         state = checkpoint.load_latest(tmp_path)
     assert state is not None and torch.equal(state["model"]["w"], torch.ones(3))
-    assert "ckpt-000000000012.pt: weights are not finite (NaN/Inf)" in caplog.text
+    assert "ckpt-000000000012: weights are not finite (NaN/Inf)" in caplog.text
     # A non-finite state never replaces the finite checkpoint of the same count.
     checkpoint.save(tmp_path, 4, _state(float("inf")), keep=1)
-    assert checkpoint.newest_finite(tmp_path) == tmp_path / "ckpt-000000000004.pt"
+    assert checkpoint.newest_finite(tmp_path) == tmp_path / "ckpt-000000000004"
 
 
 # ---- the workdir lock --------------------------------------------------------------------------

@@ -32,10 +32,10 @@ class _Source:
         return {"x": torch.randn(4, generator=torch.Generator().manual_seed(item)), "label": 0}
 
 
-def _settings() -> TrainSettings:
+def _settings(optimizer: Any = None) -> TrainSettings:
     return TrainSettings(
-        batch_size=8, train_samples=64, optimizer=partial(torch.optim.Adam), lr=0.01,
-        warmup_samples=0, ema_halflife_samples=8,
+        batch_size=8, train_samples=64, optimizer=optimizer or partial(torch.optim.Adam),
+        lr=0.01, warmup_samples=0, ema_halflife_samples=8,
     )  # fmt: skip
 
 
@@ -43,10 +43,12 @@ CPU = World(0, 1, 0, torch.device("cpu"))
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_stage"  # see its README.md
 
 
-def _state(steps: int = 2) -> tuple[TrainState, Trainer, Iterator[dict[str, torch.Tensor]]]:
+def _state(
+    steps: int = 2, optimizer: Any = None
+) -> tuple[TrainState, Trainer, Iterator[dict[str, torch.Tensor]]]:
     """A TrainState after `steps` steps (as the fixture's was written), and its batches."""
     torch.manual_seed(0)
-    trainer = Trainer.build(Model(), _settings(), CPU, seed=3)
+    trainer = Trainer.build(Model(), _settings(optimizer), CPU, seed=3)
     loader = build_loader(_Source(), batch_size=8, seed=5)
     state = TrainState(trainer.model, trainer.ema, trainer.opt, loader, stage="s", config="c\n")
     batches = iter(loader)
@@ -56,9 +58,9 @@ def _state(steps: int = 2) -> tuple[TrainState, Trainer, Iterator[dict[str, torc
     return state, trainer, batches
 
 
-def _fresh() -> tuple[TrainState, Trainer]:
+def _fresh(optimizer: Any = None) -> tuple[TrainState, Trainer]:
     torch.manual_seed(1)  # other initial weights
-    trainer = Trainer.build(Model(), _settings(), CPU, seed=3)
+    trainer = Trainer.build(Model(), _settings(optimizer), CPU, seed=3)
     loader = build_loader(_Source(), batch_size=8, seed=5)
     return TrainState(trainer.model, trainer.ema, trainer.opt, loader), trainer
 
@@ -148,3 +150,65 @@ def test_a_newer_format_is_refused() -> None:
         checkpoint.upgrade({"samples_seen": 0, "format": checkpoint.FORMAT_VERSION + 1})
     old = {"samples_seen": 0, "ema": {"_orig_mod.w": torch.ones(1)}}
     assert checkpoint.upgrade(old)["ema"].keys() == {"w"}
+
+
+def _adamw_8bit() -> Any:
+    import bitsandbytes.optim  # (seconds to import: only this case pays)
+
+    return partial(bitsandbytes.optim.AdamW8bit, min_8bit_size=1)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw_8bit"])
+def test_a_checkpoint_directory_resumes_the_next_step_exactly(
+    tmp_path: Path, optimizer: str
+) -> None:
+    """`save` / `load`: the directory DCP writes (each rank's part; here one) restores the
+    weights, optimizer (bitsandbytes' 8-bit state too: its uint8 tensors through DCP, its int
+    step as a value), EMA (buffers too), counters and the loader's position, so the next batch
+    and step are the ones the saved state would have taken."""
+    make = _adamw_8bit() if optimizer == "adamw_8bit" else None
+    state, trainer, batches = _state(optimizer=make)
+    path = state.save(tmp_path, CPU).wait()
+    assert path == tmp_path / "ckpt-000000000016"
+    whole = checkpoint.load(path)  # read whole, by a reader without processes
+    assert _equal(whole["model"], dict(state.model.state_dict()))
+    assert whole["samples_seen"] == 16 and whole["config"] == "c\n"
+    fresh, fresh_trainer = _fresh(make)
+    fresh.load(path, CPU)
+    assert fresh.samples_seen == 16
+    assert _equal(fresh.model.state_dict(), state.model.state_dict())
+    assert _equal(fresh.ema.state_dict(), state.ema.state_dict())
+    assert int(fresh.ema.model.calls) == 2
+    saved_opt, loaded_opt = state.optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert _equal(loaded_opt["state"], saved_opt["state"])
+    batch, again = next(batches), next(iter(fresh.loader))
+    assert torch.equal(batch["x"], again["x"])
+    a = train_step(trainer, batch, 16)
+    b = train_step(fresh_trainer, again, 16)
+    assert torch.equal(a.scalars["loss_nats"], b.scalars["loss_nats"])
+    assert _equal(fresh.model.state_dict(), state.model.state_dict())
+
+
+class _Wider(Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 1)
+
+
+def test_a_checkpoint_of_another_model_is_one_line_before_any_tensor_is_read(
+    tmp_path: Path,
+) -> None:
+    from ulframe.errors import ConfigError
+
+    state, _, _ = _state()
+    path = state.save(tmp_path, CPU).wait()
+    trainer = Trainer.build(_Wider(), _settings(), CPU, seed=3)
+    other = TrainState(trainer.model, trainer.ema, trainer.opt)
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(ConfigError) as refused:
+        other.load(path, CPU)
+    message = str(refused.value)
+    assert "\n" not in message and "does not fit this model" in message
+    assert "model/a.weight: (4, 4) in the checkpoint, (8, 4) here" in message
+    assert _equal(other.model.state_dict(), before)  # nothing was read into it

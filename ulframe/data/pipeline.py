@@ -6,14 +6,16 @@ an example ``{"x": float32 (C, *S) in [-1, 1], "label": int}`` (``S`` the spatia
 for images, (T, H, W) for videos), or ``None`` when the item is unreadable. The engine owns
 everything else, as one chain of nodes::
 
-    _ShardSampler        (seed, epoch, index) triples: a seeded permutation per epoch, this
-                         rank's slice of it, epochs repeated forever when ``repeat``
+    _ShardSampler        (seed, epoch, index) triples at this rank's positions r, r + W, ...
+                         of one global stream (a seeded permutation per epoch, one epoch after
+                         another when ``repeat``; one epoch's pass without)
     ParallelMapper       _DecodeTask: source.decode(source.items[index]) in worker threads
                          (or processes), in order, with the per-sample RNG of sample_rng()
     _DropUnreadable      drops the ``None`` examples and counts them
     Batcher + Mapper     lists of examples -> {"x": (B, C, *S), "label": (B,)}
     Prefetcher           a background thread keeps ``prefetch`` batches ready
-    PipelineLoader       a torchdata Loader: state_dict() / load_state_dict() resume exactly
+    PipelineLoader       a torchdata Loader: state_dict() / load_state_dict() resume exactly;
+                         position_of() / seek() resume under another world size
 
 Only the ``Source`` and the engine's plain functions reach worker threads or processes; the
 gin-configured dataset object stays in the main process: gin-configured code never runs inside
@@ -258,7 +260,15 @@ def first_example(
     return check_example(first_readable(source, max_tries), source, num_classes)
 
 
-# ---- sharding and shuffling --------------------------------------------------------------------
+# ---- the sample stream: shuffling and sharding -------------------------------------------------
+
+
+def epoch_order(num_items: int, *, epoch: int, seed: int = 0, shuffle: bool = True) -> np.ndarray:
+    """The item indices of ``epoch`` in stream order, (num_items,) int64: the permutation seeded
+    from (seed, epoch), the same in every process (``arange`` without ``shuffle``)."""
+    if shuffle:
+        return np.random.default_rng((seed, epoch)).permutation(num_items)
+    return np.arange(num_items)
 
 
 def shard_indices(
@@ -270,30 +280,45 @@ def shard_indices(
     world_size: int = 1,
     shuffle: bool = True,
 ) -> np.ndarray:
-    """The item indices ``rank`` visits in ``epoch``, in order.
+    """The item indices ``rank`` visits in one pass over ``epoch`` (``repeat=False``), in order.
 
-    All ranks draw the same permutation (seeded from (seed, epoch)) and take every
-    ``world_size``-th entry from position ``rank``: within an epoch the ranks' indices are
-    disjoint and together cover every item once. Shards differ in length by at most one.
+    All ranks draw the same `epoch_order` and take every ``world_size``-th entry from position
+    ``rank``: within an epoch the ranks' indices are disjoint and together cover every item once.
+    Shards differ in length by at most one. In training (``repeat``) the ranks share one stream
+    across epochs (`_ShardSampler`), and a rank visits exactly these items in ``epoch`` when
+    ``world_size`` divides ``num_items``.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
-    if shuffle:
-        order = np.random.default_rng((seed, epoch)).permutation(num_items)
-    else:
-        order = np.arange(num_items)
-    return order[rank::world_size]
+    return epoch_order(num_items, epoch=epoch, seed=seed, shuffle=shuffle)[rank::world_size]
 
 
 class _ShardSampler(tn.BaseNode[tuple[int, int, int]]):
-    """Yields (seed, epoch, index) for this rank; state is (epoch, offset), restored in O(1).
+    """Yields (seed, epoch, index) at this rank's positions of the global sample stream.
 
-    With ``repeat`` the epochs follow one another forever. Without it, one epoch per iterator;
-    like torchdata's SamplerWrapper, a fresh iterator after a started one moves to the next epoch.
+    The stream (N items) is one sequence for all ranks: position ``i`` is item
+    ``epoch_order(N, epoch=e)[i - e N]`` of epoch ``e = i // N``. Rank ``r`` of ``W`` takes
+    positions ``r, r + W, r + 2W, ...``, so the union of the ranks' k-th batches of ``b`` is
+    stream positions ``[k W b, (k + 1) W b)`` whatever N and W, across epoch boundaries (as long
+    as no item is unreadable: a dropped item's rank takes its next position, W further on).
+    One process (W = 1) walks the epochs' permutations one after the other.
+
+    With ``repeat`` the stream runs on forever (training). Without it, one epoch per iterator: a
+    pass over epoch ``e`` takes the positions below ``(e + 1) N``, `shard_indices`; like
+    torchdata's SamplerWrapper, a fresh iterator after a started one moves to the next epoch.
+
+    State (restored in O(1)): ``{"position": p, "epoch": e, "rank": r, "world_size": W}``, with
+    ``p`` the stream position this rank takes next and ``e`` its epoch (without ``repeat``: the
+    pass's epoch). A state written before the stream was global, ``{"epoch": e, "offset": o}``
+    (``o`` items into the rank's shard of epoch ``e``), loads as ``p = e N + o W + r``
+    (`legacy_position`): exactly the same stream when W divides N.
     """
 
+    POSITION_KEY = "position"
     EPOCH_KEY = "epoch"
-    OFFSET_KEY = "offset"
+    RANK_KEY = "rank"
+    WORLD_SIZE_KEY = "world_size"
+    LEGACY_OFFSET_KEY = "offset"
 
     def __init__(
         self,
@@ -312,47 +337,126 @@ class _ShardSampler(tn.BaseNode[tuple[int, int, int]]):
         self.world_size = world_size
         self.shuffle = shuffle
         self.repeat = repeat
-        self._epoch = 0
-        self._offset = 0
+        self._position = rank
+        self._epoch = 0  # of the pass (repeat: of the last position taken)
         self._started = False
+        self._seek: int | None = None
+        self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
-    def _shard(self) -> np.ndarray:
-        return shard_indices(
-            self.num_items,
-            epoch=self._epoch,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            shuffle=self.shuffle,
-        )
+    @classmethod
+    def is_legacy(cls, state: dict[str, Any]) -> bool:
+        """Whether `state` is a sampler state of the per-rank epochs ({"epoch", "offset"})."""
+        return state.keys() == {cls.EPOCH_KEY, cls.LEGACY_OFFSET_KEY}
+
+    def seek(self, position: int | None) -> None:
+        """The next fresh iterator (``reset(None)``) starts at global stream position `position`,
+        this rank at ``position + rank``; None: as without a seek."""
+        self._seek = position
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = epoch_order(
+                self.num_items, epoch=epoch, seed=self.seed, shuffle=self.shuffle
+            )
+            self._order_epoch = epoch
+        return self._order
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
         if initial_state is not None:
-            self._epoch = initial_state[self.EPOCH_KEY]
-            self._offset = initial_state[self.OFFSET_KEY]
+            if self.is_legacy(initial_state):
+                self._position = self.rank + legacy_position(
+                    initial_state, self.num_items, rank=self.rank, world_size=self.world_size
+                )
+            else:
+                self._position = int(initial_state[self.POSITION_KEY])
+            saved_epoch = int(initial_state[self.EPOCH_KEY])
+            self._epoch = self._position // self.num_items if self.repeat else saved_epoch
+        elif self._seek is not None:
+            self._position = self._seek + self.rank
+            self._epoch = self._seek // self.num_items
         else:
             if self._started:
                 self._epoch += 1
-            self._offset = 0
+            self._position = self._epoch * self.num_items + self.rank
+        self._seek = None
         self._started = False
-        self._order = self._shard()
 
     def next(self) -> tuple[int, int, int]:
-        while self._offset >= len(self._order):
-            if not self.repeat or len(self._order) == 0:
-                raise StopIteration()
-            self._epoch += 1
-            self._offset = 0
-            self._order = self._shard()
-        index = int(self._order[self._offset])
-        self._offset += 1
+        epoch = self._position // self.num_items if self.repeat else self._epoch
+        within = self._position - epoch * self.num_items
+        if within >= self.num_items:  # only without repeat: the pass is over
+            raise StopIteration()
+        index = int(self._order_of(epoch)[within])
+        self._epoch = epoch
+        self._position += self.world_size
         self._started = True
-        return (self.seed, self._epoch, index)
+        return (self.seed, epoch, index)
 
     def get_state(self) -> dict[str, Any]:
-        return {self.EPOCH_KEY: self._epoch, self.OFFSET_KEY: self._offset}
+        return {
+            self.POSITION_KEY: self._position,
+            self.EPOCH_KEY: self._position // self.num_items if self.repeat else self._epoch,
+            self.RANK_KEY: self.rank,
+            self.WORLD_SIZE_KEY: self.world_size,
+        }
+
+
+def legacy_position(state: dict[str, Any], num_items: int, *, rank: int, world_size: int) -> int:
+    """The global stream position of a sampler state of per-rank epochs, ``{"epoch": e,
+    "offset": o}`` saved by ``rank`` of ``world_size``: ``e N + o W``, where that rank's next item
+    stands in epoch ``e``'s order (``o`` items into its shard, `shard_indices`), or ``(e + 1) N``
+    when its shard of epoch ``e`` was used up (the rank's next item opened epoch ``e + 1``).
+
+    Exact when ``world_size`` divides ``num_items`` (N): the old per-rank epochs were then the
+    global stream. Otherwise each rank still resumes at the item it would have taken next, but
+    the ranks' epochs had drifted apart, so their streams from there on may overlap; resuming
+    every rank at `merge_positions` of all the ranks' positions takes no example twice.
+    """
+    epoch = int(state[_ShardSampler.EPOCH_KEY])
+    offset = int(state[_ShardSampler.LEGACY_OFFSET_KEY])
+    if offset >= len(range(rank, num_items, world_size)):
+        return (epoch + 1) * num_items
+    return epoch * num_items + offset * world_size
+
+
+def _sampler_state(state: Any) -> dict[str, Any] | None:
+    """The sampler's part of a nested `PipelineLoader.state_dict()` (None: there is none).
+
+    build_loader's nodes snapshot their sources after every item (torchdata's default
+    ``snapshot_frequency=1``), so this part is the position of the batches consumed so far.
+    """
+    if not isinstance(state, dict):
+        return None
+    if _ShardSampler.POSITION_KEY in state or _ShardSampler.is_legacy(state):
+        return state
+    for value in state.values():
+        found = _sampler_state(value)
+        if found is not None:
+            return found
+    return None
+
+
+def merge_positions(positions: Sequence[int]) -> tuple[int, int]:
+    """Where a run resumes under any world size, from its ranks' global stream positions.
+
+    Args:
+        positions: ``positions[r]`` is old rank r's `PipelineLoader.position_of` its state, one
+            entry per rank of the world size W that saved them. Rank r took the positions
+            ``positions[r] + r - W, positions[r] + r - 2W, ...`` (down to where its run began).
+
+    Returns:
+        ``(resume, skipped)``: ``resume = max(positions)``, so that no example is taken twice;
+        ``skipped`` counts the stream positions below ``resume`` that no rank took, 0 unless the
+        ranks dropped different numbers of unreadable items. (For legacy states of ranks whose
+        epochs had drifted, `legacy_position`, the count is an estimate.)
+    """
+    if not positions or min(positions) < 0:
+        raise ValueError(f"positions must be one global position >= 0 per rank; got {positions}")
+    world_size, resume = len(positions), max(positions)
+    untaken = (resume - (position + rank) for rank, position in enumerate(positions))
+    return resume, sum(-(-gap // world_size) for gap in untaken if gap > 0)
 
 
 class _DropUnreadable(tn.BaseNode[Example]):
@@ -434,20 +538,109 @@ def collate(examples: Sequence[Example]) -> Batch:
 class PipelineLoader(tn.Loader[Batch]):
     """A ``torchdata.nodes.Loader`` of batches that also reports what it skipped.
 
-    ``state_dict()`` / ``load_state_dict()`` (inherited) resume at exactly the next batch; the
-    state is plain ints and tensors-free dicts, safe for ``torch.save`` / ``weights_only`` loads.
+    ``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch, on the same rank
+    of the same world size; the state is plain ints and tensors-free dicts, safe for
+    ``torch.save`` / ``weights_only`` loads. Under another world size, a run resumes from the
+    global stream position instead (`_ShardSampler`): ``position_of(state)`` of every old rank
+    (``global_position`` reads legacy states too), `merge_positions` of those, then
+    ``seek(resume)`` on every new rank.
     """
 
     def __init__(
         self,
         root: tn.BaseNode[Batch],
         *,
+        sampler: _ShardSampler,
         filter_node: _DropUnreadable,
         items_per_epoch: int,
     ) -> None:
         super().__init__(root)
+        self._sampler = sampler
         self._filter = filter_node
         self.items_per_epoch = items_per_epoch
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The next iterator resumes where `state_dict` (a ``state_dict()`` of a loader over the
+        same source, by the same rank of the same world size) left off; replaces a ``seek``.
+
+        Raises:
+            ValueError: the state holds no sampler position, or was saved by another rank or
+                world size (resume those with ``seek``).
+        """
+        saved = self._saved_sampler(state_dict)
+        if not _ShardSampler.is_legacy(saved):
+            by = (int(saved[_ShardSampler.RANK_KEY]), int(saved[_ShardSampler.WORLD_SIZE_KEY]))
+            ours = (self._sampler.rank, self._sampler.world_size)
+            if by != ours:
+                raise ValueError(
+                    f"loader state of rank {by[0]} of {by[1]} cannot resume rank {ours[0]} of "
+                    f"{ours[1]}; seek() to merge_positions of every old rank's position_of"
+                )
+        super().load_state_dict(state_dict)  # (the sampler restores it before any seek)
+
+    @staticmethod
+    def position_of(state: dict[str, Any]) -> int:
+        """The global stream position at which `state` resumes: ``p - rank``, ``p`` the stream
+        position its rank takes next (the ranks of a run without unreadable items all give the
+        number of samples their global batches took).
+
+        `state` is a ``state_dict()`` of a loader over the same source, of any rank and world
+        size; one written before positions were global (``{"epoch", "offset"}``) records no
+        rank: read it with `global_position`.
+
+        Raises:
+            ValueError: `state` holds no sampler position, or a legacy one.
+        """
+        saved = PipelineLoader._saved_sampler(state)
+        if _ShardSampler.is_legacy(saved):
+            raise ValueError(
+                "a loader state of per-rank epochs ({'epoch', 'offset'}) records no rank; "
+                "read it with global_position(state, rank, world_size)"
+            )
+        return int(saved[_ShardSampler.POSITION_KEY]) - int(saved[_ShardSampler.RANK_KEY])
+
+    def global_position(self, state: dict[str, Any], rank: int, world_size: int) -> int:
+        """`position_of` a `state` saved by `rank` of `world_size`, legacy states included
+        (`legacy_position`, with this loader's number of items).
+
+        Raises:
+            ValueError: `state` holds no sampler position, or records another rank or world
+                size than the ones given.
+        """
+        saved = self._saved_sampler(state)
+        if _ShardSampler.is_legacy(saved):
+            return legacy_position(saved, self._sampler.num_items, rank=rank, world_size=world_size)
+        by = (int(saved[_ShardSampler.RANK_KEY]), int(saved[_ShardSampler.WORLD_SIZE_KEY]))
+        if by != (rank, world_size):
+            raise ValueError(
+                f"loader state of rank {by[0]} of {by[1]} read as rank {rank} of {world_size}"
+            )
+        return self.position_of(state)
+
+    def seek(self, position: int) -> None:
+        """The next iterator starts at global stream position `position` (this rank takes
+        ``position + rank``, then every ``world_size``-th), with fresh counters (``skipped``,
+        ``unreadable``); replaces a loaded state. Without ``repeat``: in the pass over epoch
+        ``position // N``.
+
+        Raises:
+            ValueError: `position` is negative.
+        """
+        if position < 0:
+            raise ValueError(f"position must be >= 0; got {position}")
+        self._sampler.seek(position)
+        self._next_iter_state_dict = None
+        self._iter_for_state_dict = False  # an iterator made for state_dict() is reset too
+
+    @staticmethod
+    def _saved_sampler(state: dict[str, Any]) -> dict[str, Any]:
+        saved = _sampler_state(state)
+        if saved is None:
+            raise ValueError(
+                f"loader state with keys {sorted(state)} holds no sampler position; "
+                "expected a PipelineLoader.state_dict()"
+            )
+        return saved
 
     @property
     def skipped(self) -> int:
@@ -483,7 +676,8 @@ def build_loader(
     Args:
         source: the items and their decoder (see :class:`Source`).
         batch_size: examples per batch on this rank.
-        rank, world_size: this process's slice of every epoch (see :func:`shard_indices`).
+        rank, world_size: this process takes positions rank, rank + world_size, ... of the
+            global sample stream (`_ShardSampler`; one pass: :func:`shard_indices`).
         seed: seeds the per-epoch permutation and the per-sample augmentation RNG.
         shuffle: permute the items each epoch (False: item order).
         repeat: epochs follow one another forever, batches flowing across epoch boundaries
@@ -528,11 +722,11 @@ def build_loader(
                 "method='thread'."
             ) from error
 
-    node: tn.BaseNode[Any] = _ShardSampler(
+    sampler = _ShardSampler(
         num_items, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, repeat=repeat
     )
-    node = tn.ParallelMapper(
-        node,
+    node: tn.BaseNode[Any] = tn.ParallelMapper(
+        sampler,
         _DecodeTask(source),
         num_workers=num_workers,
         in_order=True,
@@ -557,4 +751,6 @@ def build_loader(
         num_workers,
         method,
     )
-    return PipelineLoader(node, filter_node=filter_node, items_per_epoch=items_per_epoch)
+    return PipelineLoader(
+        node, sampler=sampler, filter_node=filter_node, items_per_epoch=items_per_epoch
+    )

@@ -69,18 +69,19 @@ class ShardSetError(DataError):
     """A shard set whose manifest is missing or wrong, or whose shards do not match it."""
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, name: str = "--size") -> int:
     """Bytes in a size such as ``1GB``, ``500MB``, ``64MiB`` or ``1e9`` (decimal units are
     powers of 1000, binary ones of 1024; case does not matter).
 
     Raises:
-        UserError: not a positive size.
+        UserError: not a positive size; the message names the setting `name` (the CLI's
+            option, or a gin parameter).
     """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else ""
     if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
         raise UserError(
-            f"--size {text!r} is not a size; give a positive number of bytes with a unit, e.g. "
+            f"{name} {text!r} is not a size; give a positive number of bytes with a unit, e.g. "
             "1GB, 500MB, 64MiB"
         )
     return int(float(match.group(1)) * _UNITS[unit])
@@ -111,6 +112,16 @@ class ShardInfo:
     @property
     def count(self) -> int:
         return len(self.offsets)
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any], num_classes: int) -> ShardInfo:
+        """The inverse of `to_json`, its fields checked against each other and labels against
+        ``0 .. num_classes - 1``.
+
+        Raises:
+            ValueError, KeyError, TypeError: an entry that is incomplete or contradicts itself.
+        """
+        return _shard_info(entry, num_classes)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,15 +1,34 @@
-"""Checkpoints: atomic, checksummed, loaded without unpickling code.
+"""Checkpoints: one directory per checkpoint, written by every rank through
+`torch.distributed.checkpoint` (DCP), atomic, checksummed, resharded on load.
 
-A checkpoint is a dict of tensors and plain values saved with `torch.save` to a temporary file,
-fsynced, then renamed into place, with a SHA-256 sidecar written the same way. Loading uses
-`torch.load(weights_only=True)`; a file whose checksum does not match, or that would need
-arbitrary unpickling, is reported and the previous checkpoint is used. The sidecar also records
-whether every tensor is finite: a non-finite checkpoint is never resumed from, and pruning always
-keeps the newest finite one.
+A checkpoint is the directory `checkpoints/ckpt-<samples:012d>/`:
 
-The layout of a checkpoint (its keys, `FORMAT`, and `FORMAT_VERSION`) is defined here, once:
-`ulframe.train.state.TrainState` writes it (`state_dict()`) and reads it (`load_state_dict()`);
-`upgrade` turns a checkpoint of an older version into the current one (`load` applies it).
+    __<rank>_<i>.distcp    DCP's data files: each rank writes its own part of the tensors once
+                           (DTensor shards under FSDP2; a tensor every rank holds, e.g. a DDP
+                           weight, is written by one rank only)
+    .metadata              DCP's index of the tensors (pickled by DCP)
+    loader-rank<r>.json    rank r's training-loader position
+    manifest.json          the SHA-256 and size of every other file, whether every tensor is
+                           finite, the world size, and every value that is not a tensor (the
+                           step counters, the optimizer's hyper-parameters, the config), as JSON
+
+Every rank writes into `ckpt-<samples>.tmp/`; when the whole checkpoint is on disk rank 0
+hashes it, writes the manifest (fsynced) and renames the directory into place, so a checkpoint
+is either complete or absent (a torn `.tmp` is never read). Loading verifies every file's
+checksum before DCP reads any of it (DCP unpickles `.metadata`); the tensors themselves load
+with `torch.load(weights_only=True)` and nothing else is unpickled (no value other than a
+tensor goes through DCP). `TrainSettings.async_checkpoint` saves in the background
+(`dcp.async_save`): the tensors are copied first, and the training steps go on while the files
+are written; a kill during the write leaves the previous checkpoint as it is.
+
+DCP reshards on load: a checkpoint written by W processes (DDP or FSDP2) loads into W' (into
+the tensors each rank holds now), and a reader without processes (`load`: sample, eval,
+export) reads the full tensors. The data position moves with it (`TrainState`).
+
+The layout of a checkpoint's state (its keys, `FORMAT`, and `FORMAT_VERSION`) is defined here,
+once: `ulframe.train.state.TrainState` writes it and reads it; `upgrade` turns a state of an older
+version into the current one. Checkpoints of version <= 2 (one `ckpt-<samples>.pt` file per rank,
+`torch.save` of the full state with a `.json` checksum sidecar) still load.
 
 Every checkpoint also holds the full gin config of the run that wrote it (`config`) and its
 SHA-256 (`config_sha256`); a resume under a different config is refused (`ConfigChangedError`,
@@ -18,9 +37,16 @@ with a unified diff) unless the user passes `--allow-config-change`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,16 +61,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The version of the checkpoint layout, under the key "format". Version 0: the checkpoints
 written before it had a version (the same keys, without "format"); version 1: before
-"power_ema"; `upgrade` reads both."""
+"power_ema"; version 2: one `torch.save` file per rank; version 3: a DCP directory.
+`upgrade` reads them all."""
 FORMAT: dict[str, str] = {
     "format": "FORMAT_VERSION",
-    "model": "the training model's full (unsharded) state dict",
+    "model": "the training model's state dict (DCP: this rank's shards; `load`: full)",
     "ema": "the EMA model's state dict (weights and buffers), the weights evaluation uses",
     "power_ema": "the post-hoc EMA's power-function EMAs, {sigma_rel: state dict}, or None",
-    "optimizer": "the optimizer's full state dict",
+    "optimizer": "the optimizer's state dict, keyed by parameter name (DCP's state-dict API)",
     "loader": "this rank's training loader position (each rank writes its own file)",
     "samples_seen": "the training samples the weights have seen (int)",
     "stage": "the stage's name",
@@ -75,46 +102,63 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-PATTERN = "ckpt-{samples:012d}.pt"
+PATTERN = "ckpt-{samples:012d}"  # a checkpoint directory; version <= 2: a file, PATTERN + ".pt"
 CHECKPOINTS = "checkpoints"  # a stage's checkpoint folder, under stages/<name>/
+MANIFEST = "manifest.json"
+LOADER_FILE = "loader-rank{rank}.json"
+SEP = "/"  # joins the keys of a nested state into one DCP key (parameter names hold dots)
 
 
 def checkpoint_dir(stage_dir: Path, rank: int = 0, world_size: int | None = None) -> Path:
-    """The folder of a stage's checkpoints: `stage_dir/checkpoints/` under one process,
-    `stage_dir/checkpoints/rank<r>/` under several (each rank keeps its own loader position).
+    """The folder of a stage's checkpoints: `stage_dir/checkpoints/`, whatever the number of
+    processes (each checkpoint directory holds every rank's part).
 
-    `world_size` None (reading a run, whatever number of processes trained it): the layout
-    found on disk, `checkpoints/` when it holds checkpoints, else rank `rank`'s folder when
-    there is one."""
+    Checkpoints of version <= 2 written by several processes live in `checkpoints/rank<r>/`
+    (one file per rank): with `world_size` None (reading a run) that folder of rank `rank` is
+    returned when `checkpoints/` itself holds no checkpoint; with `world_size` > 1 and such a
+    folder and no checkpoint directory, too (a resume under the world size that wrote them)."""
     base = stage_dir / CHECKPOINTS
-    if world_size is None:
-        several = not list_checkpoints(base) and (base / f"rank{rank}").is_dir()
-    else:
-        several = world_size > 1
-    return base / f"rank{rank}" if several else base
+    legacy = base / f"rank{rank}"
+    if (world_size is None or world_size > 1) and not list_checkpoints(base) and legacy.is_dir():
+        return legacy
+    return base
 
 
 def check_world_size(directory: Path, world_size: int) -> None:
     """Refuse (one line, before anything is written) to start a stage from 0 when `directory`
-    (a stage's `checkpoints/` folder) holds checkpoints that another number of processes wrote:
-    `checkpoints/` itself under one process, `checkpoints/rank<r>/` under several (each rank's
-    loader position lives in its own file, so they cannot resume here). Refused: rank folders
-    under one process; `checkpoints/` itself, or a rank beyond this run's, under several."""
+    (a stage's `checkpoints/` folder) holds only checkpoint files of version <= 2 that another
+    number of processes wrote (each rank kept its own loader position in its own file, so they
+    do not reshard): `checkpoints/*.pt` under several processes, `checkpoints/rank<r>/*.pt`
+    under one or under fewer than r + 1. Checkpoint directories (version 3) load under any
+    number of processes."""
     ranks = [int(p.name[4:]) for p in directory.glob("rank*") if p.name[4:].isdigit()]
-    ranks = [r for r in ranks if list_checkpoints(directory / f"rank{r}")]
+    ranks = [r for r in ranks if _legacy_files(directory / f"rank{r}")]
     if world_size == 1:
         written = max(ranks) + 1 if ranks else 0
-    elif list_checkpoints(directory):
+    elif _legacy_files(directory):
         written = 1
     else:  # fewer ranks than this run's may be a first save cut short: not refused
         written = max(ranks) + 1 if ranks and max(ranks) >= world_size else 0
     if written:
         again = f"--nproc {written}" if written > 1 else "one process (no --nproc)"
         raise UserError(
-            f"{directory} holds checkpoints written by {written} process(es), this run has "
-            f"{world_size}: resume with {again} (a checkpoint is not resharded to another "
-            "number of processes); nothing was changed"
+            f"{directory} holds checkpoints of an older ulframe written by {written} "
+            f"process(es), this run has {world_size}: resume with {again} (files of that format "
+            "are not resharded to another number of processes); nothing was changed"
         )
+
+
+def _legacy_files(directory: Path) -> list[Path]:
+    return [p for p in list_checkpoints(directory) if p.is_file()]
+
+
+def resume_candidates(stage_dir: Path, rank: int, world_size: int) -> list[Path]:
+    """The checkpoints rank `rank` of `world_size` may resume from, oldest first: every
+    checkpoint directory, and the version <= 2 files written under this world size (its own)."""
+    base = stage_dir / CHECKPOINTS
+    found = [p for p in list_checkpoints(base) if p.is_dir()]
+    found += _legacy_files(base if world_size == 1 else base / f"rank{rank}")
+    return sorted(found, key=_order)
 
 
 def stage_checkpoints(workdir: Path) -> dict[str, Path]:
@@ -150,7 +194,7 @@ def load_stage_ema(
         ctx.example, ctx.num_classes, ctx.device, stage_dir, dict(ctx.previous)
     )
     model = stage.build(sub)
-    state = load_latest(directory, map_location=map_location)
+    state = load_latest(directory, map_location=map_location, only=("ema",))
     if state is None:
         raise ConfigError(
             f"stage '{stage.name}' has no valid checkpoint under {directory} to load its EMA "
@@ -188,8 +232,10 @@ def stage_ema(stage_dir: Path, state: dict[str, Any]) -> tuple[dict[str, Any], d
 
 
 def all_finite(value: Any) -> bool:
-    """Whether every floating-point tensor in a (nested) state is finite."""
+    """Whether every floating-point tensor in a (nested) state is finite (of a DTensor, this
+    rank's shard)."""
     if isinstance(value, torch.Tensor):
+        value = value.to_local() if hasattr(value, "to_local") else value
         return not value.is_floating_point() or bool(value.isfinite().all())
     if isinstance(value, dict):
         return all(all_finite(v) for v in value.values())
@@ -198,43 +244,329 @@ def all_finite(value: Any) -> bool:
     return True
 
 
-def save(directory: Path, samples_seen: int, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write `state` as the checkpoint at `samples_seen`; keep the newest `keep`, and always the
-    newest one whose weights are finite (the sidecar records `finite`). A non-finite state never
-    replaces a checkpoint already written at the same count."""
-    import io
+# ---- writing -------------------------------------------------------------------------------
 
-    path = directory / PATTERN.format(samples=samples_seen)
-    finite = all_finite(state)
-    if not finite and path.is_file():  # (a stop at the step of the last good checkpoint)
-        log.warning("weights not finite at %d samples: %s kept as it is", samples_seen, path)
-        return path
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    rundir.write_bytes(path, data, durable=True)
-    digest = {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
+
+def flatten(
+    state: Mapping[str, Any], prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A nested state as two flat dicts keyed by the `SEP`-joined path of each leaf: the tensors
+    (DCP writes them) and every other value (the manifest holds them, as JSON; a tuple comes
+    back as a list). Keys must be strings without `SEP`; an empty dict is a value."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or SEP in key:
+            raise ValueError(
+                f"checkpoint key {prefix + str(key)!r}: keys are strings without {SEP!r}"
+            )
+        name = prefix + key
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value
+        elif isinstance(value, Mapping) and value:
+            more_tensors, more_plain = flatten(value, name + SEP)
+            tensors |= more_tensors
+            plain |= more_plain
+        else:
+            plain[name] = value
+    return tensors, plain
+
+
+def unflatten(*flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `flatten`: the nested state of flat dicts keyed by `SEP`-joined paths."""
+    state: dict[str, Any] = {}
+    for part in flat:
+        for name, value in part.items():
+            *parents, leaf = name.split(SEP)
+            node = state
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+    return state
+
+
+class Saving:
+    """A checkpoint being written: `path` is where it will be; `wait()` returns it once it is
+    complete (and re-raises what went wrong in the background)."""
+
+    def __init__(self, path: Path, future: Future[Path] | None = None) -> None:
+        self.path = path
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self) -> Path:
+        if self._future is not None:
+            self._future.result()
+        return self.path
+
+
+_background: ThreadPoolExecutor | None = None
+
+
+# DCP warns at every call without a process group that it assumes one process (here on
+# purpose: `no_dist`), also from the thread of a background save.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+
+
+def write(
+    directory: Path,
+    samples_seen: int,
+    state: Mapping[str, Any],
+    *,
+    keep: int = 3,
+    rank: int = 0,
+    world_size: int = 1,
+    finite: bool | None = None,
+    loader: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+    background: bool = False,
+) -> Saving:
+    """Write `state` (a nested dict: tensors, which may be DTensor shards, and JSON values) as
+    the checkpoint directory at `samples_seen`, with this rank's `loader` position. Under
+    several processes every rank calls it (DCP's collectives run on `process_group`, default
+    the world's); alone, it needs no process group.
+
+    Rank 0 completes it: checksums, manifest, rename into place, then keeps the newest `keep`
+    checkpoints and always the newest finite one. `finite` (every tensor of every rank finite;
+    default: this rank's tensors): a non-finite state never replaces a checkpoint already
+    written at the same count. `background`: the tensors are copied now and written by a
+    thread (`dcp.async_save`): call `wait()` on the result before the next save."""
+    import torch.distributed.checkpoint as dcp
+
+    final = directory / PATTERN.format(samples=samples_seen)
+    tmp = final.with_name(final.name + ".tmp")
+    tensors, plain = flatten(state)
+    json.dumps(plain)  # a value JSON cannot hold fails now, not in the background
+    record = {
+        "format": FORMAT_VERSION,
         "samples_seen": samples_seen,
-        "finite": finite,
+        "finite": all_finite(tensors) if finite is None else finite,
+        "world_size": world_size,
+        "plain": plain,
     }
-    rundir.write_bytes(path.with_suffix(".json"), json.dumps(digest).encode(), durable=True)
+    alone = process_group is None and not torch.distributed.is_initialized()
+    if not background:
+        with _cleaned_on_error(tmp, final):
+            tmp.mkdir(parents=True, exist_ok=True)
+            if loader is not None:
+                rundir.write_bytes(tmp / LOADER_FILE.format(rank=rank), json.dumps(loader).encode())
+            writer = dcp.FileSystemWriter(tmp)
+            dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+            if rank == 0:
+                _complete(tmp, final, record, keep)
+        return Saving(final)
+    with _cleaned_on_error(tmp, final):
+        tmp.mkdir(parents=True, exist_ok=True)
+        if loader is not None:
+            rundir.write_bytes(tmp / LOADER_FILE.format(rank=rank), json.dumps(loader).encode())
+        upload = dcp.async_save(
+            tensors, storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group,
+            no_dist=alone,
+        )  # fmt: skip
+    written: Future[Any] = getattr(upload, "upload_completion", upload)  # type: ignore[arg-type]
+
+    def finish() -> Path:
+        with _cleaned_on_error(tmp, final):
+            written.result()
+            if rank == 0:
+                _complete(tmp, final, record, keep)
+        return final
+
+    global _background
+    if _background is None:
+        _background = ThreadPoolExecutor(1, thread_name_prefix="ulframe-checkpoint")
+    return Saving(final, _background.submit(finish))
+
+
+@contextlib.contextmanager
+def _cleaned_on_error(tmp: Path, final: Path) -> Iterator[None]:
+    """A save that fails leaves no temporary directory; a full disk (anywhere in DCP's
+    errors) becomes one `DiskFullError` naming the checkpoint."""
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(err):
+            raise rundir.DiskFullError(final) from err
+        raise
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether `err`, its causes or the per-rank failures DCP collects are a full disk."""
+    seen: list[BaseException] = []
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e in seen:
+            continue
+        seen.append(e)
+        if rundir.is_disk_full(e) or isinstance(e, rundir.DiskFullError):
+            return True
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        todo += [f for f in getattr(e, "failures", {}).values() if isinstance(f, BaseException)]
+    return False
+
+
+def save(directory: Path, samples_seen: int, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write a full state (e.g. `TrainState.state_dict()`, or a partial one of a benchmark) as
+    the checkpoint at `samples_seen`, from one process; its "loader" goes to rank 0's file."""
+    state = dict(state)
+    loader = state.pop("loader", None)
+    return write(directory, samples_seen, state, keep=keep, loader=loader).wait()
+
+
+def _complete(tmp: Path, final: Path, record: dict[str, Any], keep: int) -> None:
+    """Rank 0, once every rank's files are in `tmp`: hash them, write the manifest, rename
+    `tmp` to `final` (fsynced), prune."""
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        if path.is_file() and path.name != MANIFEST:
+            files[path.name] = {"sha256": _sha256(path, fsync=True), "bytes": path.stat().st_size}
+    record = record | {"files": files}
+    rundir.write_bytes(tmp / MANIFEST, json.dumps(record).encode(), durable=True)
+    if final.exists():
+        if not record["finite"]:  # (a stop at the step of the last good checkpoint)
+            log.warning(
+                "weights not finite at %d samples: %s kept as it is", record["samples_seen"], final
+            )
+            shutil.rmtree(tmp)
+            return
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    rundir.fsync_dir(final.parent)
+    prune(final.parent, keep)
+
+
+def _sha256(path: Path, fsync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (directories and older files) of
+    `directory`, always keeping the newest finite one; `keep` <= 0 keeps all."""
+    if keep <= 0:
+        return
     keep_also = newest_finite(directory)
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        if old != keep_also:
+    for old in list_checkpoints(directory)[:-keep]:
+        if old == keep_also:
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
-    return path
+
+
+def remove_partial(directory: Path) -> None:
+    """Clean what a killed save left in `directory` (rank 0, before this run saves): a torn
+    `ckpt-*.tmp` is removed; a `ckpt-*.old` whose replacement never arrived is put back."""
+    if not directory.is_dir():
+        return
+    for path in directory.glob("ckpt-*.old"):
+        final = path.with_name(path.name.removesuffix(".old"))
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.rename(path, final)
+    for path in directory.glob("ckpt-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+_NAME = re.compile(r"ckpt-(\d{12})(\.pt)?")
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files, oldest first."""
-    return sorted(directory.glob("ckpt-*.pt")) if directory.is_dir() else []
+    """Checkpoints in `directory`, oldest first: directories `ckpt-<samples>` and files
+    `ckpt-<samples>.pt` (version <= 2; at the same count, the directory comes last)."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if match and (path.is_file() if match.group(2) else path.is_dir()):
+            found.append(path)
+    return sorted(found, key=_order)
+
+
+def _order(path: Path) -> tuple[int, bool]:
+    return _samples(path), path.suffix != ".pt"
+
+
+def _samples(path: Path) -> int:
+    match = _NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def samples_of(path: Path) -> int:
+    """The samples-seen count of checkpoint `path`, from its name."""
+    return _samples(path)
+
+
+def saved_config(path: Path) -> str:
+    """The gin config checkpoint `path` was trained under ("" when it holds none)."""
+    if path.is_dir():
+        return str(manifest(path)["plain"].get("config", ""))
+    return str(_load_file(path, "cpu").get("config", ""))
+
+
+def tensor_keys(path: Path) -> set[str]:
+    """The keys of the tensors checkpoint directory `path` (verified) holds."""
+    return set(_tensor_index(path))
+
+
+def manifest(path: Path) -> dict[str, Any]:
+    """The record of checkpoint `path`: a directory's manifest, or a file's checksum sidecar
+    (version <= 2). Raises ValueError when it is missing or damaged; reads nothing else."""
+    if path.is_file():
+        return sidecar(path)
+    record_path = path / MANIFEST
+    if not record_path.is_file():
+        raise ValueError(f"{path.name}: no {MANIFEST} (write interrupted?)")
+    try:
+        record = json.loads(record_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path.name}/{MANIFEST}: damaged ({err})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise ValueError(f"{path.name}/{MANIFEST}: damaged (no file list)")
+    if not isinstance(record.get("plain"), dict) or ".metadata" not in record["files"]:
+        raise ValueError(f"{path.name}/{MANIFEST}: damaged (no values or no .metadata)")
+    return record
+
+
+def verify(path: Path, data: bool = True) -> dict[str, Any]:
+    """The manifest of checkpoint directory `path` after checking that every file it lists is
+    there with its size and (`data`; else only DCP's `.metadata`) its SHA-256. Raises
+    ValueError naming the first file that is not."""
+    record = manifest(path)
+    for name, expected in record["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{path.name}: {name} is missing")
+        if file.stat().st_size != expected.get("bytes"):
+            raise ValueError(f"{path.name}: {name} has the wrong size (truncated?)")
+        if (data or name == ".metadata") and _sha256(file) != expected.get("sha256"):
+            raise ValueError(f"{path.name}: {name}: checksum mismatch (corrupt)")
+    return record
 
 
 def sidecar(path: Path) -> dict[str, Any]:
-    """The checksum record of checkpoint `path`; raises ValueError when missing or damaged."""
+    """The checksum record of checkpoint file `path` (version <= 2); raises ValueError when
+    missing or damaged."""
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
         raise ValueError(f"{path.name}: no checksum file (write interrupted?)")
@@ -248,29 +580,127 @@ def sidecar(path: Path) -> dict[str, Any]:
 
 
 def newest_finite(directory: Path) -> Path | None:
-    """The newest checkpoint whose sidecar is intact and does not mark it non-finite (the file is
-    not read; `load` verifies it)."""
+    """The newest checkpoint whose record is intact, lists files of the sizes on disk and does
+    not mark it non-finite (no file is hashed; `load` verifies)."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            meta = sidecar(path)
+            record = manifest(path)
+            if path.is_dir():
+                sizes_ok = all(
+                    (path / n).is_file() and (path / n).stat().st_size == f.get("bytes")
+                    for n, f in record["files"].items()
+                )
+            else:
+                sizes_ok = record.get("bytes") == path.stat().st_size
         except (ValueError, OSError):
             continue
-        if meta.get("finite", True) and meta.get("bytes") == path.stat().st_size:
+        if record.get("finite", True) and sizes_ok:
             return path
     return None
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one checkpoint, verifying its checksum, in the current layout (`upgrade`); raises
-    ValueError when it is not valid."""
-    meta = sidecar(path)
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ValueError(f"{path.name}: checksum mismatch (truncated or corrupt)")
+def _tensor_index(path: Path) -> dict[str, Any]:
+    """DCP's index of checkpoint directory `path`: key -> TensorStorageMetadata (unpickled by
+    DCP: call `verify` first)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    return {
+        key: value
+        for key, value in metadata.state_dict_metadata.items()
+        if isinstance(value, TensorStorageMetadata)
+    }
+
+
+def read_into(path: Path, tensors: dict[str, torch.Tensor], process_group: Any = None) -> None:
+    """Load the tensors of checkpoint directory `path` (verified) into `tensors` in place,
+    resharded to how this rank holds them (DTensor shards or full tensors). Under several
+    processes every rank calls it with the same keys. Raises ConfigError, before reading any
+    tensor, when a key is missing or has another shape (the checkpoint of another model)."""
+    import torch.distributed.checkpoint as dcp
+
+    index = _tensor_index(path)
+    missing = [key for key in tensors if key not in index]
+    wrong = [
+        f"{key}: {tuple(index[key].size)} in the checkpoint, {tuple(t.shape)} here"
+        for key, t in tensors.items()
+        if key in index and tuple(index[key].size) != tuple(t.shape)
+    ]
+    if missing or wrong:
+        first = wrong[0] if wrong else f"{missing[0]} is not in it"
+        count = len(missing) + len(wrong)
+        raise ConfigError(
+            f"the checkpoint {path} does not fit this model ({first}; {count} tensor(s) differ): "
+            "it was trained with another config"
+        )
+    reader = dcp.FileSystemReader(path)
+    if process_group is None and not torch.distributed.is_initialized():
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    else:
+        dcp.load(tensors, storage_reader=reader, process_group=process_group)
+
+
+def loader_state(path: Path, rank: int) -> dict[str, Any] | None:
+    """Rank `rank`'s loader position saved in checkpoint directory `path` (verified), or None."""
+    file = path / LOADER_FILE.format(rank=rank)
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def load(
+    path: Path, map_location: str | torch.device = "cpu", only: Collection[str] | None = None
+) -> dict[str, Any]:
+    """One checkpoint as a full state (every tensor whole, in the current layout: `upgrade`),
+    read by this process alone, checksums verified first; "loader" is rank 0's position.
+    `only`: the top-level keys whose tensors are read (e.g. {"ema"}); the values that are not
+    tensors are always there. `map_location` "meta": the tensors' shapes, none of their data
+    (only the index is verified and read). Raises ValueError when it is not valid."""
+    if path.is_file():
+        return _load_file(path, map_location)
+    meta = torch.device(map_location) == torch.device("meta")
+    record = verify(path, data=not meta)
+    try:
+        index = _tensor_index(path)
+    except Exception as err:  # (verified: an index DCP cannot read is not a checkpoint)
+        raise ValueError(
+            f"{path.name}: unreadable .metadata ({type(err).__name__}: {err})"
+        ) from err
+    tensors = {
+        key: torch.empty(
+            tuple(info.size), dtype=info.properties.dtype, device="meta" if meta else "cpu"
+        )
+        for key, info in index.items()
+        if only is None or key.split(SEP)[0] in only
+    }
+    if not meta and tensors:
+        read_into(path, tensors)
+    state = unflatten(tensors, record["plain"])
+    state["loader"] = loader_state(path, 0)
+    if "samples_seen" not in state:
+        raise ValueError(f"{path.name}: not a checkpoint (no samples_seen)")
+    if not meta and torch.device(map_location) != torch.device("cpu"):
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+        state = unflatten(tensors, record["plain"]) | {"loader": state["loader"]}
+    try:
+        return upgrade(state)
+    except ValueError as err:
+        raise ValueError(f"{path.name}: {err}") from err
+
+
+def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """A checkpoint file of version <= 2, its checksum verified (not for "meta")."""
     import io
 
+    if torch.device(map_location) == torch.device("meta"):
+        source: Any = path
+    else:
+        meta = sidecar(path)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{path.name}: checksum mismatch (truncated or corrupt)")
+        source = io.BytesIO(data)
     try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as err:  # UnpicklingError for anything that is not plain data
         raise ValueError(f"{path.name}: refused to load ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or "samples_seen" not in state:
@@ -281,29 +711,51 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise ValueError(f"{path.name}: {err}") from err
 
 
-def load_latest(
-    directory: Path, map_location: str | torch.device = "cpu", at_most: int | None = None
-) -> dict[str, Any] | None:
-    """The newest valid checkpoint in `directory` (of at most `at_most` samples), or None.
+def check(path: Path) -> dict[str, Any]:
+    """Checkpoint `path` verified (checksums) and finite, its record; raises ValueError."""
+    if path.is_file():
+        record = sidecar(path)
+        if hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+            raise ValueError(f"{path.name}: checksum mismatch (truncated or corrupt)")
+    else:
+        record = verify(path)
+    if record.get("finite", True) is False:
+        raise ValueError(f"{path.name}: weights are not finite (NaN/Inf)")
+    return record
 
-    Invalid ones and those whose sidecar marks them non-finite are logged and skipped."""
-    for path in reversed(list_checkpoints(directory)):
+
+def newest_valid(candidates: list[Path], at_most: int | None = None) -> Path | None:
+    """The newest of `candidates` (oldest first) that `check` passes, of at most `at_most`
+    samples; the others are logged and skipped."""
+    for path in reversed(candidates):
         if at_most is not None and _samples(path) > at_most:
             continue
         try:
-            if sidecar(path).get("finite", True) is False:
-                raise ValueError(f"{path.name}: weights are not finite (NaN/Inf)")
-            return load(path, map_location)
+            check(path)
+            return path
         except (ValueError, OSError) as err:
             log.warning("skipping checkpoint %s: %s", path, err)
     return None
 
 
-def _samples(path: Path) -> int:
-    try:
-        return int(path.stem.split("-")[1])
-    except (IndexError, ValueError):
-        return -1
+def load_latest(
+    directory: Path,
+    map_location: str | torch.device = "cpu",
+    at_most: int | None = None,
+    only: Collection[str] | None = None,
+) -> dict[str, Any] | None:
+    """The newest valid checkpoint in `directory` (of at most `at_most` samples) as a full
+    state (`load`), or None. Invalid ones and non-finite ones are logged and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        if at_most is not None and _samples(path) > at_most:
+            continue
+        try:
+            if manifest(path).get("finite", True) is False:
+                raise ValueError(f"{path.name}: weights are not finite (NaN/Inf)")
+            return load(path, map_location, only=only)
+        except (ValueError, OSError) as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
+    return None
 
 
 class ConfigChangedError(UserError):

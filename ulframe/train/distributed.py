@@ -200,19 +200,22 @@ def local_shard_of(full: torch.Tensor, like: Any) -> torch.Tensor:
 
 
 def training_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, full: bool = True
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Full (unsharded) model and optimizer state dicts on every rank; every rank must call it
-    when the model is sharded (it all-gathers)."""
-    if not is_sharded(model):
-        return model.state_dict(), optimizer.state_dict()
+    """The model's and optimizer's state dicts through torch's state-dict API, the optimizer's
+    keyed by parameter name (so either loads under another wrapping or number of processes).
+
+    `full`: unsharded tensors on every rank (under FSDP2 every rank must call it: it
+    all-gathers); else as this rank holds them, for DCP: DTensor shards under FSDP2, nothing
+    gathered. A fresh optimizer gets its state first (torch takes a step of zero gradients at
+    learning rate 0)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    options = StateDictOptions(full_state_dict=full, cpu_offload=False)
     return (
         get_model_state_dict(model, options=options),
         get_optimizer_state_dict(model, optimizer, options=options),
@@ -224,9 +227,13 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     model_state: dict[str, Any],
     optimizer_state: dict[str, Any],
+    full: bool = True,
 ) -> None:
-    """The inverse of `training_state` (full state dicts, on every rank)."""
-    if not is_sharded(model):
+    """The inverse of `training_state` (every rank). A full optimizer state may also be keyed
+    by parameter index (`optimizer.state_dict()`, checkpoints of format <= 2)."""
+    groups = optimizer_state.get("param_groups") or [{}]
+    by_index = all(isinstance(p, int) for g in groups for p in g.get("params", []))
+    if full and not is_sharded(model) and by_index:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
@@ -236,9 +243,22 @@ def load_training_state(
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True)
+    options = StateDictOptions(full_state_dict=full)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+_checkpoint_groups: dict[int, Any] = {}
+
+
+def checkpoint_group(world: World) -> Any:
+    """A gloo process group of every rank for background checkpoint saves (None alone): their
+    collectives run in another thread, and must not share a group with the training step's."""
+    if world.world_size == 1:
+        return None
+    if world.world_size not in _checkpoint_groups:
+        _checkpoint_groups[world.world_size] = dist.new_group(backend="gloo")
+    return _checkpoint_groups[world.world_size]
 
 
 def module_grad_norms(model: torch.nn.Module, world: World) -> dict[str, float]:

@@ -149,18 +149,39 @@ class _Evaluator:
         return scalars
 
 
-def _checkpoint(info: StageInfo, ctx: RunContext, state: TrainState, keep: int) -> None:
-    """Save `state` (every rank takes part: a sharded state is gathered)."""
-    saved = state.state_dict()
-    # Every rank's loader state lives in its own file; rank 0 writes the shared rest.
-    world = ctx.world
-    if world.is_main or world.world_size > 1:
-        directory = checkpoint.checkpoint_dir(info.stage_dir, world.rank, world.world_size)
-        path = checkpoint.save(directory, state.samples_seen, saved, keep=keep)
-        if world.is_main:
-            ctx.hooks.hook.ulframe_checkpoint_saved(
-                run=ctx.info, stage=info, path=path, samples_seen=state.samples_seen
-            )
+@dataclass
+class _Checkpointer:
+    """Saves the stage's checkpoints (every rank takes part) and tells the hooks when one is
+    complete. With `TrainSettings.async_checkpoint` a save is written in the background: the
+    next save (or the end of the stage) waits for it, and `poll` reports it once done."""
+
+    info: StageInfo
+    ctx: RunContext
+    state: TrainState
+    keep: int
+    background: bool = False
+    pending: checkpoint.Saving | None = None
+
+    def save(self) -> None:
+        self.wait()
+        directory = self.info.stage_dir / checkpoint.CHECKPOINTS
+        self.pending = self.state.save(directory, self.ctx.world, self.keep, self.background)
+        if not self.background:
+            self.wait()
+
+    def poll(self) -> None:
+        if self.pending is not None and self.pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        path, self.pending = self.pending.wait(), None
+        if self.ctx.world.is_main:
+            self.ctx.hooks.hook.ulframe_checkpoint_saved(
+                run=self.ctx.info, stage=self.info, path=path,
+                samples_seen=checkpoint.samples_of(path),
+            )  # fmt: skip
 
 
 # ---- one stage ---------------------------------------------------------------------------------
@@ -180,17 +201,17 @@ def train_stage(
         )
     stage_dir.mkdir(parents=True, exist_ok=True)
     trainer, loaders, eval_batches = _build(stage, dataset, stage_dir, previous, ctx)
-    ckpt_dir = checkpoint.checkpoint_dir(stage_dir, world.rank, world.world_size)
+    ckpt_dir = stage_dir / checkpoint.CHECKPOINTS
     state = TrainState(
         trainer.model, trainer.ema, trainer.opt, loaders[0], stage=stage.name, config=ctx.config,
         power_ema=trainer.power_ema,
     )  # fmt: skip
-    _resume(stage, state, ckpt_dir, ctx)
+    _resume(stage, state, stage_dir, ctx)
     info = StageInfo(
         stage.name, index, stage_dir, settings.train_samples, state.samples_seen,
         settings.batch_size, world.is_main,
     )  # fmt: skip
-    keep = settings.keep_checkpoints
+    saver = _Checkpointer(info, ctx, state, settings.keep_checkpoints, settings.async_checkpoint)
     ctx.info.operative_config = ctx.operative_config()  # every factory has now been called
     ctx.hooks.hook.ulframe_stage_start(run=ctx.info, stage=info)
     ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=trainer.model)
@@ -232,7 +253,8 @@ def train_stage(
                     _crossed(before, state.samples_seen, settings.checkpoint_every_samples)
                     and unfinished
                 ):
-                    _checkpoint(info, ctx, state, keep)
+                    saver.save()
+                saver.poll()
             if stopping:  # pre-empted: save what we have and stop
                 signum = ctx.stop[0] if ctx.stop else signal.SIGTERM  # (another rank's signal)
                 raise StopRequested(
@@ -241,14 +263,15 @@ def train_stage(
                     requeue=requeue_requested(ctx.stop),
                 )
     except StopTraining as err:  # StopRequested, or a hook: skipped steps changed no weight
-        _checkpoint(info, ctx, state, keep)
+        saver.save()
+        saver.wait()
         if isinstance(err, StopRequested):
             raise
         raise StopTraining(
             f"{err}; checkpoint saved at {state.samples_seen} samples; "
             f"last finite checkpoint: {checkpoint.last_finite(ckpt_dir)}"
         ) from err
-    return _finish(info, ctx, trainer, state, loaders, evaluate, ckpt_dir)
+    return _finish(info, ctx, trainer, saver, loaders, evaluate, ckpt_dir)
 
 
 def _snapshot(info: StageInfo, ctx: RunContext, trainer: Trainer, samples_seen: int) -> None:
@@ -316,18 +339,24 @@ def _build(
     return trainer, (loader, eval_loader), eval_batches
 
 
-def _resume(stage: Stage, state: TrainState, ckpt_dir: Path, ctx: RunContext) -> None:
-    """Restore `state` from the newest checkpoint valid on every rank; commit the run files."""
-    saved = newest_agreed(ckpt_dir, ctx.world)
-    if saved is not None:
+def _resume(stage: Stage, state: TrainState, stage_dir: Path, ctx: RunContext) -> None:
+    """Restore `state` from the newest checkpoint valid on every rank (whatever number of
+    processes wrote it); commit the run files."""
+    world, ckpt_dir = ctx.world, stage_dir / checkpoint.CHECKPOINTS
+    if world.is_main:  # what a killed save left (before any rank lists or writes)
+        checkpoint.remove_partial(ckpt_dir)
+    distributed.barrier(world)
+    candidates = checkpoint.resume_candidates(stage_dir, world.rank, world.world_size)
+    path = newest_agreed(candidates, world)
+    if path is not None:
         checkpoint.check_config(
-            saved.get("config", ""), ctx.config, f"stage {stage.name}", ctx.allow_config_change
-        )
-        state.load_state_dict(saved)
+            checkpoint.saved_config(path), ctx.config, f"stage {stage.name}",
+            ctx.allow_config_change,
+        )  # fmt: skip
+        state.load(path, world)
         log.info("stage %s: resumed at %d samples", stage.name, state.samples_seen)
-    else:  # never from 0 beside another world size's checkpoints: that work would be lost
-        checkpoint.check_world_size(ckpt_dir.parent if ctx.world.world_size > 1 else ckpt_dir,
-                                    ctx.world.world_size)  # fmt: skip
+    else:  # never from 0 beside checkpoints that cannot be resumed: that work would be lost
+        checkpoint.check_world_size(ckpt_dir, world.world_size)
         if ckpt_dir.is_dir():
             log.warning("no valid checkpoint in %s; starting %s from 0", ckpt_dir, stage.name)
     ctx.commit()  # nothing refused this run: its config and command are now the workdir's
@@ -339,18 +368,19 @@ def _finish(
     info: StageInfo,
     ctx: RunContext,
     trainer: Trainer,
-    state: TrainState,
+    saver: _Checkpointer,
     loaders: tuple[PipelineLoader, PipelineLoader],
     evaluate: _Evaluator,
     ckpt_dir: Path,
 ) -> dict[str, float]:
     """Final evaluation and checkpoint; DONE.json when the weights are finite."""
-    samples_seen = state.samples_seen
+    samples_seen = saver.state.samples_seen
     trainer.ema.sync()
     final = evaluate(trainer.ema.model, samples_seen)
     # The snapshot first: a resume from this checkpoint would not write it again.
     _snapshot(info, ctx, trainer, samples_seen)
-    _checkpoint(info, ctx, state, trainer.settings.keep_checkpoints)
+    saver.save()
+    saver.wait()
     _log_unreadable(info, ctx, {"train": loaders[0], "eval": loaders[1]}, samples_seen)
     if distributed.any_over_ranks(
         [not checkpoint.models_finite(trainer.model, trainer.ema.model)], ctx.world

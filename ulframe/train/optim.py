@@ -84,6 +84,16 @@ class EMA(torch.nn.Module):
         self.sync()
         return self.model.state_dict(*args, **kwargs)
 
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The average as this rank holds it, for DCP: `self.model`'s state dict with each
+        averaged weight replaced by this rank's DTensor shard under a sharded model (nothing
+        gathered). Its tensors are the average's own: loading into them in place, then `sync()`,
+        restores it."""
+        state = self.model.state_dict()
+        if self._shards is not None:
+            state.update(self._shards)
+        return state
+
     def load_state_dict(  # type: ignore[override]
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:

@@ -201,6 +201,10 @@ class PowerEMAs(torch.nn.Module):
     def _emas(self) -> list[EMA]:
         return [p for p in self.profiles if isinstance(p, EMA)]
 
+    def profiles_by_key(self) -> dict[str, EMA]:
+        """Each profile under its key (`profile_key` of its σ_rel), as `state_dict` keys them."""
+        return {profile_key(s): p for s, p in zip(self.sigma_rels, self._emas(), strict=True)}
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, samples_seen: int, batch_size: int) -> None:
         """Average in `model`'s weights after the step of `batch_size` samples that ends at

@@ -52,7 +52,11 @@ class TrainSettings:
         eval_every_samples: period of evaluations on EMA weights (0: only at the end).
         eval_batches: batches of held-out data per evaluation.
         checkpoint_every_samples: period of checkpoints (0: only at the end).
-        keep_checkpoints: the newest K checkpoints are kept.
+        keep_checkpoints: the newest K checkpoints are kept (and always the newest finite one).
+        async_checkpoint: write checkpoints in the background (DCP's `async_save`): the tensors are copied to host memory, then a thread writes them
+            while training goes on (one more copy of the training state in host memory); the
+            next checkpoint and the end of the stage wait for it. A kill during the write
+            leaves the previous checkpoint as it is.
         parallelism: how several processes share the model: "ddp" replicates it and averages
             gradients (DistributedDataParallel); "fsdp" shards parameters, gradients and
             optimizer state over the ranks (FSDP2 `fully_shard`), for models that do not fit one
@@ -117,6 +121,7 @@ class TrainSettings:
     eval_batches: int = 4
     checkpoint_every_samples: int = 0
     keep_checkpoints: int = 3
+    async_checkpoint: bool = False
     parallelism: Parallelism = "ddp"
     compile: CompileMode = "off"
     activation_checkpointing: ActivationCheckpointing = "off"
