@@ -183,6 +183,15 @@ class Stage(Protocol):
     ) -> EvalReport: ...
 
 
+class TrainsOnDataset:
+    """Base of a stage that trains on the dataset's examples as they are (UL stage 1, a KL
+    autoencoder): its `Stage.train_source` hands the dataset's Source through unchanged."""
+
+    def train_source(self, source: Any) -> Any:
+        """The dataset's Source itself: the stage trains on its examples as they are."""
+        return source
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     """How a sampling stage draws: its own defaults, or the command line's overrides."""

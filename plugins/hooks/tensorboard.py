@@ -20,7 +20,9 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +236,101 @@ def sweep_rate_distortion(sweep_dir: Path) -> Path:
     return out
 
 
+# ---- what every logger of a run draws the same ----------------------------------------------
+def perf_scalars(step: StepInfo) -> dict[str, float]:
+    """The `perf/` scalars of a logged step: `step_time_s` and, on CUDA, `gpu_memory_gib` (the
+    peak of allocated memory)."""
+    perf = {"step_time_s": step.step_time_s}
+    if torch.cuda.is_available():
+        perf["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return perf
+
+
+def eval_media(images: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, pixels) of each evaluation entry, drawn as every logger here shows it.
+
+    Images (N, C, H, W) in [-1, 1] give one (H', W', 3) uint8 grid; videos (N, C, T, H, W) give
+    the (T, H', W', 3) uint8 frames of their grid. Latents (the entry `latents`, or any entry
+    whose channel count is not 1 or 3) are shown a row per example and a grayscale tile per
+    channel; reconstructions (input, reconstruction, ...) 8 tiles per row. Other ranks are left
+    out.
+    """
+    for name, x in images.items():
+        if x.dim() not in (4, 5):
+            continue
+        latent = name == "latents" or x.shape[1] not in (1, 3)
+        ncols = 2 * 4 if name == "reconstructions" else None
+        if x.dim() == 4:
+            yield name, latent_channels(x) if latent else grid(x, ncols)
+        else:
+            yield name, latent_video_channels(x) if latent else video_grid_frames(x, ncols)
+
+
+@dataclass(frozen=True)
+class DrawnEval:
+    """One evaluation of a stage, drawn: what `EvalLogger._log_eval` logs."""
+
+    samples_seen: int  # the stage's samples seen at the evaluation
+    scalars: dict[str, float]  # as the stage reported them, unprefixed
+    media: dict[str, np.ndarray]  # `eval_media`: (H, W, 3) grids and (T, H, W, 3) frames, uint8
+    # The stage's rate–distortion trajectory so far (bits/pixel, PSNR, label), this evaluation's
+    # point last and labelled with its samples seen; None: the evaluation has no bits/pixel+PSNR.
+    trajectory: list[tuple[float, float, str]] | None
+
+    def trajectory_title(self, stage: StageInfo) -> str:
+        """The title of the trajectory's figure (`rate_distortion_figure`)."""
+        return f"rate-distortion: {stage.name} (label: samples seen)"
+
+
+class EvalLogger(ABC):
+    """Base of the hooks that log evaluations: drawn here once, logged by each subclass its way.
+
+    At `ulframe_eval_end`, on rank 0 only: the images, videos and latents drawn by `eval_media`
+    and, after an evaluation with bits/pixel and PSNR, the stage's rate–distortion trajectory so
+    far (a resumed run's earlier points read back from `metrics.jsonl`; the newest labelled with
+    its samples seen), handed to `_log_eval` as one `DrawnEval` for the subclass to log (and
+    draw the trajectory with `rate_distortion_figure`).
+    """
+
+    def __init__(self) -> None:
+        self._rd: dict[str, list[tuple[float, float, str]]] = {}
+
+    @abstractmethod
+    def _log_eval(self, run: RunInfo, stage: StageInfo, drawn: DrawnEval) -> None:
+        """Log one evaluation of `stage`."""
+
+    # The hookspec's signature (ulframe/hookspecs.py), repeated as an implementation must.
+    @hookimpl
+    def ulframe_eval_end(
+        self,
+        run: RunInfo,
+        stage: StageInfo,
+        samples_seen: int,
+        scalars: dict[str, float],
+        images: dict[str, torch.Tensor],
+    ) -> None:
+        if not run.is_main:
+            return
+        media = dict(eval_media(images))
+        trajectory = self._trajectory(run.workdir, stage.name, samples_seen, scalars)
+        self._log_eval(run, stage, DrawnEval(samples_seen, scalars, media, trajectory))
+
+    def _trajectory(
+        self, workdir: Path, stage: str, samples_seen: int, scalars: dict[str, float]
+    ) -> list[tuple[float, float, str]] | None:
+        """`stage`'s rate–distortion points with this evaluation's added (and labelled with its
+        samples seen), or None when the evaluation has no bits/pixel and PSNR."""
+        if "bits_per_pixel" not in scalars or "psnr" not in scalars:
+            return None
+        if stage not in self._rd:  # resumed: earlier points from metrics.jsonl
+            self._rd[stage] = earlier_points(workdir, stage, samples_seen)
+        points = self._rd[stage]
+        points.append((float(scalars["bits_per_pixel"]), float(scalars["psnr"]), ""))
+        return [*points[:-1], (*points[-1][:2], str(samples_seen))]
+
+
 # ---- the hook ----------------------------------------------------------------------------------
-class TensorBoardLogger:
+class TensorBoardLogger(EvalLogger):
     """Writes `workdir/tb/<stage>` event files: scalars, eval images/videos, config, hparams, R-D.
 
     Images (N, C, H, W) are logged as grids; videos (N, C, T, H, W) as looping GIFs of their grid,
@@ -254,13 +349,13 @@ class TensorBoardLogger:
         hparams: Sequence[str] = DEFAULT_HPARAMS,
         fps: float = DEFAULT_FPS,
     ) -> None:
+        super().__init__()
         self.subdir = subdir
         self.flush_secs = flush_secs
         self.hparams = tuple(hparams)
         self.fps = fps
         self._writers: dict[str, Any] = {}
         self._config_logged = False
-        self._rd: dict[str, list[tuple[float, float, str]]] = {}
 
     def _writer(self, run: RunInfo, stage: StageInfo) -> Any:
         from torch.utils.tensorboard import SummaryWriter
@@ -278,11 +373,8 @@ class TensorBoardLogger:
         w = self._writer(run, step.stage)
         for k, v in step.scalars.items():
             w.add_scalar(f"train/{k}", v, step.samples_seen)
-        w.add_scalar("perf/step_time_s", step.step_time_s, step.samples_seen)
-        if torch.cuda.is_available():
-            w.add_scalar(
-                "perf/gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step.samples_seen
-            )
+        for k, v in perf_scalars(step).items():
+            w.add_scalar(f"perf/{k}", v, step.samples_seen)
         if not self._config_logged:
             text = run.operative_config
             w.add_text(
@@ -292,42 +384,20 @@ class TensorBoardLogger:
             )
             self._config_logged = True
 
-    # The hookspec's signature (ulframe/hookspecs.py), repeated as an implementation must.
-    @hookimpl
-    def ulframe_eval_end(
-        self,
-        run: RunInfo,
-        stage: StageInfo,
-        samples_seen: int,
-        scalars: dict[str, float],
-        images: dict[str, torch.Tensor],
-    ) -> None:
-        if not run.is_main:
-            return
+    def _log_eval(self, run: RunInfo, stage: StageInfo, drawn: DrawnEval) -> None:
         w = self._writer(run, stage)
-        for k, v in scalars.items():
-            w.add_scalar(f"eval/{k}", v, samples_seen)
-        for name, x in images.items():
-            if x.dim() not in (4, 5):
-                continue
-            latent = name == "latents" or x.shape[1] not in (1, 3)
-            ncols = 2 * 4 if name == "reconstructions" else None
-            if x.dim() == 4:
-                img = latent_channels(x) if latent else grid(x, ncols)
-                w.add_image(f"eval/{name}", img, samples_seen, dataformats="HWC")
+        for k, v in drawn.scalars.items():
+            w.add_scalar(f"eval/{k}", v, drawn.samples_seen)
+        for name, pixels in drawn.media.items():
+            if pixels.ndim == 3:
+                w.add_image(f"eval/{name}", pixels, drawn.samples_seen, dataformats="HWC")
             else:
-                frames = latent_video_channels(x) if latent else video_grid_frames(x, ncols)
-                add_gif(w, f"eval/{name}", frames, samples_seen, self.fps)
-        if "bits_per_pixel" in scalars and "psnr" in scalars:
-            if stage.name not in self._rd:  # resumed: earlier points from metrics.jsonl
-                self._rd[stage.name] = earlier_points(run.workdir, stage.name, samples_seen)
-            points = self._rd[stage.name]
-            points.append((float(scalars["bits_per_pixel"]), float(scalars["psnr"]), ""))
-            labelled = [*points[:-1], (*points[-1][:2], str(samples_seen))]
-            fig = rate_distortion_figure(
-                labelled, f"rate-distortion: {stage.name} (label: samples seen)"
+                add_gif(w, f"eval/{name}", pixels, drawn.samples_seen, self.fps)
+        if drawn.trajectory is not None:
+            fig = rate_distortion_figure(drawn.trajectory, drawn.trajectory_title(stage))
+            w.add_image(
+                "eval/rate_distortion", np.asarray(fig), drawn.samples_seen, dataformats="HWC"
             )
-            w.add_image("eval/rate_distortion", np.asarray(fig), samples_seen, dataformats="HWC")
             name = (
                 "rate_distortion.png" if stage.index == 0 else f"rate_distortion_{stage.name}.png"
             )

@@ -24,28 +24,28 @@ import logging
 import os
 import tempfile
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 
 from ulframe import rundir
 from ulframe.errors import ConfigError, UserError
-from ulframe.eval.images import grid
-from ulframe.eval.video import DEFAULT_FPS, encode_gif, video_grid_frames
+from ulframe.eval.video import DEFAULT_FPS, encode_gif
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo, hookimpl
 from ulframe_plugins.hooks.tensorboard import (
     DEFAULT_HPARAMS,
+    DrawnEval,
+    EvalLogger,
     config_hparams,
-    earlier_points,
-    latent_channels,
-    latent_video_channels,
+    perf_scalars,
     rate_distortion_figure,
 )
+from ulframe_plugins.hooks.tensorboard import eval_media as eval_media  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -69,51 +69,41 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def eval_media(images: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, pixels) of each evaluation entry, drawn as `hooks.tensorboard` draws it.
+@dataclass(frozen=True)
+class Row:
+    """What a tracker logs at once: keys `<stage>/<section>/<name>`, at the stage's samples seen."""
 
-    Images (N, C, H, W) in [-1, 1] give one (H', W', 3) uint8 grid; videos (N, C, T, H, W) give
-    the (T, H', W', 3) uint8 frames of their grid. Latents (the entry `latents`, or any entry
-    whose channel count is not 1 or 3) are shown a row per example and a grayscale tile per
-    channel; reconstructions (input, reconstruction, ...) 8 tiles per row. Other ranks are left
-    out.
-    """
-    for name, x in images.items():
-        if x.dim() not in (4, 5):
-            continue
-        latent = name == "latents" or x.shape[1] not in (1, 3)
-        ncols = 2 * 4 if name == "reconstructions" else None
-        if x.dim() == 4:
-            yield name, latent_channels(x) if latent else grid(x, ncols)
-        else:
-            yield name, latent_video_channels(x) if latent else video_grid_frames(x, ncols)
+    stage: str
+    samples_seen: int
+    scalars: dict[str, float]
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # (H, W, 3) uint8
+    gifs: dict[str, bytes] = field(default_factory=dict)  # encoded animated GIFs
 
 
-class Tracker(ABC):
+class Tracker(EvalLogger):
     """What a tracker logs and when; a subclass says how (`_open` ... `_close`).
 
     Acts on rank 0 only. The run is opened at `ulframe_run_start` (continuing the one whose id
-    is in `workdir/<ID_FILE>`), and closed at `ulframe_run_end` (finished) or `ulframe_error`
-    (failed; killed for a KeyboardInterrupt). At each stage's start: the operative config so
-    far and the stage's hyperparameters (the operative-config parameters named in `hparams`,
-    matched by suffix, under `<stage>/<name>`); at each logged step: `<stage>/train/*` and
-    `<stage>/perf/*`; after each evaluation: `<stage>/eval/*` scalars and media and, when it has
-    bits/pixel and PSNR, the figure `<stage>/eval/rate_distortion`; at the stage's end its final
-    evaluation as `<stage>/hparam/*`.
+    is in `workdir/<NAME>_run_id.txt`), and closed at `ulframe_run_end` (finished) or
+    `ulframe_error` (failed; killed for a KeyboardInterrupt). At each stage's start: the
+    operative config so far and the stage's hyperparameters (the operative-config parameters
+    named in `hparams`, matched by suffix, under `<stage>/<name>`); at each logged step:
+    `<stage>/train/*` and `<stage>/perf/*`; after each evaluation (drawn by `EvalLogger`):
+    `<stage>/eval/*` scalars and media and, when it has bits/pixel and PSNR, the figure
+    `<stage>/eval/rate_distortion`; at the stage's end its final evaluation as
+    `<stage>/hparam/*`.
     """
 
-    NAME: ClassVar[str]  # the gin name: hooks.NAME
-    PACKAGE: ClassVar[str]  # the module the tracker needs
-    ID_FILE: ClassVar[str]  # the tracker's run id, in the workdir
+    NAME: ClassVar[str]  # the gin name hooks.NAME, the package it imports and its pip extra
 
     def __init__(self, hparams: Sequence[str], fps: float) -> None:
         if not fps > 0:
             raise ConfigError(f"hooks.{self.NAME}.fps must be > 0; got {fps}")
         self.hparams = tuple(hparams)
         self.fps = fps
-        self._module = require(self.PACKAGE, self.NAME, self.NAME)
+        super().__init__()
+        self._module = require(self.NAME, self.NAME, self.NAME)
         self._running: bool = False
-        self._rd: dict[str, list[tuple[float, float, str]]] = {}
 
     # ---- what a tracker implements -------------------------------------------------------------
     @abstractmethod
@@ -126,15 +116,8 @@ class Tracker(ABC):
         """A stage starts: its keys `<stage>/*` are to be plotted against its samples seen."""
 
     @abstractmethod
-    def _log(
-        self,
-        stage: str,
-        samples_seen: int,
-        scalars: dict[str, float],
-        images: dict[str, np.ndarray],
-        gifs: dict[str, bytes],
-    ) -> None:
-        """Scalars, (H, W, 3) uint8 images and GIF bytes at the stage's `samples_seen`."""
+    def _log(self, row: Row) -> None:
+        """Scalars, (H, W, 3) uint8 images and GIF bytes at the stage's samples seen."""
 
     @abstractmethod
     def _config(self, text: str) -> None:
@@ -157,7 +140,7 @@ class Tracker(ABC):
     def ulframe_run_start(self, run: RunInfo) -> None:
         if not run.is_main:
             return
-        id_file = run.workdir / self.ID_FILE
+        id_file = run.workdir / f"{self.NAME}_run_id.txt"
         previous = id_file.read_text().strip() if id_file.is_file() else None
         run_id = self._open(run.workdir, previous or None)
         self._running = True
@@ -180,43 +163,18 @@ class Tracker(ABC):
             return
         name = step.stage.name
         scalars = {f"{name}/train/{k}": float(v) for k, v in step.scalars.items()}
-        scalars[f"{name}/perf/step_time_s"] = step.step_time_s
-        if torch.cuda.is_available():
-            scalars[f"{name}/perf/gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self._log(name, step.samples_seen, scalars, {}, {})
+        scalars |= {f"{name}/perf/{k}": v for k, v in perf_scalars(step).items()}
+        self._log(Row(name, step.samples_seen, scalars))
 
-    # The hookspec's signature (ulframe/hookspecs.py), repeated as an implementation must.
-    @hookimpl
-    def ulframe_eval_end(
-        self,
-        run: RunInfo,
-        stage: StageInfo,
-        samples_seen: int,
-        scalars: dict[str, float],
-        images: dict[str, torch.Tensor],
-    ) -> None:
-        if not run.is_main:
-            return
+    def _log_eval(self, run: RunInfo, stage: StageInfo, drawn: DrawnEval) -> None:
         prefix = f"{stage.name}/eval/"
-        stills: dict[str, np.ndarray] = {}
-        gifs: dict[str, bytes] = {}
-        for name, pixels in eval_media(images):
-            if pixels.ndim == 3:
-                stills[prefix + name] = pixels
-            else:
-                gifs[prefix + name] = encode_gif(pixels, self.fps)
-        if "bits_per_pixel" in scalars and "psnr" in scalars:
-            if stage.name not in self._rd:  # resumed: earlier points from metrics.jsonl
-                self._rd[stage.name] = earlier_points(run.workdir, stage.name, samples_seen)
-            points = self._rd[stage.name]
-            points.append((float(scalars["bits_per_pixel"]), float(scalars["psnr"]), ""))
-            labelled = [*points[:-1], (*points[-1][:2], str(samples_seen))]
-            figure = rate_distortion_figure(
-                labelled, f"rate-distortion: {stage.name} (label: samples seen)"
-            )
+        stills = {prefix + k: v for k, v in drawn.media.items() if v.ndim == 3}
+        gifs = {prefix + k: encode_gif(v, self.fps) for k, v in drawn.media.items() if v.ndim != 3}
+        if drawn.trajectory is not None:
+            figure = rate_distortion_figure(drawn.trajectory, drawn.trajectory_title(stage))
             stills[prefix + "rate_distortion"] = np.asarray(figure)
-        values = {prefix + k: float(v) for k, v in scalars.items()}
-        self._log(stage.name, samples_seen, values, stills, gifs)
+        values = {prefix + k: float(v) for k, v in drawn.scalars.items()}
+        self._log(Row(stage.name, drawn.samples_seen, values, stills, gifs))
 
     @hookimpl
     def ulframe_stage_end(self, run: RunInfo, stage: StageInfo, scalars: dict[str, float]) -> None:
@@ -261,8 +219,6 @@ class WandbLogger(Tracker):
     """
 
     NAME = "wandb"
-    PACKAGE = "wandb"
-    ID_FILE = "wandb_run_id.txt"
 
     def __init__(
         self,
@@ -303,19 +259,12 @@ class WandbLogger(Tracker):
         self._run.define_metric(f"{stage}/samples_seen")
         self._run.define_metric(f"{stage}/*", step_metric=f"{stage}/samples_seen")
 
-    def _log(
-        self,
-        stage: str,
-        samples_seen: int,
-        scalars: dict[str, float],
-        images: dict[str, np.ndarray],
-        gifs: dict[str, bytes],
-    ) -> None:
+    def _log(self, row: Row) -> None:
         wandb = self._module
-        row: dict[str, Any] = {f"{stage}/samples_seen": samples_seen, **scalars}
-        row |= {k: wandb.Image(v) for k, v in images.items()}
-        row |= {k: wandb.Video(io.BytesIO(v), format="gif") for k, v in gifs.items()}
-        self._run.log(row)
+        values: dict[str, Any] = {f"{row.stage}/samples_seen": row.samples_seen, **row.scalars}
+        values |= {k: wandb.Image(v) for k, v in row.images.items()}
+        values |= {k: wandb.Video(io.BytesIO(v), format="gif") for k, v in row.gifs.items()}
+        self._run.log(values)
 
     def _config(self, text: str) -> None:
         if self._run.disabled:  # no run folder
@@ -373,8 +322,6 @@ class MLflowLogger(Tracker):
     """
 
     NAME = "mlflow"
-    PACKAGE = "mlflow"
-    ID_FILE = "mlflow_run_id.txt"
 
     def __init__(
         self,
@@ -429,26 +376,19 @@ class MLflowLogger(Tracker):
     def _stage(self, stage: str) -> None:
         """Nothing to declare: a metric's step is the samples seen it is logged at."""
 
-    def _log(
-        self,
-        stage: str,
-        samples_seen: int,
-        scalars: dict[str, float],
-        images: dict[str, np.ndarray],
-        gifs: dict[str, bytes],
-    ) -> None:
+    def _log(self, row: Row) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(metric_key(k), v, now, samples_seen) for k, v in scalars.items()]
+        metrics = [Metric(metric_key(k), v, now, row.samples_seen) for k, v in row.scalars.items()]
         self._client.log_batch(self._run_id, metrics=metrics)
-        for key, image in images.items():
-            self._client.log_image(self._run_id, image, key=key, step=samples_seen)
-        if gifs:
+        for key, image in row.images.items():
+            self._client.log_image(self._run_id, image, key=key, step=row.samples_seen)
+        if row.gifs:
             with tempfile.TemporaryDirectory() as tmp:
-                for key, data in gifs.items():
+                for key, data in row.gifs.items():
                     folder, _, name = key.rpartition("/")
-                    path = Path(tmp) / f"{name}-{samples_seen:09d}.gif"
+                    path = Path(tmp) / f"{name}-{row.samples_seen:09d}.gif"
                     path.write_bytes(data)
                     self._client.log_artifact(self._run_id, str(path), artifact_path=folder)
 

@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ulframe.eval.frechet import FeatureFrechetMetric, load_judge
+from ulframe_plugins.metrics.fd_photos import ConvJudge
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("fd_digits.pt")
 WIDTHS = (32, 64, 128)
@@ -53,34 +54,19 @@ def to_grey(x: Tensor, resolution: int = RESOLUTION) -> Tensor:
     return x
 
 
-class DigitJudge(nn.Module):
-    """Conv-BN-ReLU stages, global average pool (the features), a linear classifier.
+class DigitJudge(ConvJudge):
+    """The digit judge (:class:`~ulframe_plugins.metrics.fd_photos.ConvJudge`): two convs per
+    width (stride 1, then 2) on grey (N, 1, 32, 32) digits.
 
     ``features(x)`` -> (N, widths[-1]); ``forward(x)`` -> logits (N, num_classes); both take
     images (N, C, H, W) in [-1, 1] of any channel count and size (see :func:`to_grey`).
     """
 
-    # Conv stages as in fd_photos.PhotoFeatureNet, deliberately: each judge is its own shipped network.
     def __init__(self, widths: Sequence[int] = WIDTHS, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = 1
-        for width in widths:
-            for stride in (1, 2):
-                layers += [
-                    nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
-                    nn.BatchNorm2d(width),
-                    nn.ReLU(inplace=True),
-                ]
-                channels = width
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, num_classes)
+        super().__init__(1, widths, (1, 2), num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.body(to_grey(x)).mean((2, 3))  # (N, D)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))  # (N, num_classes)
+        return super().features(to_grey(x))  # (N, D)
 
     @torch.no_grad()
     def classify(self, x: Tensor, batch_size: int = 256) -> Tensor:

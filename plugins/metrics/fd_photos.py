@@ -41,31 +41,44 @@ RESOLUTION = 32
 NUM_CLASSES = 8
 
 
-class PhotoFeatureNet(nn.Module):
-    """Conv-BN-ReLU stack, global average pool (the features), linear classifier.
+class ConvJudge(nn.Module):
+    """The shipped judges' network: Conv-BN-ReLU stages, global average pool (the features), a
+    linear classifier (``metrics.fd_photos`` and ``metrics.fd_digits`` each ship their weights).
 
-    ``features(x)`` -> (N, widths[-1]); ``forward(x)`` -> logits (N, num_classes).
+    Each width in ``widths`` is one 3x3 conv (no bias; padding 1) per stride in ``strides``, each
+    followed by BatchNorm and ReLU. ``features(x)`` -> (N, widths[-1]); ``forward(x)`` -> logits
+    (N, num_classes); both take images (N, in_channels, H, W).
     """
 
-    def __init__(self, widths: Sequence[int] = WIDTHS, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(
+        self, in_channels: int, widths: Sequence[int], strides: Sequence[int], num_classes: int
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        channels = 3
+        channels = in_channels
         for width in widths:
-            layers += [
-                nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-            ]
-            channels = width
+            for stride in strides:
+                layers += [
+                    nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
+                channels = width
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(channels, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.body(x).mean((2, 3))
+        return self.body(x).mean((2, 3))  # (N, D)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self.features(x))  # (N, num_classes)
+
+
+class PhotoFeatureNet(ConvJudge):
+    """The photo judge: a stride-2 conv per width on (N, 3, 32, 32) crops (:class:`ConvJudge`)."""
+
+    def __init__(self, widths: Sequence[int] = WIDTHS, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__(3, widths, (2,), num_classes)
 
 
 def load_photo_net(weights_path: str | Path | None, parameter: str) -> tuple[PhotoFeatureNet, dict]:

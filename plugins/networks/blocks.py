@@ -12,7 +12,9 @@ untrained denoiser predicts ``v = 0`` (the networks predict velocity, not noise)
 """
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,51 @@ def stage_factors(
 def axis_product(factors: tuple[tuple[int, ...], ...], ndim: int) -> tuple[int, ...]:
     """Per-axis product of a sequence of per-axis factors."""
     return tuple(math.prod(f[axis] for f in factors) for axis in range(ndim))
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The geometry of a network of conv stages over a ``spatial`` grid (:func:`stage_plan`):
+    what an encoder and the decoder of its latents agree on, the latent grid being
+    ``spatial / downsample`` per axis."""
+
+    ndim: int  # spatial axes
+    blocks: tuple[int, ...]  # residual blocks of each stage
+    patch: tuple[int, ...]  # per-axis patch of the (un-)patching at full resolution
+    factors: tuple[tuple[int, ...], ...]  # per-axis down-sampling factor of each transition
+    downsample: tuple[int, ...]  # per-axis total: the patch times every factor
+
+
+def stage_plan(
+    spatial: Sequence[int],
+    channels: Sequence[int],
+    blocks_per_stage: int | tuple[int, ...],
+    patch_size: int | tuple[int, ...],
+    stage_downsample: tuple[int | tuple[int, ...], ...] | None,
+    transitions: Literal["between", "after"],
+) -> StagePlan:
+    """The :class:`StagePlan` of ``len(channels)`` conv stages.
+
+    Args:
+        spatial: the full-resolution grid, ``(H, W)`` or ``(T, H, W)``.
+        channels: width of each stage (their number is the number of stages).
+        blocks_per_stage: residual blocks per stage, int or one per stage.
+        patch_size: per-axis patch size, int or tuple.
+        stage_downsample: one factor per transition, each int or per-axis tuple; None = 2 on
+            every axis (:func:`stage_factors`).
+        transitions: ``"between"`` consecutive stages (``len(channels) - 1`` down-samplings)
+            or ``"after"`` each stage (``len(channels)``).
+
+    Raises:
+        ConfigError: a per-stage or per-axis value of the wrong length.
+    """
+    ndim, num_stages = len(spatial), len(channels)
+    blocks = as_tuple(blocks_per_stage, num_stages)
+    patch = as_tuple(patch_size, ndim)
+    count = num_stages - 1 if transitions == "between" else num_stages
+    factors = stage_factors(stage_downsample, count, ndim)
+    downsample = tuple(p * f for p, f in zip(patch, axis_product(factors, ndim), strict=True))
+    return StagePlan(ndim, blocks, patch, factors, downsample)
 
 
 def norm_groups(channels: int) -> int:

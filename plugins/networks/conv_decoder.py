@@ -19,13 +19,11 @@ from ulframe.errors import ConfigError
 from .blocks import (
     ResBlock,
     Upsample,
-    as_tuple,
-    axis_product,
     conv_nd,
     depth_to_space,
     divided_grid,
     group_norm,
-    stage_factors,
+    stage_plan,
 )
 
 
@@ -71,17 +69,12 @@ class ConvDecoder(nn.Module):
             dropout: dropout probability inside the residual blocks.
         """
         super().__init__()
-        # Deliberately like decoders.UViTDecoder's opening: each network plugin owns its constructor.
         out_channels, *spatial = shape
         latent_channels, *latent_grid = latent_shape
-        ndim = len(spatial)
-        num_stages = len(channels)
-        blocks = as_tuple(blocks_per_stage, num_stages)
-        self.patch = as_tuple(patch_size, ndim)
-        factors = stage_factors(stage_downsample, num_stages - 1, ndim)
-        self.downsample = tuple(
-            p * f for p, f in zip(self.patch, axis_product(factors, ndim), strict=True)
+        plan = stage_plan(
+            spatial, channels, blocks_per_stage, patch_size, stage_downsample, "between"
         )
+        self.patch, self.downsample = plan.patch, plan.downsample
         grid = divided_grid(tuple(spatial), self.downsample, "ConvDecoder")
         if tuple(latent_grid) != grid:
             raise ConfigError(
@@ -92,20 +85,22 @@ class ConvDecoder(nn.Module):
         self.latent_shape = tuple(latent_shape)
 
         ch = channels[-1]
-        self.stem = conv_nd(ndim, latent_channels, ch, 3, padding=1)
+        self.stem = conv_nd(plan.ndim, latent_channels, ch, 3, padding=1)
         self.stages = nn.ModuleList()
         self.upsamplers = nn.ModuleList()
-        for i in reversed(range(num_stages)):  # lowest resolution first
+        for i in reversed(range(len(channels))):  # lowest resolution first
             stage = nn.ModuleList()
-            for _ in range(blocks[i]):
-                stage.append(ResBlock(ndim, ch, channels[i], dropout=dropout))
+            for _ in range(plan.blocks[i]):
+                stage.append(ResBlock(plan.ndim, ch, channels[i], dropout=dropout))
                 ch = channels[i]
             self.stages.append(stage)
             if i > 0:  # the encoder's Downsample between stages i-1 and i, inverted
-                self.upsamplers.append(Upsample(ndim, ch, channels[i - 1], factors[i - 1]))
+                self.upsamplers.append(
+                    Upsample(plan.ndim, ch, channels[i - 1], plan.factors[i - 1])
+                )
                 ch = channels[i - 1]
         self.out_norm = group_norm(ch)
-        self.out_conv = conv_nd(ndim, ch, out_channels * math.prod(self.patch), 3, padding=1)
+        self.out_conv = conv_nd(plan.ndim, ch, out_channels * math.prod(self.patch), 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.stem(z)  # (B, C_last, *grid)

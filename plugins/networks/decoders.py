@@ -16,7 +16,6 @@ from .blocks import (
     TransformerBlock,
     Upsample,
     as_tuple,
-    axis_product,
     conv_nd,
     depth_to_space,
     divided_grid,
@@ -24,7 +23,7 @@ from .blocks import (
     group_norm,
     sincos_position_embedding,
     space_to_depth,
-    stage_factors,
+    stage_plan,
     to_tokens,
     zero_,
 )
@@ -104,15 +103,12 @@ class UViTDecoder(nn.Module):
         super().__init__()
         in_channels, *spatial = shape
         latent_channels, *latent_grid = latent_shape
-        ndim = len(spatial)
-        num_stages = len(channels)
-        blocks = as_tuple(blocks_per_stage, num_stages)
-        self.patch = as_tuple(patch_size, ndim)
-        factors = stage_factors(stage_downsample, num_stages, ndim)
-        self.latent_shape = tuple(latent_shape)
-        self.downsample = tuple(
-            p * f for p, f in zip(self.patch, axis_product(factors, ndim), strict=True)
+        plan = stage_plan(
+            spatial, channels, blocks_per_stage, patch_size, stage_downsample, "after"
         )
+        ndim, blocks, factors = plan.ndim, plan.blocks, plan.factors
+        self.patch, self.downsample = plan.patch, plan.downsample
+        self.latent_shape = tuple(latent_shape)
         self.latent_patch = as_tuple(latent_patch, ndim)
         token_grid = divided_grid(tuple(latent_grid), self.latent_patch, "UViTDecoder latent_patch")
         self._check_latent_grid(tuple(spatial), token_grid, channels)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ from ulframe.diffusion import BatchNoise
 from ulframe.errors import ConfigError
 from ulframe.eval.batches import Measured, evaluate_batches
 from ulframe.eval.metrics import bits_per_pixel, psnr
-from ulframe.protocols import BuildContext, EvalReport, check_built
+from ulframe.protocols import BuildContext, EvalReport, TrainsOnDataset, check_built
 from ulframe.train.settings import TrainSettings
 
 LOGVAR_RANGE = (-30.0, 20.0)  # SD's DiagonalGaussianDistribution clamp
@@ -192,7 +192,7 @@ class KLAEModel(nn.Module):
 
 
 @dataclass
-class KLAutoencoder:
+class KLAutoencoder(TrainsOnDataset):
     """KL-regularised autoencoder (SD's AutoencoderKL objective without LPIPS and GAN losses).
 
     Its fields are the gin parameters of `stages.kl_ae`:
@@ -252,11 +252,6 @@ class KLAutoencoder:
             encoder, decoder, self.reconstruction, self.kl_weight, self.latent_logsnr_max,
             math.prod(shape[1:]), self.latent_stats_halflife_samples, self.latent_shape,
         )  # fmt: skip
-
-    # The Stage protocol's members, as ul_joint.py implements them: two independent stage-1 plugins.
-    def train_source(self, source: Any) -> Any:
-        """Stage 1 trains on the dataset's images as they are."""
-        return source
 
     @torch.no_grad()
     def evaluate(

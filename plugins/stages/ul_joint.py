@@ -53,7 +53,7 @@ from ulframe.diffusion.weighting import check_weighting
 from ulframe.errors import ConfigError
 from ulframe.eval.batches import Measured, evaluate_batches
 from ulframe.eval.metrics import bits_per_pixel
-from ulframe.protocols import BuildContext, EvalReport, check_built
+from ulframe.protocols import BuildContext, EvalReport, TrainsOnDataset, check_built
 from ulframe.train.settings import TrainSettings
 
 LATENT_LOGSNR_MAX = 5.0  # λ_z(0): the fixed encoding noise of the paper
@@ -275,7 +275,7 @@ class ULJointModel(nn.Module):
 
 
 @dataclass
-class ULJoint:
+class ULJoint(TrainsOnDataset):
     """Unified Latents stage 1: joint training of encoder, diffusion prior and diffusion decoder.
 
     Its fields are the gin parameters of `stages.ul_joint`:
@@ -372,10 +372,6 @@ class ULJoint:
             encoder, prior, decoder, prior_schedule, decoder_schedule, self.decoder_weighting,
             self.loss_factor, self.latent_logsnr_max, pixels, shape, self.latent_shape,
         )  # fmt: skip
-
-    def train_source(self, source: Any) -> Any:
-        """Stage 1 trains on the dataset's images as they are."""
-        return source
 
     @torch.no_grad()
     def evaluate(

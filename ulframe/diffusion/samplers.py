@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -236,14 +236,57 @@ def _check_grid(x_1: Tensor, logsnrs: Tensor) -> Tensor:
     return logsnrs.to(device=x_1.device, dtype=x_1.dtype)
 
 
-def _check_final(final: str) -> None:
-    if final not in FINALS:
-        raise ConfigError(f"a sampler's final must be one of {FINALS}, got {final!r}")
-
-
 def _per_example(logsnr: Tensor, x: Tensor) -> Tensor:
     """Broadcast a 0-d grid value to the ``(B,)`` log-SNR that models receive."""
     return logsnr.expand(x.shape[0])  # (B,)
+
+
+class _Chain:
+    """What every sampler shares: the checked grid, the model on it, and what to return.
+
+    ``grid`` is the grid in ``x_1``'s dtype and device, ``(N + 1,)`` (what the model receives,
+    and the ``λ`` of :func:`ancestral_step` and :func:`ddim_step`); ``values`` is the same grid
+    in float64 on the host (the step coefficients of the higher-order solvers); ``steps`` is N.
+
+    Raises:
+        ConfigError: ``final`` is not one of :data:`FINALS`.
+        ValueError: ``logsnrs`` is not a strictly increasing ``(N + 1,)`` grid with N >= 1.
+    """
+
+    def __init__(
+        self, eps_fn: EpsFn, x_1: Tensor, logsnrs: Tensor, clip_x: float | None, final: str
+    ) -> None:
+        if final not in FINALS:
+            raise ConfigError(f"a sampler's final must be one of {FINALS}, got {final!r}")
+        self.grid = _check_grid(x_1, logsnrs)  # (N + 1,)
+        self.values: list[float] = logsnrs.detach().to("cpu", torch.float64).tolist()
+        self.steps = len(self.values) - 1
+        self.eps_fn, self.clip_x, self.final = eps_fn, clip_x, final
+
+    def logsnr(self, i: int, z: Tensor) -> Tensor:
+        """``λ_i`` as the model receives it, ``(B,)`` for the batch of ``z``."""
+        return _per_example(self.grid[i], z)
+
+    def denoise(self, z: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """The model's ``(x_hat, eps_hat)`` at state ``z`` on grid point ``i`` (:func:`denoise`)."""
+        return denoise(self.eps_fn, z, self.logsnr(i, z), self.clip_x)
+
+    def intervals(self) -> Iterator[tuple[int, float, float]]:
+        """``(i, λ_t, λ_s)`` of step i, from ``λ_t = λ_i`` to ``λ_s = λ_{i+1}``, in float64."""
+        for i, (logsnr_t, logsnr_s) in enumerate(itertools.pairwise(self.values)):
+            yield i, logsnr_t, logsnr_s
+
+    def last(self, i: int) -> bool:
+        """Whether step ``i`` lands on the last grid point (the solvers' first-order step)."""
+        return i == self.steps - 1
+
+    def result(self, z: Tensor) -> Tensor:
+        """What the sampler returns from its state ``z`` at the last grid point: ``z`` itself
+        (``final="state"``), or the model's clean estimate there (``"x_hat"``: one more call)."""
+        if self.final == "state":
+            return z
+        x_hat, _ = self.denoise(z, self.steps)
+        return x_hat
 
 
 def sample_ancestral(
@@ -267,18 +310,13 @@ def sample_ancestral(
     Returns:
         ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
     """
-    _check_final(final)
-    grid = _check_grid(x_1, logsnrs)  # (N + 1,)
+    chain = _Chain(eps_fn, x_1, logsnrs, clip_x, final)
     z = x_1
-    for logsnr_t, logsnr_s in itertools.pairwise(grid):
-        lt, ls = _per_example(logsnr_t, z), _per_example(logsnr_s, z)  # (B,)
-        x_hat, _ = denoise(eps_fn, z, lt, clip_x)
+    for i in range(chain.steps):
+        x_hat, _ = chain.denoise(z, i)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        z = ancestral_step(z, x_hat, lt, ls, noise)
-    if final == "state":
-        return z
-    x_hat, _ = denoise(eps_fn, z, _per_example(grid[-1], z), clip_x)
-    return x_hat
+        z = ancestral_step(z, x_hat, chain.logsnr(i, z), chain.logsnr(i + 1, z), noise)
+    return chain.result(z)
 
 
 def sample_ddim(
@@ -303,16 +341,12 @@ def sample_ddim(
         ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
     """
     del generator  # deterministic
-    _check_final(final)
-    grid = _check_grid(x_1, logsnrs)  # (N + 1,)
+    chain = _Chain(eps_fn, x_1, logsnrs, clip_x, final)
     z = x_1
-    for logsnr_t, logsnr_s in itertools.pairwise(grid):
-        x_hat, eps_hat = denoise(eps_fn, z, _per_example(logsnr_t, z), clip_x)
-        z = ddim_step(x_hat, eps_hat, _per_example(logsnr_s, z))
-    if final == "state":
-        return z
-    x_hat, _ = denoise(eps_fn, z, _per_example(grid[-1], z), clip_x)
-    return x_hat
+    for i in range(chain.steps):
+        x_hat, eps_hat = chain.denoise(z, i)
+        z = ddim_step(x_hat, eps_hat, chain.logsnr(i + 1, z))
+    return chain.result(z)
 
 
 # ---- higher-order solvers of the probability-flow ODE, on a grid even in λ ---------------------
@@ -339,12 +373,6 @@ def _scales(logsnr: float) -> tuple[float, float]:
     return math.sqrt(sigmoid(logsnr)), math.sqrt(sigmoid(-logsnr))
 
 
-def _grids(x_1: Tensor, logsnrs: Tensor) -> tuple[Tensor, list[float]]:
-    """The checked grid in ``x_1``'s dtype (what models receive) and in float64 (coefficients)."""
-    grid = _check_grid(x_1, logsnrs)  # (N + 1,)
-    return grid, logsnrs.detach().to("cpu", torch.float64).tolist()
-
-
 def _exponential_step(z_t: Tensor, d: Tensor, logsnr_t: float, logsnr_s: float) -> Tensor:
     """First-order step of the data-prediction ODE with the estimate ``d`` held constant.
 
@@ -354,14 +382,6 @@ def _exponential_step(z_t: Tensor, d: Tensor, logsnr_t: float, logsnr_s: float) 
     _, sigma_t = _scales(logsnr_t)
     alpha_s, sigma_s = _scales(logsnr_s)
     return (sigma_s / sigma_t) * z_t - alpha_s * math.expm1(-(logsnr_s - logsnr_t) / 2) * d
-
-
-def _final(eps_fn: EpsFn, z: Tensor, grid: Tensor, clip_x: float | None, final: str) -> Tensor:
-    """The chain's state at the last grid point, or the model's clean estimate there."""
-    if final == "state":
-        return z
-    x_hat, _ = denoise(eps_fn, z, _per_example(grid[-1], z), clip_x)
-    return x_hat
 
 
 # Each sampler below spells out the Sampler signature and its arguments again, deliberately: a
@@ -394,20 +414,18 @@ def sample_dpmpp_2m(
         ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
     """
     del generator  # deterministic
-    _check_final(final)
-    grid, values = _grids(x_1, logsnrs)
-    steps = len(values) - 1
+    chain = _Chain(eps_fn, x_1, logsnrs, clip_x, final)
     z = x_1
     earlier: tuple[float, Tensor] | None = None  # (λ_r, x_hat_r) of the previous step
-    for i, (logsnr_t, logsnr_s) in enumerate(itertools.pairwise(values)):
-        x_hat, _ = denoise(eps_fn, z, _per_example(grid[i], z), clip_x)
+    for i, logsnr_t, logsnr_s in chain.intervals():
+        x_hat, _ = chain.denoise(z, i)
         d = x_hat
-        if earlier is not None and i < steps - 1:
+        if earlier is not None and not chain.last(i):
             r = (logsnr_t - earlier[0]) / (logsnr_s - logsnr_t)
             d = (1.0 + 0.5 / r) * x_hat - (0.5 / r) * earlier[1]
         z = _exponential_step(z, d, logsnr_t, logsnr_s)
         earlier = (logsnr_t, x_hat)
-    return _final(eps_fn, z, grid, clip_x, final)
+    return chain.result(z)
 
 
 @_on_grid("logsnr")
@@ -439,21 +457,19 @@ def sample_heun(
         ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
     """
     del generator  # deterministic
-    _check_final(final)
-    grid, values = _grids(x_1, logsnrs)
-    steps = len(values) - 1
+    chain = _Chain(eps_fn, x_1, logsnrs, clip_x, final)
     z = x_1
-    for i, (logsnr_t, logsnr_s) in enumerate(itertools.pairwise(values)):
-        x_hat, eps_t = denoise(eps_fn, z, _per_example(grid[i], z), clip_x)
+    for i, logsnr_t, logsnr_s in chain.intervals():
+        x_hat, eps_t = chain.denoise(z, i)
         alpha_s, sigma_s = _scales(logsnr_s)
         euler = alpha_s * x_hat + sigma_s * eps_t  # ddim_step
-        if i == steps - 1:
+        if chain.last(i):
             z = euler
             break
-        _, eps_s = denoise(eps_fn, euler, _per_example(grid[i + 1], z), clip_x)
+        _, eps_s = chain.denoise(euler, i + 1)
         dsigma = math.exp(-logsnr_s / 2) - math.exp(-logsnr_t / 2)  # σ̃_s - σ̃_t < 0
         z = euler + (alpha_s * dsigma / 2) * (eps_s - eps_t)
-    return _final(eps_fn, z, grid, clip_x, final)
+    return chain.result(z)
 
 
 def _unipc_update(
@@ -535,18 +551,16 @@ def sample_unipc(
         ``x_hat`` at ``logsnrs[-1]`` (or the state ``z`` there), shape of ``x_1``.
     """
     del generator  # deterministic
-    _check_final(final)
-    grid, values = _grids(x_1, logsnrs)
-    steps = len(values) - 1
+    chain = _Chain(eps_fn, x_1, logsnrs, clip_x, final)
     z = x_1
     earlier: tuple[float, Tensor] | None = None  # (λ, x_hat) one grid point back
     made: tuple[Tensor, Tensor, float, tuple[float, Tensor] | None] | None = None
-    for i, (logsnr_t, logsnr_s) in enumerate(itertools.pairwise(values)):
-        x_hat, _ = denoise(eps_fn, z, _per_example(grid[i], z), clip_x)
+    for i, logsnr_t, logsnr_s in chain.intervals():
+        x_hat, _ = chain.denoise(z, i)
         if made is not None:  # UniC: correct z (predicted by the last step) with x_hat there
             z = _unipc_update(made[0], made[1], made[2], logsnr_t, made[3], x_hat)
-        using = earlier if 0 < i < steps - 1 else None
+        using = earlier if i > 0 and not chain.last(i) else None
         made = (z, x_hat, logsnr_t, using)
         earlier = (logsnr_t, x_hat)
         z = _unipc_update(z, x_hat, logsnr_t, logsnr_s, using)
-    return _final(eps_fn, z, grid, clip_x, final)
+    return chain.result(z)
