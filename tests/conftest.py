@@ -1,9 +1,12 @@
-"""Shared fixtures: the CLI in a subprocess, throwaway plugin distributions, tiny runs.
+"""Shared fixtures: the CLI in a subprocess or in-process, throwaway plugin distributions, tiny runs.
 
 Fixtures (test modules use these rather than importing this file):
 
 - `run_cli(*args, env=..., cwd=...)` runs `python -m ulframe ...` with the test interpreter and
   returns the finished process (text stdout/stderr; never raises on a non-zero exit).
+- `cli(*args, sys_path=...)` runs `ulframe.cli.main(args)` in the test's own process and answers
+  like `run_cli`, without the ~2 s start-up of a second interpreter: for every command that needs
+  no process of its own (`in_process_cli()`, the same for a module-scoped fixture).
 - `cli_env(extra)` is the environment those subprocesses get: one BLAS/OpenMP thread (two cores
   are shared here and oversubscribed threads make a tiny run ~20x slower), no ULFRAME_*
   variables and no PYTHONPATH inherited from the caller.
@@ -21,6 +24,8 @@ Fixtures (test modules use these rather than importing this file):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -215,6 +220,80 @@ def restore_logging() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     gin.clear_config()
+
+
+@contextlib.contextmanager
+def in_process_cli() -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """`ulframe.cli.main(ARGS)` in this process, answered like `run_cli`: a finished process
+    (returncode, stdout, stderr) with what the command wrote to sys.stdout and sys.stderr.
+
+    No second interpreter starts (`run_cli` pays about 2 s of Python, torch and plugin start-up
+    per call): for commands that need no process of their own, unlike a kill, a signal or a lock
+    held by a live process. As in `cli_env`: the repo is the working directory, no ULFRAME_*
+    variable is set, one torch thread; sys.argv is that of `python -m ulframe ARGS`. `sys_path`
+    (`example_plugin.target`, a `make_distribution` folder) puts plugin distributions on sys.path
+    for the call. argparse's exits (`--help`, a bad flag) are return codes; any other exception
+    propagates (a subprocess would exit 1 with its traceback). On exit the logging that `main`
+    set up, gin's config, the environment and the working directory are restored. Tests take
+    the `cli` fixture; a module-scoped fixture uses this context manager.
+    """
+    import logging
+
+    import gin
+    import torch
+
+    from ulframe import cli, gin_adapter
+
+    root = logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+    prefixes = gin_adapter.search_paths()  # `--gin-search-path` adds to gin's (a process's)
+
+    def call(
+        *args: str | os.PathLike[str], sys_path: Sequence[Path] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [str(a) for a in args]
+        out, err = io.StringIO(), io.StringIO()
+        with pytest.MonkeyPatch.context() as patch:
+            # what `python -m ulframe ARGS` sees (the run's command.txt records it)
+            patch.setattr(sys, "argv", [str(REPO / "ulframe" / "__main__.py"), *argv])
+            for folder in sys_path:
+                patch.syspath_prepend(str(folder))
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = cli.main(argv)
+                except SystemExit as exit_:  # argparse
+                    code = exit_.code if isinstance(exit_.code, int) else 1
+                finally:
+                    restore()  # as a process's exit would: log.txt closed, gin's search paths
+        return subprocess.CompletedProcess(["ulframe", *argv], code, out.getvalue(), err.getvalue())
+
+    def restore() -> None:
+        for h in root.handlers:
+            if h not in handlers:
+                h.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        gin.config._LOCATION_PREFIXES[:] = prefixes
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [k for k in os.environ if k.startswith("ULFRAME_")]:
+            patch.delenv(name)
+        patch.setenv("COLUMNS", "100")
+        patch.chdir(REPO)
+        torch.set_num_threads(1)
+        try:
+            yield call
+        finally:
+            restore()
+            gin.clear_config()
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(name="cli")
+def cli_fixture() -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """`in_process_cli()` for one test."""
+    with in_process_cli() as call:
+        yield call
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,7 +3,9 @@
 The example package (plugins/examples/ulframe-example: a weighting, a hook, a dataset, a
 network) passes with no change to ulframe; the broken one (tests/integration/data/
 ulframe-broken: a dataset of H×W×C uint8 arrays, a weighting returning NaN) fails with one line
-per problem. Both are built with setuptools and installed into temporary targets.
+per problem. Both are built with setuptools and installed into temporary targets. The commands
+run in this process with the targets on sys.path (`cli`, conftest.py), but for `pytest -p
+ulframe.testing`, a pytest of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import pytest
 
+# One worker runs the module (`make test`: --dist loadgroup): the broken package is built once.
+pytestmark = pytest.mark.xdist_group("check_plugins")
 BROKEN_SOURCE = Path(__file__).parent / "data" / "ulframe-broken"
 TIMEOUT_S = 120
 
@@ -37,18 +41,22 @@ def broken_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def both_env(example_plugin: Any, broken_target: Path, cli_env: Callable[..., Any]) -> Any:
-    return cli_env(
-        {"PYTHONPATH": os.pathsep.join([str(example_plugin.target), str(broken_target)])}
-    )
+def both_path(example_plugin: Any, broken_target: Path) -> list[Path]:
+    """The example's and the broken package's targets, for `cli(..., sys_path=...)`."""
+    return [example_plugin.target, broken_target]
+
+
+@pytest.fixture
+def both_env(both_path: list[Path], cli_env: Callable[..., Any]) -> Any:
+    return cli_env({"PYTHONPATH": os.pathsep.join(map(str, both_path))})
 
 
 def _verdicts(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.split(" ")[0] in ("PASS", "FAIL", "SKIP")]
 
 
-def test_the_example_package_passes_check_plugins(run_cli: RunCli, example_plugin: Any) -> None:
-    done = run_cli("check-plugins", "ulframe-example", env=example_plugin.env)
+def test_the_example_package_passes_check_plugins(cli: RunCli, example_plugin: Any) -> None:
+    done = cli("check-plugins", "ulframe-example", sys_path=[example_plugin.target])
     assert done.returncode == 0, done.stdout + done.stderr
     lines = _verdicts(done.stdout)
     assert lines == done.stdout.splitlines()  # nothing but verdicts on stdout
@@ -65,8 +73,10 @@ def test_the_example_package_passes_check_plugins(run_cli: RunCli, example_plugi
     assert not any("ulframe " in line or ".resnet" in line for line in lines)  # only its plugins
 
 
-def test_the_broken_package_fails_with_one_line_per_problem(run_cli: RunCli, both_env: Any) -> None:
-    done = run_cli("check-plugins", "ulframe-broken", env=both_env)
+def test_the_broken_package_fails_with_one_line_per_problem(
+    cli: RunCli, both_path: list[Path]
+) -> None:
+    done = cli("check-plugins", "ulframe-broken", sys_path=both_path)
     assert done.returncode == 1, done.stdout + done.stderr
     fails = [line for line in _verdicts(done.stdout) if line.startswith("FAIL")]
     assert fails == [
@@ -76,12 +86,12 @@ def test_the_broken_package_fails_with_one_line_per_problem(run_cli: RunCli, bot
         "float32 tensor C×H×W (video: C×T×H×W) in [-1, 1] (first train example)",
     ]
     # both packages at once: the example's checks still pass, the exit code is the worst
-    done = run_cli("check-plugins", "ulframe_example", "ulframe-broken", env=both_env)
+    done = cli("check-plugins", "ulframe_example", "ulframe-broken", sys_path=both_path)
     assert done.returncode == 1 and "PASS datasets.stripes  layout" in done.stdout
 
 
-def test_check_plugins_refuses_what_is_not_installed(run_cli: RunCli) -> None:
-    done = run_cli("check-plugins", "no-such-dist-here")
+def test_check_plugins_refuses_what_is_not_installed(cli: RunCli) -> None:
+    done = cli("check-plugins", "no-such-dist-here")
     assert done.returncode == 2
     assert (
         done.stderr.strip()
@@ -111,13 +121,13 @@ def test_the_pytest_plugin_makes_one_test_per_plugin_and_check(
 
 
 def test_a_run_refuses_the_broken_dataset_in_one_line(
-    run_cli: RunCli, both_env: Any, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, both_path: list[Path], tmp_path: Path, tiny_run: list[str]
 ) -> None:
     """The engine's own boundary check: `ulframe run` with the broken dataset exits 2 naming
     the plugin before any network is built."""
-    done = run_cli(
+    done = cli(
         "run", "gin/quickstart.gin", "--workdir", tmp_path / "run", *tiny_run,
-        "--gin_param", "Experiment.dataset = @datasets.hwc_uint8()", env=both_env,
+        "--gin_param", "Experiment.dataset = @datasets.hwc_uint8()", sys_path=both_path,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     (last,) = done.stderr.strip().splitlines()[-1:]
@@ -127,11 +137,11 @@ def test_a_run_refuses_the_broken_dataset_in_one_line(
     )
 
 
-def test_config_refuses_the_nan_weighting_in_one_line(run_cli: RunCli, both_env: Any) -> None:
-    done = run_cli(
+def test_config_refuses_the_nan_weighting_in_one_line(cli: RunCli, both_path: list[Path]) -> None:
+    done = cli(
         "config", "gin/quickstart.gin",
         "--gin_param", "stage1/stages.ul_joint.decoder_weighting = @weightings.nan()",
-        env=both_env,
+        sys_path=both_path,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -162,9 +172,7 @@ def _guide_package(root: Path) -> Path:
     return root
 
 
-def test_the_package_of_the_guide_passes_check_plugins(
-    run_cli: RunCli, cli_env: Callable[..., Any], tmp_path: Path
-) -> None:
+def test_the_package_of_the_guide_passes_check_plugins(cli: RunCli, tmp_path: Path) -> None:
     """docs/plugins.md's minimal package, followed to the letter, passes with no change to
     ulframe."""
     source, target = _guide_package(tmp_path / "src"), tmp_path / "site"
@@ -172,7 +180,7 @@ def test_the_package_of_the_guide_passes_check_plugins(
     cmd += ["--no-index", "--disable-pip-version-check", "--target", str(target), str(source)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stderr
-    done = run_cli("check-plugins", "mypkg", env=cli_env({"PYTHONPATH": str(target)}))
+    done = cli("check-plugins", "mypkg", sys_path=[target])
     assert done.returncode == 0, done.stdout + done.stderr
     lines = _verdicts(done.stdout)
     assert "PASS weightings.flat_then_sigmoid  finite_positive" in lines

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ulframe import cli, rundir
+from ulframe import cli as ulframe_cli
+from ulframe import rundir
 
 REPO = Path(__file__).resolve().parents[2]
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return cli._parser().parse_args(cli._expand_gin_overrides(list(argv)))
+    return ulframe_cli._parser().parse_args(ulframe_cli._expand_gin_overrides(list(argv)))
 
 
 def parsers(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -44,7 +45,7 @@ def test_version_names_ulframe_torch_and_python(run_cli: RunCli) -> None:
 
 # ---- dashed flags, underscore aliases -----------------------------------------------------------
 def test_every_flag_is_dashed() -> None:
-    for p in parsers(cli._parser()):
+    for p in parsers(ulframe_cli._parser()):
         for action in p._actions:
             for flag in action.option_strings:
                 assert "_" not in flag, f"{p.prog}: {flag}"
@@ -63,27 +64,25 @@ def test_underscore_spellings_are_hidden_aliases() -> None:
     assert run.gin_file == ["b.gin"] and run.gin_search_path == ["gin"]
     # an override's name keeps its underscores
     assert run.gin_param == ["stage1/TrainSettings.batch_size = 4"]
-    assert "--gin_param" not in cli._parser().format_help()
+    assert "--gin_param" not in ulframe_cli._parser().format_help()
     assert "_" not in " ".join(re.findall(r"--[\w-]+", _help("run") + _help("eval")))
 
 
 def _help(command: str) -> str:
-    p = cli._parser()
+    p = ulframe_cli._parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[command].format_help()
 
 
 # ---- --gin-file, --gin-search-path ------------------------------------------------------------
-def test_gin_file_and_search_path_resolve_names_and_includes(
-    run_cli: RunCli, tmp_path: Path
-) -> None:
+def test_gin_file_and_search_path_resolve_names_and_includes(cli: RunCli, tmp_path: Path) -> None:
     # a file name and an `include` of a bare name found through the search paths; positional
     # files first, then --gin-file ones, in order
     elsewhere = tmp_path / "configs"
     elsewhere.mkdir()
     (elsewhere / "mine.gin").write_text("include 'quickstart.gin'\nTRAIN_SAMPLES = 11\n")
     (elsewhere / "more.gin").write_text("TRAIN_SAMPLES = 13\n")
-    done = run_cli(
+    done = cli(
         "config", "--gin-search-path", elsewhere, "--gin_search_path", REPO / "gin",
         "--gin-file", "mine.gin", "--gin_file", elsewhere / "more.gin",
         "--gin_param", "LOSS_FACTOR = 2.5", "--workdir", tmp_path / "run",
@@ -93,12 +92,12 @@ def test_gin_file_and_search_path_resolve_names_and_includes(
     assert "\nLOSS_FACTOR = 2.5\n" in done.stdout
     assert "\nstage1/ul_joint.loss_factor = %LOSS_FACTOR\n" in done.stdout  # quickstart.gin's
 
-    done = run_cli("config", "--gin-search-path", tmp_path / "missing", "--gin-file", "x.gin")
+    done = cli("config", "--gin-search-path", tmp_path / "missing", "--gin-file", "x.gin")
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
         f"ulframe: error: --gin-search-path {tmp_path / 'missing'}: no such folder"
     )
-    done = run_cli("config")
+    done = cli("config")
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
         "ulframe: error: no gin file given: `ulframe config FILE.gin` or --gin-file"

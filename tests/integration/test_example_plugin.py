@@ -1,7 +1,8 @@
 """The third-party example (plugins/examples/ulframe-example), installed into a temporary target.
 
 It extends ulframe through entry points only: `ulframe plugins` lists it, a gin file binds it, a
-run uses it, with no change to ulframe.
+run uses it, with no change to ulframe. The commands run in this process with the target on
+sys.path (`cli`, conftest.py); test_check_plugins.py runs a pytest of its own on it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def example_modules(example_plugin: Any, monkeypatch: pytest.MonkeyPatch) -> Any
 
 
 def test_plugins_lists_the_example_with_distribution_and_version(
-    run_cli: RunCli, example_plugin: Any
+    cli: RunCli, example_plugin: Any
 ) -> None:
-    done = run_cli("plugins", env=example_plugin.env)
+    done = cli("plugins", sys_path=[example_plugin.target])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     edm = next(line for line in lines if line.startswith("  edm "))
@@ -89,10 +90,12 @@ def test_example_counter_counts_and_writes(example_modules: Any, tmp_path: Path)
 
 @pytest.mark.slow
 def test_a_gin_file_uses_the_example_in_a_run(
-    run_cli: RunCli, example_plugin: Any, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, example_plugin: Any, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
-    done = run_cli("run", EXAMPLE_GIN, "--workdir", workdir, *tiny_run, env=example_plugin.env)
+    done = cli(
+        "run", EXAMPLE_GIN, "--workdir", workdir, *tiny_run, sys_path=[example_plugin.target]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((workdir / "example_counter.json").read_text())
     # 8 samples in batches of 4, logged every 4 samples: two logged steps

@@ -1,7 +1,7 @@
 """`ulframe export RUN --out DIR` and `ulframe.load(DIR)` end to end, images and video.
 
 Two tiny two-stage runs (gin/quickstart.gin and gin/quickstart_video.gin shrunk to seconds,
-trained side by side) are exported; a fresh process that imports nothing but `ulframe` loads each
+trained in this process: conftest.in_process_cli) are exported; a fresh process that imports nothing but `ulframe` loads each
 folder and computes encode, decode (clean and noised latents), bits/pixel and end-to-end samples
 (continuations for the video model); each must equal what the run's own stage code gives
 (`ulframe.trained.open_run`, the code `ulframe sample` and `ulframe eval` run) for the same seed
@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import NO_MFU, REPO, TINY_RUN, TINY_STAGE2, cli_env, gin_args
+from conftest import NO_MFU, REPO, TINY_RUN, TINY_STAGE2, cli_env, gin_args, in_process_cli
 
 from ulframe import cli, trained
 from ulframe.diffusion import sample_ancestral
 from ulframe_plugins.formats import ul_model as pretrained
 
-pytestmark = pytest.mark.slow
+# One worker runs the module (`make test`: --dist loadgroup): the runs are trained once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export_load")]
 TOL = 1e-6
 
 # gin/quickstart.gin at seconds' size (conftest's TINY_RUN + TINY_STAGE2), evaluated once.
@@ -127,29 +128,10 @@ class Exported:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Exported]]:
     root = tmp_path_factory.mktemp("export")
     env = cli_env()
-    runs = {
-        kind: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ulframe",
-                "run",
-                gin,
-                *gin_args(bindings),
-                "--workdir",
-                str(root / kind),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for kind, (gin, bindings) in RUNS.items()
-    }
-    for kind, process in runs.items():  # both train at once: two cores
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{kind} run failed:\n{err[-3000:]}"
+    with in_process_cli() as run_here:
+        for kind, (gin, bindings) in RUNS.items():
+            done = run_here("run", gin, *gin_args(bindings), "--workdir", root / kind)
+            assert done.returncode == 0, f"{kind} run failed:\n{done.stderr[-3000:]}"
     inputs, opened = {}, {}
     for kind in RUNS:
         workdir = root / kind

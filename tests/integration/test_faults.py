@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,18 +68,18 @@ def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
-    while not (path.is_file() and path.stat().st_size) and time.monotonic() < deadline:
+    while not path.exists() and time.monotonic() < deadline:  # (a checkpoint: renamed in whole)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.02)
-    assert path.is_file(), f"{path} never appeared"
+    assert path.exists(), f"{path} never appeared"
 
 
 # ---- 2. a refused run changes nothing -----------------------------------------------------------
 def test_refused_runs_change_nothing_and_the_original_command_still_resumes(
-    run_cli: RunCli, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
-    assert run_cli(*_args(workdir, tiny_run)).returncode == 0
+    assert cli(*_args(workdir, tiny_run)).returncode == 0
     (workdir / "stages" / "stage1" / "DONE.json").unlink()  # unfinished: the stage resumes at 8
     before = _snapshot(workdir)
     refusals = {
@@ -92,9 +93,9 @@ def test_refused_runs_change_nothing_and_the_original_command_still_resumes(
         "TrainSettings.lr must be >= 0, got -1": ["--gin.stage1/TrainSettings.lr=-1"],
     }  # fmt: skip
     for expected, extra in refusals.items():
-        assert expected in _error(run_cli(*_args(workdir, tiny_run, *extra)))
+        assert expected in _error(cli(*_args(workdir, tiny_run, *extra)))
         assert _snapshot(workdir) == before, f"changed by the run refused with {expected!r}"
-    resumed = run_cli(*_args(workdir, tiny_run))
+    resumed = cli(*_args(workdir, tiny_run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage stage1: resumed at 8 samples" in resumed.stderr
     keys = [(r["kind"], r["samples_seen"]) for r in _rows(workdir)]
@@ -106,13 +107,13 @@ LONG = ["--gin_param", "TRAIN_SAMPLES = 100000"]
 
 
 def test_a_live_run_holds_the_workdir_and_a_dead_one_s_lock_is_taken_over(
-    run_cli: RunCli, cli_env: Any, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, cli_env: Any, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
     live = _start(_args(workdir, tiny_run, *LONG), cli_env())
     try:
-        _wait_for(_ckpts(workdir) / "ckpt-000000000004.json", live)
-        refused = _error(run_cli(*_args(workdir, tiny_run, *LONG)))
+        _wait_for(_ckpts(workdir) / "ckpt-000000000004", live)
+        refused = _error(cli(*_args(workdir, tiny_run, *LONG)))
         assert refused.startswith(f"workdir {workdir} is in use by pid {live.pid} on host "), (
             refused
         )
@@ -123,7 +124,7 @@ def test_a_live_run_holds_the_workdir_and_a_dead_one_s_lock_is_taken_over(
     # The killed run's lock is taken over (one line); a smaller TRAIN_SAMPLES (allowed) makes
     # the resumed stage end at once.
     shorter = ["--gin_param", "TRAIN_SAMPLES = 4", "--allow-config-change"]
-    done = run_cli(*_args(workdir, tiny_run, *shorter))
+    done = cli(*_args(workdir, tiny_run, *shorter))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("taking over the lock left by pid") == 1
     assert f"left by pid {live.pid} on host " in done.stderr
@@ -139,7 +140,7 @@ def test_nproc_the_launcher_holds_the_lock_for_its_workers(
     workdir = tmp_path / "run"
     launcher = _start([*_args(workdir, tiny_run, *LONG), "--nproc", "2"], cli_env())
     try:
-        _wait_for(_ckpts(workdir) / "rank0" / "ckpt-000000000004.json", launcher)
+        _wait_for(_ckpts(workdir) / "ckpt-000000000004", launcher)
         assert json.loads((workdir / "run.lock").read_text())["pid"] == launcher.pid
         refused = _error(run_cli(*_args(workdir, tiny_run, *LONG, "--nproc", "2")))
         assert refused.startswith(f"workdir {workdir} is in use by pid {launcher.pid} on host ")
@@ -151,20 +152,20 @@ def test_nproc_the_launcher_holds_the_lock_for_its_workers(
 
 # ---- 3. torn and damaged run files -------------------------------------------------------------
 def test_torn_metrics_empty_done_json_and_a_wrong_shaped_sidecar_are_repaired(
-    run_cli: RunCli, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
-    assert run_cli(*_args(workdir, tiny_run)).returncode == 0
+    assert cli(*_args(workdir, tiny_run)).returncode == 0
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"stage": "stage1", "step": 3, "sampl')  # a kill mid-write
     (workdir / "stages" / "stage1" / "DONE.json").write_text("")
-    newest = _ckpts(workdir) / "ckpt-000000000008.pt"
-    newest.with_suffix(".json").write_text("{}")
-    done = run_cli(*_args(workdir, tiny_run))
+    newest = _ckpts(workdir) / "ckpt-000000000008"
+    (newest / "manifest.json").write_text("{}")
+    done = cli(*_args(workdir, tiny_run))
     assert done.returncode == 0, done.stderr[-3000:]
     err = done.stderr
     assert "ignoring damaged stage record" in err and "DONE.json" in err
-    assert f"skipping checkpoint {newest}: ckpt-000000000008.json: damaged checksum file" in err
+    assert f"skipping checkpoint {newest}: ckpt-000000000008/manifest.json: damaged" in err
     assert "metrics.jsonl: 1 damaged line(s) ignored" in err
     assert "stage stage1: resumed at 4 samples" in err
     rows = _rows(workdir)  # every line parses: the torn one is gone
@@ -176,14 +177,14 @@ def test_torn_metrics_empty_done_json_and_a_wrong_shaped_sidecar_are_repaired(
 
 
 def test_all_checkpoints_deleted_starts_the_stage_from_zero(
-    run_cli: RunCli, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
-    assert run_cli(*_args(workdir, tiny_run)).returncode == 0
+    assert cli(*_args(workdir, tiny_run)).returncode == 0
     (workdir / "stages" / "stage1" / "DONE.json").unlink()
     for path in _ckpts(workdir).iterdir():
-        path.unlink()
-    done = run_cli(*_args(workdir, tiny_run))
+        shutil.rmtree(path)
+    done = cli(*_args(workdir, tiny_run))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"no valid checkpoint in {_ckpts(workdir)}; starting stage1 from 0" in done.stderr
     keys = [(r["kind"], r["samples_seen"]) for r in _rows(workdir)]
@@ -231,23 +232,24 @@ class Poison:
 
 
 @pytest.fixture
-def poison_env(cli_env: Any, make_distribution: Any, tmp_path: Path) -> dict[str, str]:
+def poison_site(make_distribution: Any, tmp_path: Path) -> list[Path]:
+    """The folder of the poison plugin's distribution, for `cli(..., sys_path=...)`."""
     site = make_distribution(
         tmp_path / "site", "poison-plugin", {"ulframe.hooks": {"poison": "poison:Poison"}},
         {"poison.py": POISON},
     )  # fmt: skip
-    return cli_env({"PYTHONPATH": str(site)})
+    return [site]
 
 
 HOOKS = "--gin.Experiment.hooks=[@hooks.console(), @hooks.poison()]"
 
 
 def test_the_nan_policy_skips_by_default_and_skipped_steps_do_not_count(
-    run_cli: RunCli, poison_env: dict[str, str], tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, poison_site: list[Path], tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
-    done = run_cli(
-        *_args(workdir, tiny_run, HOOKS, "--gin.hooks.poison.steps=(2,)"), env=poison_env
+    done = cli(
+        *_args(workdir, tiny_run, HOOKS, "--gin.hooks.poison.steps=(2,)"), sys_path=poison_site
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("step skipped: non-finite") == 1
@@ -259,31 +261,31 @@ def test_the_nan_policy_skips_by_default_and_skipped_steps_do_not_count(
 
 
 def test_a_diverging_run_stops_naming_the_last_finite_checkpoint(
-    run_cli: RunCli, poison_env: dict[str, str], tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, poison_site: list[Path], tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
     poison = [HOOKS, "--gin.hooks.poison.steps=(2, 3, 4)"]
-    error = _error(run_cli(*_args(workdir, tiny_run, *poison), env=poison_env))
+    error = _error(cli(*_args(workdir, tiny_run, *poison), sys_path=poison_site))
     assert "at step 2 of stage stage1: 3 consecutive steps skipped" in error
-    assert error.endswith(f"last finite checkpoint: {_ckpts(workdir) / 'ckpt-000000000004.pt'}")
+    assert error.endswith(f"last finite checkpoint: {_ckpts(workdir) / 'ckpt-000000000004'}")
     assert not (workdir / "stages" / "stage1" / "DONE.json").exists()
 
 
 def test_non_finite_weights_are_never_marked_done_nor_pruned_in_favour_of(
-    run_cli: RunCli, poison_env: dict[str, str], tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, poison_site: list[Path], tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
     poison = [HOOKS, "--gin.hooks.poison.weights_at_end=True"]
     keep_one = "--gin.stage1/TrainSettings.keep_checkpoints=1"
-    error = _error(run_cli(*_args(workdir, tiny_run, *poison, keep_one), env=poison_env))
-    good = _ckpts(workdir) / "ckpt-000000000004.pt"
+    error = _error(cli(*_args(workdir, tiny_run, *poison, keep_one), sys_path=poison_site))
+    good = _ckpts(workdir) / "ckpt-000000000004"
     assert error == (
         "stage stage1: the weights are not finite (NaN/Inf) at 8 samples; the stage is not "
         f"marked done; last finite checkpoint: {good}"
     )
     assert not (workdir / "stages" / "stage1" / "DONE.json").exists()
-    assert checkpoint.list_checkpoints(_ckpts(workdir)) == [good, _ckpts(workdir) / "ckpt-000000000008.pt"]  # fmt: skip
-    assert checkpoint.sidecar(_ckpts(workdir) / "ckpt-000000000008.pt")["finite"] is False
+    assert checkpoint.list_checkpoints(_ckpts(workdir)) == [good, _ckpts(workdir) / "ckpt-000000000008"]  # fmt: skip
+    assert checkpoint.manifest(_ckpts(workdir) / "ckpt-000000000008")["finite"] is False
 
 
 # ---- 5. a full disk ----------------------------------------------------------------------------
@@ -308,18 +310,26 @@ class DiskFull:
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temporary_file(
-    run_cli: RunCli, cli_env: Any, make_distribution: Any, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli,
+    make_distribution: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_run: list[str],
 ) -> None:
+    import ulframe.rundir
+
+    # The plugin replaces ulframe.rundir._fsync in this process: put it back after the test.
+    monkeypatch.setattr(ulframe.rundir, "_fsync", ulframe.rundir._fsync)
     site = make_distribution(
         tmp_path / "site", "disk-full-plugin", {"ulframe.hooks": {"disk_full": "disk_full:DiskFull"}},
         {"disk_full.py": DISK_FULL},
     )  # fmt: skip
     workdir = tmp_path / "run"
     hooks = "--gin.Experiment.hooks=[@hooks.console(), @hooks.disk_full()]"
-    done = run_cli(*_args(workdir, tiny_run, hooks), env=cli_env({"PYTHONPATH": str(site)}))
+    done = cli(*_args(workdir, tiny_run, hooks), sys_path=[site])
     assert _error(done) == (
-        f"no space left on device writing {_ckpts(workdir) / 'ckpt-000000000008.pt'}; "
-        f"last good checkpoint: {_ckpts(workdir) / 'ckpt-000000000004.pt'}"
+        f"no space left on device writing {_ckpts(workdir) / 'ckpt-000000000008'}; "
+        f"last good checkpoint: {_ckpts(workdir) / 'ckpt-000000000004'}"
     )
     assert [p for p in workdir.rglob("*") if p.name.endswith(".tmp")] == []
 
@@ -394,7 +404,7 @@ def test_image_folder_follows_links_once_and_takes_any_file_name(tmp_path: Path)
 
 
 def test_image_folder_run_warns_once_per_bad_file_and_counts_skipped_files(
-    run_cli: RunCli, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     _folder(tmp_path / "data")
     workdir = tmp_path / "run"
@@ -404,7 +414,7 @@ def test_image_folder_run_warns_once_per_bad_file_and_counts_skipped_files(
         "--gin.datasets.image_folder.resolution=16",
         "--gin_param", "TRAIN_SAMPLES = 32",  # four epochs of the 8 train images
     ]  # fmt: skip
-    done = run_cli(*_args(workdir, tiny_run, *data))
+    done = cli(*_args(workdir, tiny_run, *data))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("skipping unreadable image") == 1, done.stderr[-3000:]
     assert "Logging error" not in done.stderr
@@ -420,7 +430,7 @@ def _gin(tmp_path: Path, text: str, name: str = "exp.gin") -> Path:
     return path
 
 
-def test_bad_gin_values_are_one_line_with_file_and_line(run_cli: RunCli, tmp_path: Path) -> None:
+def test_bad_gin_values_are_one_line_with_file_and_line(cli: RunCli, tmp_path: Path) -> None:
     quickstart = REPO / "gin" / "quickstart.gin"
     lr = _gin(tmp_path, f"include '{quickstart}'\nstage1/TrainSettings.lr = -0.001\n", "lr.gin")
     macro = _gin(tmp_path, f"include '{quickstart}'\nstage1/TrainSettings.lr = %MISSING\n", "m.gin")
@@ -442,7 +452,7 @@ def test_bad_gin_values_are_one_line_with_file_and_line(run_cli: RunCli, tmp_pat
             "error: Unable to parse value. (a string needs quotes: --gin.DATA_ROOT=\"'/x'\")",
     }  # fmt: skip
     for argv, expected in cases.items():
-        assert _error(run_cli("config", *argv)) == expected
+        assert _error(cli("config", *argv)) == expected
     # `run` refuses what `config` refuses, before touching a workdir.
     workdir = tmp_path / "never"
     argv = (
@@ -452,10 +462,10 @@ def test_bad_gin_values_are_one_line_with_file_and_line(run_cli: RunCli, tmp_pat
         str(workdir),
         "--gin.stage1/TrainSettings.lr='abc'",
     )
-    assert _error(run_cli(*argv)) == cases[(str(quickstart), "--gin.stage1/TrainSettings.lr='abc'")]
+    assert _error(cli(*argv)) == cases[(str(quickstart), "--gin.stage1/TrainSettings.lr='abc'")]
     assert not workdir.exists()
     # gin's own file-lookup log lines are not shown.
-    done = run_cli("config", str(missing))
+    done = cli("config", str(missing))
     assert "Unable to open file: nowhere/missing.gin" in _error(done)
     assert "system_path_file_exists" not in done.stderr and "Path not found" not in done.stderr
 
@@ -468,7 +478,7 @@ NAN_GUARD_RETIRED = (
 
 
 def test_the_retired_nan_guard_hook_stops_the_config_pointing_to_the_nan_policy(
-    run_cli: RunCli, tmp_path: Path
+    cli: RunCli, tmp_path: Path
 ) -> None:
     quickstart = REPO / "gin" / "quickstart.gin"
     listed = _gin(tmp_path, f"""
@@ -487,16 +497,16 @@ def test_the_retired_nan_guard_hook_stops_the_config_pointing_to_the_nan_policy(
             "stage1/TrainSettings.nan_policy: expected one of 'skip', 'stop', got str 'ignore'",
     }  # fmt: skip
     for argv, expected in cases.items():
-        assert _error(run_cli("config", *argv)) == expected
+        assert _error(cli("config", *argv)) == expected
     # `run` refuses it before touching a workdir
     workdir = tmp_path / "never"
-    assert _error(run_cli("run", str(listed), "--workdir", str(workdir))) == cases[(str(listed),)]
+    assert _error(cli("run", str(listed), "--workdir", str(workdir))) == cases[(str(listed),)]
     assert not workdir.exists()
 
 
 # ---- 8. configuration errors raised by plugins -------------------------------------------------
 def test_plugins_configuration_errors_are_one_line_naming_plugin_and_parameter(
-    run_cli: RunCli, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     quickstart = str(REPO / "gin" / "quickstart.gin")
     folder = ["--gin.Experiment.dataset=@datasets.image_folder()", f"--gin.datasets.image_folder.root='{tmp_path}'"]  # fmt: skip
@@ -506,9 +516,9 @@ def test_plugins_configuration_errors_are_one_line_naming_plugin_and_parameter(
             "datasets.image_folder.resolution must be >= 1; got 0",
     }  # fmt: skip
     for extra, expected in cases.items():
-        assert _error(run_cli("config", quickstart, *extra)) == expected
+        assert _error(cli("config", quickstart, *extra)) == expected
     # A network's parameter, checked when the stage builds it from the data.
-    error = _error(run_cli(*_args(tmp_path / "run", tiny_run, "--gin.decoders.uvit.heads=5")))
+    error = _error(cli(*_args(tmp_path / "run", tiny_run, "--gin.decoders.uvit.heads=5")))
     assert error == "--gin override 'decoders.uvit.heads = 5': decoders.uvit: heads 5 does not divide the width 32"  # fmt: skip
 
 
@@ -545,24 +555,24 @@ def test_built_in_plugins_raise_config_error_for_configuration() -> None:
 
 # ---- 9. other commands -------------------------------------------------------------------------
 def test_export_to_a_directory_or_an_unwritable_path_is_one_line(
-    run_cli: RunCli, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     workdir = tmp_path / "run"
-    assert run_cli(*_args(workdir, tiny_run)).returncode == 0
-    assert _error(run_cli("export", str(workdir), "--out", str(tmp_path))) == (
+    assert cli(*_args(workdir, tiny_run)).returncode == 0
+    assert _error(cli("export", str(workdir), "--out", str(tmp_path))) == (
         f"--out {tmp_path} is a folder that holds other files; name a new folder (or "
         "FILE.safetensors for one stage's weights)"
     )
     fmt = ("--format", "safetensors")
-    assert _error(run_cli("export", str(workdir), "--out", str(tmp_path), *fmt)) == (
+    assert _error(cli("export", str(workdir), "--out", str(tmp_path), *fmt)) == (
         f"--out {tmp_path} is a directory; name a file, e.g. {tmp_path / 'ema.safetensors'}"
     )
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     out = blocked / "ema.safetensors"
-    assert _error(run_cli("export", str(workdir), "--out", str(out))).startswith(
+    assert _error(cli("export", str(workdir), "--out", str(out))).startswith(
         f"cannot write --out {out}: "
     )
-    good = run_cli("export", str(workdir), "--out", str(tmp_path / "ema.safetensors"))
+    good = cli("export", str(workdir), "--out", str(tmp_path / "ema.safetensors"))
     assert good.returncode == 0, good.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "ema.safetensors", "run"]

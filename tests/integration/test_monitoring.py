@@ -25,12 +25,12 @@ RunCli = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.mark.slow
 def test_tiny_run_writes_scalars_images_config_hparams_and_rd_figure(
-    run_cli: RunCli, tmp_path: Path, tiny_run: list[str]
+    cli: RunCli, tmp_path: Path, tiny_run: list[str]
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     workdir = tmp_path / "run"
-    done = run_cli("run", "gin/quickstart.gin", "--workdir", workdir, *tiny_run)
+    done = cli("run", "gin/quickstart.gin", "--workdir", workdir, *tiny_run)
     assert done.returncode == 0, done.stderr[-3000:]
 
     scalars: dict[str, list[float]] = {}

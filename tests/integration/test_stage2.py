@@ -1,7 +1,7 @@
 """Stage 2 end to end through the CLI: `ulframe run` (both stages), again, `sample`, `eval`.
 
-One tiny two-stage run of gin/quickstart.gin (conftest.TINY_RUN + TINY_STAGE2), shared by the
-tests of this module: stage order and skip-on-resume, frozen stage-1 networks bit-identical
+One tiny two-stage run of gin/quickstart.gin (conftest.TINY_RUN + TINY_STAGE2), its commands run
+in this process (conftest.in_process_cli), shared by the tests of this module: stage order and skip-on-resume, frozen stage-1 networks bit-identical
 through stage 2, the latent cache, `ulframe sample` (PNG + npz) and `ulframe eval` (JSON keys).
 """
 
@@ -11,14 +11,16 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN, TINY_STAGE2, gin_args, run_cli
+from conftest import TINY_RUN, TINY_STAGE2, gin_args, in_process_cli
 
 from ulframe.train import checkpoint
 
-pytestmark = pytest.mark.slow
+# One worker runs the module (`make test`: --dist loadgroup): the trained run is made once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stage2")]
 SAMPLES_N = 3
 CLASS = 2
 
@@ -37,17 +39,18 @@ class Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     workdir = tmp_path_factory.mktemp("stage2") / "run"
     config = ["gin/quickstart.gin", "--workdir", str(workdir), *gin_args(TINY_RUN + TINY_STAGE2)]
-    first = run_cli("run", *config)
-    assert first.returncode == 0, first.stderr[-3000:]
-    records = (workdir / "metrics.jsonl").read_text().count("\n")
-    again = run_cli("run", *config)
-    # The run directory describes itself: `sample WORKDIR` reads its config.gin (overrides
-    # included); `eval` keeps the older form that names the gin files and overrides.
-    sample = run_cli(
-        "sample", workdir, "-n", str(SAMPLES_N), "--class", str(CLASS), "--guidance", "2",
-        "--steps", "2",
-    )  # fmt: skip
-    evaluation = run_cli("eval", *config, "--batches", "1", "--fd_samples", "8")
+    with in_process_cli() as cli:
+        first = cli("run", *config)
+        assert first.returncode == 0, first.stderr[-3000:]
+        records = (workdir / "metrics.jsonl").read_text().count("\n")
+        again = cli("run", *config)
+        # The run directory describes itself: `sample WORKDIR` reads its config.gin (overrides
+        # included); `eval` keeps the older form that names the gin files and overrides.
+        sample = cli(
+            "sample", workdir, "-n", str(SAMPLES_N), "--class", str(CLASS), "--guidance", "2",
+            "--steps", "2",
+        )  # fmt: skip
+        evaluation = cli("eval", *config, "--batches", "1", "--fd_samples", "8")
     return Trained(workdir, first, again, sample, evaluation, records)
 
 
@@ -129,10 +132,10 @@ def test_next_line_names_the_workdir_alone(trained: Trained) -> None:
     assert commands == f"ulframe sample {trained.workdir} -n 16 && ulframe eval {trained.workdir}"
 
 
-def test_sample_and_eval_need_a_trained_workdir(tmp_path: Path) -> None:
-    done = run_cli("eval", "gin/quickstart.gin", "--workdir", tmp_path / "nothing")
+def test_sample_and_eval_need_a_trained_workdir(cli: Any, tmp_path: Path) -> None:
+    done = cli("eval", "gin/quickstart.gin", "--workdir", tmp_path / "nothing")
     assert done.returncode == 2
     assert "train it first" in done.stderr
-    done = run_cli("sample", tmp_path, "-n", "2")  # a folder that is no run: it says so
+    done = cli("sample", tmp_path, "-n", "2")  # a folder that is no run: it says so
     assert done.returncode == 2
     assert "has no config.gin" in done.stderr

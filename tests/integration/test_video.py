@@ -88,14 +88,14 @@ def kinetics_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ul_kinetics_validates_and_without_data_says_what_to_set(
-    run_cli: RunCli, tmp_path: Path
+    cli: RunCli, tmp_path: Path
 ) -> None:
-    ok = run_cli("config", "gin/ul_kinetics.gin")
+    ok = cli("config", "gin/ul_kinetics.gin")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "CONTEXT_FRAMES = 5" in ok.stdout
     assert "stage2/ul_base.context_frames = %CONTEXT_FRAMES" in ok.stdout
 
-    refused = run_cli("run", "gin/ul_kinetics.gin", "--workdir", tmp_path / "run")
+    refused = cli("run", "gin/ul_kinetics.gin", "--workdir", tmp_path / "run")
     assert refused.returncode == 2, refused.stderr[-2000:]
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("ulframe: error:") and "datasets.kinetics.root" in last, last
@@ -104,11 +104,11 @@ def test_ul_kinetics_validates_and_without_data_says_what_to_set(
 
 @pytest.mark.slow
 def test_tiny_ul_kinetics_runs_continues_clips_and_reports_fvd(
-    run_cli: RunCli, tmp_path: Path, kinetics_root: Path
+    cli: RunCli, tmp_path: Path, kinetics_root: Path
 ) -> None:
     workdir = tmp_path / "run"
     data = f"--gin.DATA_ROOT='{kinetics_root}'"
-    done = run_cli("run", *TINY_KINETICS, data, "--workdir", workdir, timeout=600)
+    done = cli("run", *TINY_KINETICS, data, "--workdir", workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "skipping" in done.stderr and "broken.mp4" in done.stderr  # counted, not a crash
     gifs = sorted(p.name for p in (workdir / "stages").glob("*/images/*.gif"))
@@ -117,7 +117,7 @@ def test_tiny_ul_kinetics_runs_continues_clips_and_reports_fvd(
     for gif in (workdir / "stages").glob("*/images/*.gif"):
         assert gif.read_bytes()[:4] == b"GIF8"
 
-    sampled = run_cli("sample", *TINY_KINETICS, data, "--workdir", workdir, "-n", "2")
+    sampled = cli("sample", *TINY_KINETICS, data, "--workdir", workdir, "-n", "2")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     summary = json.loads(sampled.stdout.strip().splitlines()[-1])
     assert summary["context_frames"] == 5
@@ -152,7 +152,7 @@ def test_tiny_ul_kinetics_runs_continues_clips_and_reports_fvd(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(TinyI3D()).save(str(weights))
-    evaluated = run_cli(
+    evaluated = cli(
         "eval", *TINY_KINETICS, data, "--workdir", workdir, "--fd_samples", "2",
         f"--gin.metrics.fvd_i3d.weights='{weights}'", "--gin.metrics.fvd_i3d.input_size=16",
     )  # fmt: skip
@@ -162,15 +162,15 @@ def test_tiny_ul_kinetics_runs_continues_clips_and_reports_fvd(
     assert {"bits_per_pixel", "psnr", "bits_per_pixel_base"} <= result.keys()
 
 
-def test_video_quickstart_config_is_ok(run_cli: RunCli) -> None:
-    done = run_cli("config", "gin/quickstart_video.gin")
+def test_video_quickstart_config_is_ok(cli: RunCli) -> None:
+    done = cli("config", "gin/quickstart_video.gin")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Experiment.dataset = @datasets.moving_digits()" in done.stdout
     assert "CONTEXT_FRAMES = 5" in done.stdout
 
 
-def test_video_quickstart_on_photographs_config_is_ok(run_cli: RunCli) -> None:
-    done = run_cli("config", "gin/quickstart_video_photos.gin")
+def test_video_quickstart_on_photographs_config_is_ok(cli: RunCli) -> None:
+    done = cli("config", "gin/quickstart_video_photos.gin")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Experiment.dataset = @datasets.moving_photos()" in done.stdout
     assert "CONTEXT_FRAMES = 5" in done.stdout
@@ -205,27 +205,28 @@ TINY_VIDEO_QUICKSTART = [
 
 @pytest.mark.slow
 def test_video_quickstart_resumes_after_a_kill_and_continues_moving_digits(
-    run_cli: RunCli, cli_env: Callable[[], dict[str, str]], tmp_path: Path
+    cli: RunCli, cli_env: Callable[[], dict[str, str]], tmp_path: Path
 ) -> None:
+    # The first run is a process of its own (it is killed); the resume and `sample` are not.
     workdir = tmp_path / "run"
     args = [sys.executable, "-m", "ulframe", "run", *TINY_VIDEO_QUICKSTART, "--workdir", workdir]
     proc = subprocess.Popen(
         list(map(str, args)), env=cli_env(), cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    first = workdir / "stages" / "stage1" / "checkpoints" / f"ckpt-{8:012d}.json"  # written last
+    first = workdir / "stages" / "stage1" / "checkpoints" / f"ckpt-{8:012d}"  # renamed in whole
     deadline = time.monotonic() + 300
-    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"ended before the kill:\n{err[-2000:]}"
-    done = run_cli("run", *TINY_VIDEO_QUICKSTART, "--workdir", workdir, timeout=600)
+    done = cli("run", *TINY_VIDEO_QUICKSTART, "--workdir", workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at 8 samples" in done.stderr
     for stage in ("stage1", "stage2"):
         assert (workdir / "stages" / stage / "DONE.json").is_file()
-    sampled = run_cli("sample", workdir, "-n", "2")  # the run's own config.gin
+    sampled = cli("sample", workdir, "-n", "2")  # the run's own config.gin
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     summary = json.loads(sampled.stdout.strip().splitlines()[-1])
     assert summary["context_frames"] == 5

@@ -28,6 +28,7 @@ from torch import nn
 
 from ulframe.hookspecs import RunInfo, StageInfo, StepInfo
 from ulframe.protocols import BuildContext
+from ulframe.train import checkpoint
 from ulframe.train.optim import EMA
 from ulframe.train.settings import TrainSettings
 from ulframe_plugins.hooks.bitrate_controller import (
@@ -341,7 +342,7 @@ def test_resume_without_the_state_file_starts_from_the_buffer(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_runs_inside_ulframe_run(tmp_path: Path, run_cli, tiny_run: list[str]):
+def test_runs_inside_ulframe_run(tmp_path: Path, cli, tiny_run: list[str]):
     from conftest import gin_args
 
     workdir = tmp_path / "run"
@@ -353,7 +354,7 @@ def test_runs_inside_ulframe_run(tmp_path: Path, run_cli, tiny_run: list[str]):
             "stage1/TrainSettings.eval_every_samples = 0",
         ]
     )
-    done = run_cli("run", "gin/quickstart.gin", *tiny_run, *extra, "--workdir", workdir)
+    done = cli("run", "gin/quickstart.gin", *tiny_run, *extra, "--workdir", workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     stage_dir = workdir / "stages" / "stage1"
     records = [json.loads(line) for line in (stage_dir / STATE_FILE).read_text().splitlines()]
@@ -366,8 +367,8 @@ def test_runs_inside_ulframe_run(tmp_path: Path, run_cli, tiny_run: list[str]):
         if '"train"' in line
     ]
     assert "loss_factor" in train[-1] and train[0]["loss_factor"] == pytest.approx(3.0)
-    (ckpt,) = sorted((stage_dir / "checkpoints").glob("ckpt-*16.pt"))
-    state = torch.load(ckpt, weights_only=True)
+    (ckpt,) = sorted((stage_dir / "checkpoints").glob("ckpt-*16"))
+    state = checkpoint.load(ckpt)
     assert float(state["model"]["loss_factor"]) == last
     # the EMA took the buffer at the last optimizer step, before the hook's last update
     assert float(state["ema"]["loss_factor"]) == records[-2]["loss_factor"]

@@ -6,7 +6,9 @@ disk afterwards); everything else is checked without compiling anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -131,9 +133,18 @@ def test_a_compiled_run_trains_checkpoints_and_resumes_from_and_into_eager_runs(
     # rewritten as a `torch.compile(model)` wrapper would write it (every key `_orig_mod.`...):
     # the compiled run resumes it through `checkpoint.without_compile_prefix` (which
     # `checkpoint.load` applies: `checkpoint.upgrade`)
+    # (a checkpoint file of format 2: ulframe's own checkpoint directories never hold them)
     for part in ("model", "ema"):
         eager[part] = {f"{optim.COMPILE_PREFIX}{k}": v for k, v in eager[part].items()}
-    checkpoint.save(ckpts, 4, eager)
+    shutil.rmtree(checkpoint.list_checkpoints(ckpts)[-1])
+    eager["format"] = 2
+    legacy = ckpts / "ckpt-000000000004.pt"
+    torch.save(eager, legacy)
+    digest = {
+        "sha256": hashlib.sha256(legacy.read_bytes()).hexdigest(),
+        "bytes": legacy.stat().st_size,
+    }
+    legacy.with_suffix(".json").write_text(json.dumps(digest))
     written = torch.load(checkpoint.list_checkpoints(ckpts)[-1], weights_only=True)
     assert all(k.startswith("_orig_mod.") for k in written["model"])
     assert sorted(checkpoint.load_latest(ckpts)["model"]) == eager_keys

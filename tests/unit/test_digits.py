@@ -6,13 +6,16 @@ weights file, preprocessing or split fails here.
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pytest
 import torch
 
 from ulframe.errors import ConfigError
 from ulframe.eval.metrics import laplacian_energy, speckle
 from ulframe.eval.samples import judge_samples
-from ulframe_plugins.datasets.digits import NUM_CLASSES, Digits, split_indices
+from ulframe_plugins.datasets.digits import NUM_CLASSES, Digits, load_digits, split_indices
 from ulframe_plugins.metrics.fd_digits import FDDigits, load_digit_judge
 
 SKLEARN_DIGITS = 1797  # sklearn.datasets.load_digits: 1,797 images
@@ -28,6 +31,24 @@ def _split(split: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def eval_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return _split("eval")
+
+
+# SHA-256 of `sklearn.datasets.load_digits()`'s arrays as `load_digits` returns them:
+# `images.astype(float32) / 16` and `target.astype(int64)`, C order (scikit-learn 1.x).
+SKLEARN_IMAGES_SHA256 = "9f578524b6cec1fc800cc52dfc87ebe56264983d490aa72a4bd928ba2570ec77"
+SKLEARN_LABELS_SHA256 = "a3c91c262eddcf7ba8f0e37507c30284493c9b20412ffe4af30d536401f7ba21"
+
+
+def test_the_digits_are_scikit_learns_to_the_bit() -> None:
+    """`load_digits` reads scikit-learn's file itself (no sklearn import): the same arrays."""
+    images, labels = load_digits()
+    assert images.dtype == np.float32 and images.shape == (SKLEARN_DIGITS, 8, 8)
+    assert labels.dtype == np.int64 and labels.shape == (SKLEARN_DIGITS,)
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest() == (
+        SKLEARN_IMAGES_SHA256
+    )
+    assert hashlib.sha256(labels.tobytes()).hexdigest() == SKLEARN_LABELS_SHA256
 
 
 def test_split_is_fixed_stratified_and_disjoint() -> None:

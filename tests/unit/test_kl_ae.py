@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from conftest import NO_MFU, gin_args, run_cli
+from conftest import NO_MFU, gin_args
 
 from ulframe.diffusion import BatchNoise, logsnr_grid, sample_ddim
 from ulframe.errors import ConfigError
@@ -355,15 +356,15 @@ TINY_KL_RUN = (
 
 
 @pytest.mark.slow
-def test_quickstart_kl_ae_runs_both_stages_and_samples(tmp_path: Path) -> None:
+def test_quickstart_kl_ae_runs_both_stages_and_samples(cli: Any, tmp_path: Path) -> None:
     workdir = tmp_path / "run"
     config = ["gin/quickstart_kl_ae.gin", "--workdir", str(workdir), *gin_args(TINY_KL_RUN)]
-    done = run_cli("run", *config)
+    done = cli("run", *config)
     assert done.returncode == 0, done.stderr[-3000:]
     stage1 = json.loads((workdir / "stages" / "stage1" / "DONE.json").read_text())["scalars"]
     assert {"bits_per_pixel", "psnr", "ssim", "latent_scale"} <= set(stage1)
     assert (workdir / "stages" / "stage2" / "DONE.json").is_file()
     assert any((workdir / "stages" / "stage2" / "latent_cache").glob("latents-*.pt"))
-    sample = run_cli("sample", *config, "-n", "2", "--steps", "2")
+    sample = cli("sample", *config, "-n", "2", "--steps", "2")
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert (workdir / "samples" / "samples.png").is_file()

@@ -198,19 +198,16 @@ def test_disable_autoload_hides_the_example_and_plugins_env_enables_it(
 
 
 def test_broken_entry_is_reported_and_the_others_still_load(
-    tmp_path: Path,
-    make_distribution: Callable[..., Path],
-    run_cli: Callable[..., Any],
-    cli_env: Callable[..., dict[str, str]],
+    tmp_path: Path, make_distribution: Callable[..., Path], cli: Callable[..., Any]
 ) -> None:
-    # An entry point whose module does not exist, seen by a fresh process through sys.path.
+    # An entry point whose module does not exist, seen by `ulframe plugins` through sys.path.
     make_distribution(
         tmp_path,
         "ulframe-broken-demo",
         {"ulframe.weightings": {"ghost": "ulframe_no_such_module.weighting:Ghost"}},
         version="0.3.0",
     )
-    done = run_cli("plugins", "--kind", "weightings", env=cli_env({"PYTHONPATH": str(tmp_path)}))
+    done = cli("plugins", "--kind", "weightings", sys_path=[tmp_path])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "weightings  (bind as @weightings.NAME())"
