@@ -114,9 +114,11 @@ class LatentModel(Protocol):
       (an autoencoder): the chain hands over its clean estimate at its last grid point.
     - `encode_clean(x)`: x (B, C, *S) -> the clean latent (B, *latent_shape), float32,
       deterministic (what the later stage models and caches).
-    - `decode_latents(z, generator, sampler, steps)`: latents (B, *latent_shape) -> data
-      (B, C, *S) in [-1, 1] (UL: the diffusion decoder run with `sampler` for `steps` steps; an
-      autoencoder: its deterministic decoder, `sampler` and `steps` unused).
+    - `decode_latents(z, generator, sampler, steps, context=None)`: latents (B, *latent_shape)
+      -> data (B, C, *S) in [-1, 1] (UL: the diffusion decoder run with `sampler` for `steps`
+      steps; an autoencoder: its deterministic decoder, `sampler` and `steps` unused). `context`
+      (B, C, T, H, W): the real clips whose continuation `z` is; a decoder conditioned on their
+      first frames needs them, any other ignores them.
     - `latent_state()`: the tensors `encode_clean` depends on (they key latent caches).
     """
 
@@ -132,6 +134,7 @@ class LatentModel(Protocol):
         generator: torch.Generator | None,
         sampler: Callable[..., Tensor],
         steps: int,
+        context: Tensor | None = None,
     ) -> Tensor: ...
 
     def latent_state(self) -> dict[str, Tensor]: ...

@@ -263,6 +263,7 @@ def export(
                 reg, "schedules", model.decoder_schedule, made, f"{stage1.name}.decoder_schedule"
             ),
             "loss_factor": float(model.loss_factor),
+            "decoder_context_frames": int(model.context_frames),
             "sampler": _sampler_name(reg, stage1.sampler, f"{stage1.name}.sampler"),
             "steps": int(stage1.sample_steps),
             "bits_per_pixel_t": int(stage1.eval_t_per_example),
@@ -565,6 +566,7 @@ class Pretrained:
             math.prod(self.data_shape[1:]),
             self.data_shape,
             self.latent_shape,
+            int(stage1.get("decoder_context_frames", 0)),
         )
         self.autoencoder.to(self.device, dtype).eval().requires_grad_(False)
         self.base_model: Any = None
@@ -673,6 +675,7 @@ class Pretrained:
         noised: bool = False,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Data (B, *data_shape) in the data range, sampled from the diffusion decoder.
 
@@ -684,6 +687,8 @@ class Pretrained:
             steps: decoder steps (default: the run's); sampler: a registered sampler name or a
                 sampler function (default: the run's).
             seed, generator: the noise (eps of z_0, the decoder's chain); default: `seed`.
+            context: (B, *data_shape) clips whose continuation `z` is: a decoder conditioned on
+                the first frames of a clip (`ul_joint.decoder_context_frames`) needs them.
         """
         from ulframe.diffusion import diffuse
 
@@ -697,8 +702,10 @@ class Pretrained:
             z = diffuse(z, logsnr, eps)
         with self._autocast():
             return self.autoencoder.decode_latents(
-                z, generator, self._sampler(sampler, self._decoding), steps or self._decoding.steps
-            ).float()
+                z, generator, self._sampler(sampler, self._decoding),
+                steps or self._decoding.steps,
+                context=None if context is None else self._check_data(context).to(self.dtype),
+            ).float()  # fmt: skip
 
     @torch.no_grad()
     def sample(

@@ -72,6 +72,7 @@ class UViTDecoder(nn.Module):
         upsample: str = "nearest",
         conv_kernel: int | tuple[int, ...] = 3,
         latent_patch: int | tuple[int, ...] = 1,
+        context_channels: int = 0,
     ) -> None:
         """
         Args:
@@ -99,10 +100,14 @@ class UViTDecoder(nn.Module):
                 (space-to-depth): the Transformer then runs on the latent grid divided by it,
                 e.g. ``(1, 2, 2)`` for a latent of one step per frame at 16x8x8 read by 16x4x4
                 tokens (a quarter of the tokens).
+            context_channels: channels of the context pixels concatenated to x_t at the input
+                (0: none); supplied by the stage that conditions its decoder on the first
+                frames of a clip (`ul_joint.decoder_context_frames`).
         """
         super().__init__()
         in_channels, *spatial = shape
         latent_channels, *latent_grid = latent_shape
+        self.context_channels = context_channels
         plan = stage_plan(
             spatial, channels, blocks_per_stage, patch_size, stage_downsample, "after"
         )
@@ -114,7 +119,8 @@ class UViTDecoder(nn.Module):
         self._check_latent_grid(tuple(spatial), token_grid, channels)
 
         self.logsnr_emb = LogSNREmbedding(width)
-        self.stem = conv_nd(ndim, in_channels * math.prod(self.patch), channels[0], 3, padding=1)
+        stem_in = (in_channels + context_channels) * math.prod(self.patch)
+        self.stem = conv_nd(ndim, stem_in, channels[0], 3, padding=1)
 
         # Down path: ResBlocks, remember the skip, down-sample.
         self.down_stages = nn.ModuleList()
@@ -181,7 +187,18 @@ class UViTDecoder(nn.Module):
         x_t: torch.Tensor,
         logsnr: torch.Tensor,
         z_0: torch.Tensor,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """v_hat (B, C, *S) of x_t (B, C, *S) at `logsnr` (B,) given z_0 (B, *latent_shape);
+        `context` (B, context_channels, *S): pixels concatenated to x_t (a decoder built with
+        `context_channels` > 0 needs them, one without takes none)."""
+        if (context is None) != (self.context_channels == 0):
+            raise ValueError(
+                f"UViTDecoder built with context_channels={self.context_channels} got "
+                f"{'no' if context is None else 'a'} context"
+            )
+        if context is not None:
+            x_t = torch.cat([x_t, context.to(x_t.dtype)], dim=1)  # (B, C + C_ctx, *S)
         emb = self.logsnr_emb(logsnr)  # (B, E)
         h = self.stem(space_to_depth(x_t, self.patch))  # (B, C0, *S / patch)
         skips = []

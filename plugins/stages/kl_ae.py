@@ -182,8 +182,11 @@ class KLAEModel(nn.Module):
         generator: torch.Generator | None = None,
         sampler: Callable[..., Tensor] | None = None,
         steps: int | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
-        """x = D(z_clean / s) clipped to [-1, 1], (B, C, *S); deterministic (sampler unused)."""
+        """x = D(z_clean / s) clipped to [-1, 1], (B, C, *S); deterministic (sampler unused;
+        `context` too: the decoder is conditioned on the latent alone)."""
+        del context
         return self.decoder(z_clean / self.latent_scale()).float().clamp(-1, 1)
 
     def latent_state(self) -> dict[str, Tensor]:

@@ -19,8 +19,20 @@ from torch import Tensor
 
 from ulframe.diffusion import expand_like
 from ulframe.diffusion.samplers import sampler_grid
+from ulframe.errors import ConfigError
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def context_clip(x: Tensor, frames: int, name: str = "ul_base.context_frames") -> Tensor:
+    """Clips (B, C, T, H, W) cut to their first `frames` frames, the last repeated to T: what a
+    network conditioned on the context of a clip sees (`name`: the setting, for the error)."""
+    if x.dim() != 5 or not 0 < frames < x.shape[2]:
+        raise ConfigError(
+            f"{name}={frames} needs clips (B, C, T > {frames}, H, W); got {tuple(x.shape)}"
+        )
+    last = x[:, :, frames - 1 : frames].expand(-1, -1, x.shape[2] - frames, -1, -1)
+    return torch.cat([x[:, :, :frames], last], 2)
 
 
 def guided_eps_fn(

@@ -76,7 +76,7 @@ from ulframe.train.checkpoint import load_stage_ema
 from ulframe.train.settings import TrainSettings
 
 from . import latent_cache
-from .sampling import sample_latents
+from .sampling import context_clip, sample_latents
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,11 @@ class ULBaseModel(nn.Module):
                 logsnr = torch.full((n,), self.latent_logsnr_max, device=device)
                 known = diffuse(known, logsnr, eps)
             z = torch.cat([known.to(z.dtype), z[:, :, m:]], 2)
-        x = latents.decode_latents(z, generator, sampler, decoder_steps or steps)
+        steps = decoder_steps or steps
+        if context is None:  # (a LatentModel written before `context` needs none)
+            x = latents.decode_latents(z, generator, sampler, steps)
+        else:
+            x = latents.decode_latents(z, generator, sampler, steps, context=context)
         if context is not None and self.context_frames:
             x[:, :, : self.context_frames] = context[:, :, : self.context_frames].to(x.dtype)
         return x
@@ -324,17 +328,6 @@ def _latent_frames(stage1: Any, shape: tuple[int, ...]) -> int | None:
         encoder = factory(shape=shape)
     latent_shape = getattr(encoder, "latent_shape", None)
     return int(latent_shape[1]) if latent_shape is not None and len(latent_shape) == 4 else None
-
-
-def context_clip(x: Tensor, frames: int) -> Tensor:
-    """Clips (B, C, T, H, W) cut to their first `frames` frames, the last repeated to T."""
-    if x.dim() != 5 or not 0 < frames < x.shape[2]:
-        raise ConfigError(
-            f"ul_base.context_frames={frames} needs clips (B, C, T > {frames}, H, W); "
-            f"got {tuple(x.shape)}"
-        )
-    last = x[:, :, frames - 1 : frames].expand(-1, -1, x.shape[2] - frames, -1, -1)
-    return torch.cat([x[:, :, :frames], last], 2)
 
 
 # ------------------------------------------------------------------------------ the stage

@@ -52,9 +52,11 @@ from ulframe.diffusion.samplers import sampler_grid
 from ulframe.diffusion.weighting import check_weighting
 from ulframe.errors import ConfigError
 from ulframe.eval.batches import Measured, evaluate_batches
-from ulframe.eval.metrics import bits_per_pixel
+from ulframe.eval.metrics import bits_per_pixel, psnr
 from ulframe.protocols import BuildContext, EvalReport, TrainsOnDataset, check_built
 from ulframe.train.settings import TrainSettings
+
+from .sampling import context_clip
 
 LATENT_LOGSNR_MAX = 5.0  # λ_z(0): the fixed encoding noise of the paper
 
@@ -127,8 +129,10 @@ class ULJointModel(nn.Module):
         pixels: int,
         image_shape: Sequence[int] = (),
         latent_shape: Sequence[int] = (),
+        context_frames: int = 0,
     ) -> None:
         super().__init__()
+        self.context_frames = context_frames  # the decoder sees the first k frames (0: none)
         self.encoder = encoder
         self.prior = prior
         self.decoder = decoder
@@ -159,9 +163,29 @@ class ULJointModel(nn.Module):
         """eps_hat of the prior: its network predicts v."""
         return eps_from_v(z_t, self.prior(z_t, logsnr).float(), logsnr)  # (B, Cz, *s)
 
-    def decoder_eps(self, x_t: Tensor, logsnr: Tensor, z_0: Tensor) -> Tensor:
-        """eps_hat of the decoder: its network predicts v."""
-        return eps_from_v(x_t, self.decoder(x_t, logsnr, z_0).float(), logsnr)  # (B, C, *S)
+    def decoder_eps(
+        self, x_t: Tensor, logsnr: Tensor, z_0: Tensor, context: Tensor | None = None
+    ) -> Tensor:
+        """eps_hat of the decoder: its network predicts v. `context` (B, C, *S): the clip's
+        first `context_frames` frames, the last repeated (`decoder_context`), or None."""
+        if context is None:
+            v = self.decoder(x_t, logsnr, z_0)
+        else:
+            v = self.decoder(x_t, logsnr, z_0, context=context)
+        return eps_from_v(x_t, v.float(), logsnr)  # (B, C, *S)
+
+    def decoder_context(self, clips: Tensor | None) -> Tensor | None:
+        """What the decoder sees of real `clips` (B, C, T, H, W): their first `context_frames`
+        frames, the last repeated to T; None when the decoder takes no context. Raises
+        ValueError when it needs one and `clips` is None."""
+        if not self.context_frames:
+            return None
+        if clips is None:
+            raise ValueError(
+                f"this stage-1 decoder is conditioned on the first {self.context_frames} frames "
+                "of a clip: pass the clips whose continuation this is (`context`)"
+            )
+        return context_clip(clips, self.context_frames, "ul_joint.decoder_context_frames")
 
     def encode(self, x: Tensor, noise: BatchNoise | torch.Generator) -> tuple[Tensor, Tensor]:
         """z_clean = E(x) and z_0 = alpha(λ_z(0)) z_clean + sigma(λ_z(0)) eps_z."""
@@ -189,7 +213,7 @@ class ULJointModel(nn.Module):
         logsnr = self.decoder_schedule.logsnr(t)  # (B,)
         eps = BatchNoise.of(noise).randn(x.shape, x.device, x.dtype)
         x_t = diffuse(x, logsnr, eps)  # (B, C, *S)
-        eps_hat = self.decoder_eps(x_t, logsnr, z_0)  # (B, C, *S)
+        eps_hat = self.decoder_eps(x_t, logsnr, z_0, self.decoder_context(x))  # (B, C, *S)
         weight = self.decoder_weighting(logsnr)  # (B,)
         neg_dlogsnr_dt = self.decoder_schedule.neg_dlogsnr_dt(t)  # (B,)
         return self.loss_factor * elbo_term_nats(eps, eps_hat, neg_dlogsnr_dt, weight)  # (B,)
@@ -228,7 +252,7 @@ class ULJointModel(nn.Module):
     ) -> Tensor:
         """Encode, draw z_0, and sample the decoder from pure noise: x_hat, shape of x."""
         _, z_0 = self.encode(x, generator)
-        return self.decode_latents(z_0, generator, sampler, steps)
+        return self.decode_latents(z_0, generator, sampler, steps, context=x)
 
     @torch.no_grad()
     def sample_latents(
@@ -256,16 +280,20 @@ class ULJointModel(nn.Module):
         generator: torch.Generator | None,
         sampler: Callable[..., Tensor],
         steps: int,
+        context: Tensor | None = None,
     ) -> Tensor:
         """The diffusion decoder conditioned on z_0 (the latent at λ_z(0)), sampled from
-        x_1 ~ N(0, I) with `sampler` for `steps` steps: (B, C, *S), x_hat clipped to [-1, 1]."""
+        x_1 ~ N(0, I) with `sampler` for `steps` steps: (B, C, *S), x_hat clipped to [-1, 1].
+        `context` (B, C, T, H, W): the real clips being continued; a decoder conditioned on
+        their first frames (`context_frames`) needs them, any other ignores them."""
         if not self.image_shape:
             raise ValueError("ULJointModel.decode_latents needs the model's image_shape")
         x_1 = torch.randn((z_0.shape[0], *self.image_shape), generator=generator, device=z_0.device)
         grid = sampler_grid(sampler, self.decoder_schedule, steps).to(z_0.device, torch.float32)
+        seen = self.decoder_context(context.to(x_1) if context is not None else None)
 
         def eps_fn(x_t: Tensor, logsnr: Tensor) -> Tensor:
-            return self.decoder_eps(x_t, logsnr, z_0)
+            return self.decoder_eps(x_t, logsnr, z_0, seen)
 
         return sampler(eps_fn, x_1, grid, generator=generator, clip_x=1.0)
 
@@ -290,6 +318,9 @@ class ULJoint(TrainsOnDataset):
       initial value of the model's `loss_factor` buffer, which a hook may change while training
       (`hooks.bitrate_controller`).
     - latent_logsnr_max: λ_z(0), the log-SNR of the fixed encoding noise (paper: 5).
+    - decoder_context_frames: clips only; k > 0 conditions the decoder on the first k frames of
+      the clip (its pixels concatenated to x_t, the k-th repeated over the later frames), as it
+      will be when it decodes a continuation of those k frames (0: no context).
     - latent_logsnr_min: λ_min of the prior's diffusion (and of KL_1).
     - decoder_logsnr_min, decoder_logsnr_max: endpoints of the decoder's diffusion.
     - prior_schedule, decoder_schedule: schedule factories (`@schedules.cosine`, ...).
@@ -307,6 +338,7 @@ class ULJoint(TrainsOnDataset):
     prior_weighting: Weighting = ELBOWeighting()
     loss_factor: float = 1.5
     latent_logsnr_max: float = LATENT_LOGSNR_MAX
+    decoder_context_frames: int = 0
     latent_logsnr_min: float = -15.0
     decoder_logsnr_min: float = -15.0
     decoder_logsnr_max: float = 15.0
@@ -342,6 +374,10 @@ class ULJoint(TrainsOnDataset):
             raise ConfigError(f"ul_joint.loss_factor must be positive, got {self.loss_factor}")
         if self.sample_steps < 1:
             raise ConfigError(f"ul_joint.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.decoder_context_frames < 0:
+            raise ConfigError(
+                f"ul_joint.decoder_context_frames must be >= 0, got {self.decoder_context_frames}"
+            )
 
     def crossing_logsnr(self) -> float | None:
         """λ* where loss_factor · w(λ*) = 1 (coarser content goes to the latent), if defined."""
@@ -349,14 +385,21 @@ class ULJoint(TrainsOnDataset):
 
     def build(self, ctx: BuildContext) -> ULJointModel:
         shape = tuple(ctx.example["x"].shape)  # (C, *S), measured from the data
+        k = self.decoder_context_frames
+        if k and (len(shape) != 4 or not 0 < k < shape[1]):
+            raise ConfigError(
+                f"ul_joint.decoder_context_frames={k} needs clips (C, T > {k}, H, W); the data's "
+                f"examples are {shape}"
+            )
         resolution = max(shape[1:])
         encoder = check_built("encoders", self.encoder(shape=shape), "ul_joint.encoder")
         with torch.no_grad():
             self.latent_shape = tuple(encoder(ctx.example["x"][None].float()).shape[1:])  # (Cz, *s)
         prior = check_built("priors", self.prior(shape=self.latent_shape), "ul_joint.prior")
+        extra = {"context_channels": shape[0]} if k else {}
         decoder = check_built(
             "decoders",
-            self.decoder(shape=shape, latent_shape=self.latent_shape),
+            self.decoder(shape=shape, latent_shape=self.latent_shape, **extra),
             "ul_joint.decoder",
         )
         prior_schedule = self.prior_schedule(
@@ -370,14 +413,16 @@ class ULJoint(TrainsOnDataset):
         pixels = math.prod(shape[1:])
         return ULJointModel(
             encoder, prior, decoder, prior_schedule, decoder_schedule, self.decoder_weighting,
-            self.loss_factor, self.latent_logsnr_max, pixels, shape, self.latent_shape,
+            self.loss_factor, self.latent_logsnr_max, pixels, shape, self.latent_shape, k,
         )  # fmt: skip
 
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, batches: Sequence[dict[str, Tensor]], generator: torch.Generator
     ) -> EvalReport:
-        """Bits/pixel (many t per example), loss terms, PSNR and SSIM of sampled reconstructions."""
+        """Bits/pixel (many t per example), loss terms, PSNR and SSIM of sampled reconstructions;
+        with `decoder_context_frames` k, also `psnr_after_context`: PSNR of the frames after
+        the first k (the decoder sees those)."""
         assert isinstance(model, ULJointModel)
 
         def measure(batch: dict[str, Tensor]) -> Measured:
@@ -387,18 +432,22 @@ class ULJoint(TrainsOnDataset):
             values["bits_per_pixel"] = float(
                 model.bits_per_pixel(x, generator, self.eval_t_per_example).mean()
             )
-            return Measured(
-                values, model.reconstruct(x, generator, self.sampler, self.sample_steps)
-            )
+            x_hat = model.reconstruct(x, generator, self.sampler, self.sample_steps)
+            if model.context_frames:  # the frames the decoder does not see
+                k = model.context_frames
+                values["psnr_after_context"] = float(psnr(x[:, :, k:], x_hat[:, :, k:]).mean())
+            return Measured(values, x_hat)
 
         result = evaluate_batches(batches, measure, pairs=self.eval_images)
         images: dict[str, Tensor] = {}
         if result.pairs is not None:  # (N, C, H, W) images or (N, C, T, H, W) videos
             images["reconstructions"] = result.pairs
             z_0 = model.sample_latents(self.eval_images, generator, self.sampler, self.sample_steps)
+            shown = images["reconstructions"][0::2][: self.eval_images]  # (the inputs)
             images["prior_samples"] = model.decode_latents(
-                z_0, generator, self.sampler, self.sample_steps
-            )
+                z_0[: shown.shape[0]] if model.context_frames else z_0, generator, self.sampler,
+                self.sample_steps, context=shown if model.context_frames else None,
+            )  # fmt: skip
             if len(model.latent_shape) == 3:  # (Cz, h, w): latent channels of the inputs shown
                 inputs = images["reconstructions"][0::2]
                 images["latents"] = model.encode(inputs, generator)[1]  # z_0

@@ -163,3 +163,61 @@ def test_a_context_that_does_not_fit_stops_with_one_line() -> None:
         _stage2().check_data({"x": torch.zeros(1, 16, 16), "label": torch.tensor(0)})
     _stage2().check_data(example)  # fits
     assert ul_base.context_clip(_clips(1, 0), CONTEXT).shape == (1, *SHAPE)
+
+
+# ---- the decoder conditioned on the context frames (`ul_joint.decoder_context_frames`) ---------
+def _stage1_with_decoder_context(frames: int = CONTEXT) -> ULJoint:
+    return ULJoint(
+        encoder=lambda shape: ResNetEncoder(shape, **ENCODER),
+        prior=lambda shape: ViT(shape, **VIT),
+        decoder=lambda shape, latent_shape, **kw: UViTDecoder(shape, latent_shape, **DECODER, **kw),
+        train=TrainSettings(batch_size=2, train_samples=2),
+        decoder_context_frames=frames,
+    )
+
+
+def test_a_decoder_given_the_context_frames_reads_them_and_nothing_later(tmp_path: Path) -> None:
+    """The decoder's output for the same z_0 and noise changes with the first k frames of the
+    clip it continues, not with its later frames (what a continuation cannot know); decoding
+    without the clips is one line."""
+    from ulframe.diffusion.samplers import sample_ddim
+
+    example = {"x": _clips(1, 0)[0], "label": torch.tensor(0)}
+    torch.manual_seed(0)
+    model = _stage1_with_decoder_context().build(
+        BuildContext(example, 10, torch.device("cpu"), tmp_path)
+    )
+    assert model.decoder.context_channels == SHAPE[0]
+    with torch.no_grad():
+        for p in model.decoder.parameters():  # off the zero-initialised output
+            p.add_(0.05 * torch.randn_like(p))
+    a, b = _clips(2, 5), _clips(2, 6)
+    later = a.clone()
+    later[:, :, CONTEXT:] = b[:, :, CONTEXT:]  # the same first k frames, other later ones
+    z_0 = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(1))
+
+    def decode(context: torch.Tensor | None) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(7)
+        return model.decode_latents(z_0, gen, sample_ddim, 2, context=context)
+
+    first = decode(a)
+    assert torch.equal(first, decode(a)) and torch.equal(first, decode(later))
+    assert not torch.allclose(first, decode(b), atol=1e-4)
+    with pytest.raises(ValueError, match=r"conditioned on the first 3 frames of a clip"):
+        decode(None)
+    # the training loss reads them too: another context, another decoder term
+    noise = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        terms_a = model({"x": a}, torch.Generator().manual_seed(3))
+        terms_b = model({"x": torch.cat([b[:, :, :CONTEXT], a[:, :, CONTEXT:]], 2)}, noise)
+    assert not torch.allclose(terms_a.decoder_nats, terms_b.decoder_nats)
+
+
+def test_decoder_context_frames_that_do_not_fit_stop_with_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"decoder_context_frames must be >= 0, got -1"):
+        _stage1_with_decoder_context(-1)
+    for frames, x in ((8, _clips(1, 0)[0]), (3, torch.zeros(1, 16, 16))):
+        with pytest.raises(ConfigError, match=rf"decoder_context_frames={frames} needs clips"):
+            _stage1_with_decoder_context(frames).build(
+                BuildContext({"x": x, "label": torch.tensor(0)}, 10, torch.device("cpu"), tmp_path)
+            )
