@@ -199,6 +199,8 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     fmt = argparse.RawDescriptionHelpFormatter
+    # One argparse block per subcommand and option below (deliberately repeated: each option
+    # reads as its --help line does; a table of them would hide the help text).
     run = sub.add_parser(
         "run",
         help="train an experiment (resumes an existing workdir)",

@@ -158,6 +158,8 @@ class MovingPhotos:
         seed: seeds the eval trajectories (train ones come from the engine's per-sample RNG).
     """
 
+    # Its gin parameters, one keyword each (deliberately: a list of defaults that looks like other
+    # constructors' shares nothing with them).
     def __init__(
         self,
         resolution: int = 16,

@@ -128,6 +128,8 @@ class PIController:
 class BitrateController:
     """Hook: steers `ULJointModel.loss_factor` so the training bits/pixel settles at a target."""
 
+    # Its gin parameters, one keyword each (deliberately: a list of defaults that looks like other
+    # constructors' shares nothing with them).
     def __init__(
         self,
         target_bits_per_pixel: float = 0.05,

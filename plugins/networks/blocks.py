@@ -436,6 +436,8 @@ class Upsample(nn.Module):
     position has weights of its own: the 4 frames that a video latent step spans can differ.
     """
 
+    # Its constructor mirrors Downsample's (deliberately: the down and up paths are built from
+    # the same per-stage arguments).
     def __init__(
         self,
         ndim: int,
@@ -502,6 +504,9 @@ class PatchEmbed(nn.Module):
 
 class PatchUnembed(nn.Module):
     """(B, N, D) -> (B, C, *spatial): a linear map to patch pixels, then un-patching."""
+
+    # Its constructor's arguments are FinalLayer's less `cond_dim` (deliberately spelled out in
+    # both: FinalLayer builds one, and each documents its own).
 
     def __init__(
         self,

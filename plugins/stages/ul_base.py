@@ -377,6 +377,7 @@ class ULBase:
     - name: the stage's folder name under `workdir/stages/`.
     """
 
+    # The gin parameters, one field each (deliberately: TrainSettings lists its own the same way).
     stage1: Stage
     base: Callable[..., nn.Module]
     train: TrainSettings

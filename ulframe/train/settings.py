@@ -107,6 +107,7 @@ class TrainSettings:
             `ulframe ema WORKDIR --sigma-rel S` reconstructs any σ_rel from them.
     """
 
+    # The fields, one per setting (deliberately: stage configurations list theirs the same way).
     batch_size: int = 32
     train_samples: int = 100_000
     optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW
