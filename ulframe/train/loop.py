@@ -31,7 +31,7 @@ from ulframe.rundir import MetricsFile
 from ulframe.train import checkpoint, distributed, parallelize, perf, posthoc_ema
 from ulframe.train.distributed import World
 from ulframe.train.signals import requeue_requested, stop_on_signals
-from ulframe.train.state import TrainState, newest_agreed
+from ulframe.train.state import Checkpointer, TrainState, newest_agreed
 from ulframe.train.step import LogWindow, Trainer, seed_for, train_step
 
 log = logging.getLogger(__name__)
@@ -149,41 +149,6 @@ class _Evaluator:
         return scalars
 
 
-@dataclass
-class _Checkpointer:
-    """Saves the stage's checkpoints (every rank takes part) and tells the hooks when one is
-    complete. With `TrainSettings.async_checkpoint` a save is written in the background: the
-    next save (or the end of the stage) waits for it, and `poll` reports it once done."""
-
-    info: StageInfo
-    ctx: RunContext
-    state: TrainState
-    keep: int
-    background: bool = False
-    pending: checkpoint.Saving | None = None
-
-    def save(self) -> None:
-        self.wait()
-        directory = self.info.stage_dir / checkpoint.CHECKPOINTS
-        self.pending = self.state.save(directory, self.ctx.world, self.keep, self.background)
-        if not self.background:
-            self.wait()
-
-    def poll(self) -> None:
-        if self.pending is not None and self.pending.done():
-            self.wait()
-
-    def wait(self) -> None:
-        if self.pending is None:
-            return
-        path, self.pending = self.pending.wait(), None
-        if self.ctx.world.is_main:
-            self.ctx.hooks.hook.ulframe_checkpoint_saved(
-                run=self.ctx.info, stage=self.info, path=path,
-                samples_seen=checkpoint.samples_of(path),
-            )  # fmt: skip
-
-
 # ---- one stage ---------------------------------------------------------------------------------
 def train_stage(
     stage: Stage,
@@ -211,7 +176,10 @@ def train_stage(
         stage.name, index, stage_dir, settings.train_samples, state.samples_seen,
         settings.batch_size, world.is_main,
     )  # fmt: skip
-    saver = _Checkpointer(info, ctx, state, settings.keep_checkpoints, settings.async_checkpoint)
+    saver = Checkpointer(
+        state, ckpt_dir, world, settings.keep_checkpoints, settings.async_checkpoint,
+        on_saved=lambda path: _saved(info, ctx, path),
+    )  # fmt: skip
     ctx.info.operative_config = ctx.operative_config()  # every factory has now been called
     ctx.hooks.hook.ulframe_stage_start(run=ctx.info, stage=info)
     ctx.hooks.hook.ulframe_after_build(run=ctx.info, stage=info, model=trainer.model)
@@ -272,6 +240,14 @@ def train_stage(
             f"last finite checkpoint: {checkpoint.last_finite(ckpt_dir)}"
         ) from err
     return _finish(info, ctx, trainer, saver, loaders, evaluate, ckpt_dir)
+
+
+def _saved(info: StageInfo, ctx: RunContext, path: Path) -> None:
+    """A checkpoint is complete: the hooks hear of it (rank 0)."""
+    if ctx.world.is_main:
+        ctx.hooks.hook.ulframe_checkpoint_saved(
+            run=ctx.info, stage=info, path=path, samples_seen=checkpoint.samples_of(path)
+        )
 
 
 def _snapshot(info: StageInfo, ctx: RunContext, trainer: Trainer, samples_seen: int) -> None:
@@ -368,7 +344,7 @@ def _finish(
     info: StageInfo,
     ctx: RunContext,
     trainer: Trainer,
-    saver: _Checkpointer,
+    saver: Checkpointer,
     loaders: tuple[PipelineLoader, PipelineLoader],
     evaluate: _Evaluator,
     ckpt_dir: Path,

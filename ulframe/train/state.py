@@ -11,6 +11,7 @@ the number of processes that loads it), and as one full state (`state_dict` /
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,37 @@ class TrainState:
         if self.loader is not None and state.get("loader") is not None:
             self.loader.load_state_dict(state["loader"])
         self.samples_seen = int(state["samples_seen"])
+
+
+@dataclass
+class Checkpointer:
+    """Saves a stage's checkpoints into `directory` (every rank takes part) and calls
+    `on_saved(path)` when one is complete. `background` (`TrainSettings.async_checkpoint`): a save
+    is written by a thread; the next save (or `wait()`) waits for it, `poll()` completes it once
+    done."""
+
+    state: TrainState
+    directory: Path
+    world: distributed.World
+    keep: int = 3
+    background: bool = False
+    on_saved: Callable[[Path], None] = lambda path: None
+    pending: checkpoint.Saving | None = None
+
+    def save(self) -> None:
+        self.wait()
+        self.pending = self.state.save(self.directory, self.world, self.keep, self.background)
+        if not self.background:
+            self.wait()
+
+    def poll(self) -> None:
+        if self.pending is not None and self.pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            path, self.pending = self.pending.wait(), None
+            self.on_saved(path)
 
 
 def newest_agreed(candidates: list[Path], world: distributed.World) -> Path | None:
