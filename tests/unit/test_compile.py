@@ -123,8 +123,16 @@ def _run(workdir: Path, tiny_run: list[str], samples: int, mode: str) -> int:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The .grad attribute:UserWarning")  # dynamo, while tracing
 def test_a_compiled_run_trains_checkpoints_and_resumes_from_and_into_eager_runs(
-    tmp_path: Path, tiny_run: list[str], tiny_threads: None, restore_logging: None
+    tmp_path: Path,
+    tiny_run: list[str],
+    tiny_threads: None,
+    restore_logging: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The aot_eager backend: dynamo and AOTAutograd trace and wrap the networks as they do for
+    # inductor (the graphs, the compiled forwards, the state-dict keys), without inductor's C++
+    # code generation, whose time depends on its on-disk cache (10-150 s on the 2-core machine).
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
     workdir = tmp_path / "run"
     ckpts = workdir / "stages" / "stage1" / "checkpoints"
     assert _run(workdir, tiny_run, 4, "off") == 0  # an eager checkpoint at 4 samples
