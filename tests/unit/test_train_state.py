@@ -75,6 +75,19 @@ def _equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _assert_next_step_alike(
+    state: TrainState, trainer: Trainer, batches: Iterator[dict[str, torch.Tensor]],
+    fresh: TrainState, fresh_trainer: Trainer,
+) -> None:  # fmt: skip
+    """The next batch and the next step of `fresh` are the ones `state` would have taken."""
+    batch, again = next(batches), next(iter(fresh.loader))
+    assert torch.equal(batch["x"], again["x"])
+    a = train_step(trainer, batch, state.samples_seen)
+    b = train_step(fresh_trainer, again, fresh.samples_seen)
+    assert torch.equal(a.scalars["loss_nats"], b.scalars["loss_nats"])
+    assert _equal(fresh.model.state_dict(), state.model.state_dict())
+
+
 def test_a_saved_state_loads_into_a_fresh_one_exactly(tmp_path: Path) -> None:
     state, trainer, batches = _state()
     saved = state.state_dict()
@@ -90,13 +103,7 @@ def test_a_saved_state_loads_into_a_fresh_one_exactly(tmp_path: Path) -> None:
     unnamed = {"stage": "", "config": "", "config_sha256": checkpoint.config_digest("")}
     assert _equal(fresh.state_dict(), saved | unnamed)
     assert int(fresh.ema.model.calls) == int(state.ema.model.calls) == 2  # buffers too
-    # The next batch and the next step are the ones the saved state would have taken.
-    batch, again = next(batches), next(iter(fresh.loader))
-    assert torch.equal(batch["x"], again["x"])
-    a = train_step(trainer, batch, 16)
-    b = train_step(fresh_trainer, again, 16)
-    assert torch.equal(a.scalars["loss_nats"], b.scalars["loss_nats"])
-    assert _equal(fresh.model.state_dict(), state.model.state_dict())
+    _assert_next_step_alike(state, trainer, batches, fresh, fresh_trainer)
     assert _equal(fresh.ema.state_dict(), state.ema.state_dict())
 
 
@@ -181,12 +188,7 @@ def test_a_checkpoint_directory_resumes_the_next_step_exactly(
     assert int(fresh.ema.model.calls) == 2
     saved_opt, loaded_opt = state.optimizer.state_dict(), fresh.optimizer.state_dict()
     assert _equal(loaded_opt["state"], saved_opt["state"])
-    batch, again = next(batches), next(iter(fresh.loader))
-    assert torch.equal(batch["x"], again["x"])
-    a = train_step(trainer, batch, 16)
-    b = train_step(fresh_trainer, again, 16)
-    assert torch.equal(a.scalars["loss_nats"], b.scalars["loss_nats"])
-    assert _equal(fresh.model.state_dict(), state.model.state_dict())
+    _assert_next_step_alike(state, trainer, batches, fresh, fresh_trainer)
 
 
 class _Wider(Model):

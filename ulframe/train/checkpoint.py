@@ -674,13 +674,12 @@ def load(
     }
     if not meta and tensors:
         read_into(path, tensors)
+    if not meta:
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}  # (no copy on the CPU)
     state = unflatten(tensors, record["plain"])
     state["loader"] = loader_state(path, 0)
     if "samples_seen" not in state:
         raise ValueError(f"{path.name}: not a checkpoint (no samples_seen)")
-    if not meta and torch.device(map_location) != torch.device("cpu"):
-        tensors = {k: v.to(map_location) for k, v in tensors.items()}
-        state = unflatten(tensors, record["plain"]) | {"loader": state["loader"]}
     try:
         return upgrade(state)
     except ValueError as err:
