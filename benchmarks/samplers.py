@@ -32,6 +32,9 @@ DDIM at a quarter of 32 steps (8 steps: 2 · 8 guided base calls + 9 decoder cal
 quarter of DDIM-32's 97). A configuration meets the target when, within that budget, its fd is
 within the larger of twice the seed spread (the larger of its own and DDIM-32's) and 5% of
 DDIM-32's, its class accuracy is at least 0.99 and its speckle within ±0.05 of DDIM-32's.
+`--split B:D` adds rows where the base model takes B steps and the decoder D (e.g. `7:10`: 14
+guided base calls and 11 decoder calls, 25 in all); they are judged against the target too, and
+the last line names the best of the rows with one step count for both chains.
 
 Last line: `samplers: best at <= 1/4 the calls of ddim-32: NAME-N fd X (ddim-32 Y), class
 accuracy A` (the lowest mean fd within the budget).
@@ -94,9 +97,11 @@ def draw(
     guidance: float,
     seed: int,
     device: torch.device,
+    decoder_steps: int | None = None,
 ) -> tuple[Tensor, float, float]:
     """n end-to-end samples of the base model `model` for `labels` (n,) or None, guided on every
-    step; (samples on CPU, network calls per sample, wall seconds per sample)."""
+    step, `steps` for both chains (`decoder_steps`: the decoder's instead); (samples on CPU,
+    network calls per sample, wall seconds per sample)."""
     generator = torch.Generator(device).manual_seed(seed)
     tally = [0]
     parts = []
@@ -106,7 +111,14 @@ def draw(
             chunk = None if labels is None else labels[lo : lo + CHUNK]
             count = min(CHUNK, n - lo)
             x = model.sample(
-                count, generator, chunk, sampler, steps, steps, guidance, interval=None
+                count,
+                generator,
+                chunk,
+                sampler,
+                steps,
+                decoder_steps or steps,
+                guidance,
+                interval=None,
             )
             parts.append(x.cpu())
     seconds = time.perf_counter() - start
@@ -129,6 +141,16 @@ def configurations(
     return pairs
 
 
+def parse_split(text: str) -> tuple[int, int]:
+    """`B:D` of `--split`: B base-model steps and D decoder steps."""
+    try:
+        base, decoder = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--split takes BASE:DECODER steps, e.g. 7:10; got {text!r}") from None
+    trained.check_sampling(None, base, decoder)
+    return base, decoder
+
+
 def end_to_end(args: argparse.Namespace, run: Any) -> list[dict[str, Any]]:
     """The table of end-to-end samples: one row per (sampler, steps), over the seeds."""
     sampling = run.sampling()
@@ -143,13 +165,18 @@ def end_to_end(args: argparse.Namespace, run: Any) -> list[dict[str, Any]]:
         raise SystemExit(f"{args.workdir}: the run names no Experiment.sample_metric")
     metric = wiring.call(experiment.sample_metric)
     rows = []
-    for name, steps in configurations(args.samplers, args.steps, args.reference_steps):
+    runs: list[tuple[str, int, int | None]] = [
+        (name, steps, None)
+        for name, steps in configurations(args.samplers, args.steps, args.reference_steps)
+    ]
+    runs += [(name, b, d) for b, d in args.split for name in args.samplers]
+    for name, steps, decoder_steps in runs:
         sampler = trained.resolve_sampler(name)
         assert sampler is not None
         per_seed: dict[str, list[float]] = {}
         for seed in range(args.seeds):
             samples, calls, seconds = draw(
-                model, sampler, steps, n, labels, args.guidance, seed, device
+                model, sampler, steps, n, labels, args.guidance, seed, device, decoder_steps
             )
             judged = judge_samples(metric, reference, samples, labels)
             for key, value in (
@@ -161,13 +188,16 @@ def end_to_end(args: argparse.Namespace, run: Any) -> list[dict[str, Any]]:
             ):
                 per_seed.setdefault(key, []).append(float(value))
         row: dict[str, Any] = {"sampler": name, "steps": steps, "samples": n}
+        if decoder_steps is not None:
+            row["decoder_steps"] = decoder_steps
         for key, values in per_seed.items():
             row[key] = statistics.fmean(values)
             row[f"{key}_spread"] = spread(values)
             row[f"{key}_seeds"] = values
         rows.append(row)
+        label = f"{steps}" if decoder_steps is None else f"{steps}:{decoder_steps}"
         print(
-            f"{name:>10}-{steps:<4} calls {row['calls']:6.1f}  fd {row['fd']:.3f} ± "
+            f"{name:>10}-{label:<5} calls {row['calls']:6.1f}  fd {row['fd']:.3f} ± "
             f"{row['fd_spread']:.3f}  class acc {row['class_accuracy']:.4f}  speckle "
             f"{row['speckle']:.3f}  {1e3 * row['seconds']:.1f} ms/sample",
             flush=True,
@@ -209,7 +239,7 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str
         (r["calls"] for r in rows if (r["sampler"], r["steps"]) == (BASELINE, BUDGET_STEPS)),
         base["calls"] / 4,
     )
-    within = [r for r in rows if r["calls"] <= budget + 1e-9]
+    within = [r for r in rows if r["calls"] <= budget + 1e-9 and "decoder_steps" not in r]
     for r in rows:
         tolerance = max(2 * max(r["fd_spread"], base["fd_spread"]), TARGET_FD_REL * base["fd"])
         r["meets_target"] = bool(
@@ -263,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samplers", nargs="+", default=["ddim", "dpmpp_2m", "heun", "unipc"])
     p.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--reference-steps", type=int, default=256, help="DDIM reference; 0: none")
+    p.add_argument(
+        "--split", nargs="+", type=parse_split, default=[], metavar="B:D",
+        help="also every sampler with B base-model steps and D decoder steps (end to end only)",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="sample seeds 0 .. S-1")
     p.add_argument("--samples", type=int, default=500, help="guided samples per seed")
     p.add_argument("--decoder-samples", type=int, default=500, help="0: skip the decoder")
@@ -298,7 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if base is None:
         print(f"samplers: no {BASELINE}-{BASELINE_STEPS} in this run to compare with")
         return 1
-    meeting = [f"{r['sampler']}-{r['steps']}" for r in rows if r["meets_target"]]
+    meeting = [
+        f"{r['sampler']}-{r['steps']}" + (f":{r['decoder_steps']}" if "decoder_steps" in r else "")
+        for r in rows
+        if r["meets_target"]
+    ]
     print(f"meet the target: {', '.join(meeting) or 'none'}")
     if best is None:
         print(f"samplers: no configuration within {BUDGET_STEPS}-step DDIM's calls")

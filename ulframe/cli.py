@@ -399,8 +399,8 @@ def sampling_args(parser: argparse.ArgumentParser) -> None:
     """`--sampler`, `--steps`, `--decoder-steps` of `sample` and `eval` (default: the gin's)."""
     parser.add_argument(
         "--sampler", default=None, metavar="NAME",
-        help="sampler of every chain, as registered (ddim, ancestral, dpmpp_2m, heun, unipc, ...; "
-        "default: gin)",
+        help="sampler of every chain, as registered (ddim, ancestral, dpmpp_2m, dpmpp_2m_sde, "
+        "heun, unipc, ...; default: gin)",
     )  # fmt: skip
     parser.add_argument(
         "--steps", type=int, default=None, help="sampler steps of every chain (default: gin)"

@@ -1,4 +1,5 @@
-"""The higher-order samplers (dpmpp_2m, heun, unipc) against closed forms, and how they are used.
+"""The higher-order samplers (dpmpp_2m, heun, unipc, dpmpp_2m_sde) against closed forms, and how
+they are used.
 
 For data ``x ~ N(mu, s² I)`` under the variance-preserving process (``alpha² = sigmoid(λ)``,
 ``sigma² = sigmoid(-λ)``) the exact denoiser is ``E[x | z] = mu + c (z - alpha mu)`` with
@@ -37,8 +38,10 @@ from ulframe.diffusion import (
     x_from_eps,
 )
 from ulframe.diffusion.samplers import (
+    ancestral_step,
     logsnr_uniform_grid,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_heun,
     sample_unipc,
     sampler_grid,
@@ -194,6 +197,60 @@ def test_float32_and_an_uneven_grid(name: str) -> None:
     assert out.dtype == torch.float32
     exact = exact_flow(x_1.double(), -15.0, 15.0, final)
     assert float((out.double() - exact).abs().max()) < 2e-2
+
+
+# ----------------------------------------------------------------------------- the SDE solver
+
+
+def test_sde_solver_without_noise_is_2m_and_its_first_step_is_ancestral() -> None:
+    """eta = 0 is DPM-Solver++ 2M (on the same grid); with eta = 1 a single step (first order)
+    is the ancestral step, drawing the same noise."""
+    x_1 = _x_1((64, 2))
+    schedule, final = LATENT
+    grid = logsnr_grid(schedule, 12)
+    got = sample_dpmpp_2m_sde(gaussian_eps_fn(), x_1, grid, final=final, eta=0.0)
+    expected = sample_dpmpp_2m(gaussian_eps_fn(), x_1, grid, final=final)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+    one = torch.tensor([-6.0, 1.5], dtype=F64)
+    got = sample_dpmpp_2m_sde(gaussian_eps_fn(), x_1, one, torch.Generator().manual_seed(3),
+                              final="state")  # fmt: skip
+    noise = torch.randn(x_1.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    x_hat = x_from_eps(x_1, gaussian_eps_fn()(x_1, one[:1].expand(64)), one[0])
+    expected = ancestral_step(x_1, x_hat, one[:1].expand(64), one[1:].expand(64), noise)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+@pytest.mark.parametrize("chain", [DECODER, LATENT], ids=["decoder", "latent"])
+def test_sde_solver_samples_the_gaussian(chain: tuple[Any, str], eta: float) -> None:
+    """For data N(mu, s²) the chain's output is N(mu, s²) (``x_hat`` at λ = 15) or the marginal
+    at λ_z(0) = 5 (``state``): at 64 steps within the Monte-Carlo error of 100k draws plus a
+    small discretisation error, which is smaller than at 16 steps."""
+    schedule, final = chain
+    ends = alpha_sigma(torch.tensor(schedule.logsnr_max, dtype=F64))
+    mean = MU if final == "x_hat" else float(ends[0]) * MU
+    var = STD**2 if final == "x_hat" else float(ends[0] ** 2 * STD**2 + ends[1] ** 2)
+    errors = []
+    for steps in (16, 64):
+        generator = torch.Generator().manual_seed(0)
+        x_1 = torch.randn(100_000, 1, generator=generator, dtype=F64)
+        grid = sampler_grid(sample_dpmpp_2m_sde, schedule, steps)
+        out = sample_dpmpp_2m_sde(gaussian_eps_fn(), x_1, grid, generator, final=final, eta=eta)
+        assert abs(float(out.mean()) - mean) < 0.005
+        errors.append(abs(float(out.var()) - var))
+    assert errors[1] < errors[0] and errors[1] < 0.012, errors
+
+
+def test_sde_solver_is_seeded_and_checks_eta() -> None:
+    x_1 = _x_1((8, 1))
+    grid = logsnr_grid(DECODER[0], 4)
+    draws = [sample_dpmpp_2m_sde(gaussian_eps_fn(), x_1, grid, torch.Generator().manual_seed(s))
+             for s in (1, 1, 2)]  # fmt: skip
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert sample_dpmpp_2m_sde.grid == "time"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"eta must be in \[0, 1\], got 1.5"):
+        sample_dpmpp_2m_sde(gaussian_eps_fn(), x_1, grid, eta=1.5)
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -369,4 +426,4 @@ def test_bad_sampler_or_steps_is_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     if "registered" in message:
-        assert "ddim, dpmpp_2m, heun, unipc" in err
+        assert "ddim, dpmpp_2m, dpmpp_2m_sde, heun, unipc" in err
