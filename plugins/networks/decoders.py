@@ -1,35 +1,16 @@
 """Diffusion decoder D: v_hat(x_t, logsnr, z_0) in pixel space (U-ViT), a velocity prediction."""
 
 import math
-from typing import cast
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ulframe.errors import ConfigError
 
-from .blocks import (
-    Downsample,
-    LogSNREmbedding,
-    ResBlock,
-    TransformerBlock,
-    Upsample,
-    as_tuple,
-    conv_nd,
-    depth_to_space,
-    divided_grid,
-    from_tokens,
-    group_norm,
-    sincos_position_embedding,
-    space_to_depth,
-    stage_plan,
-    to_tokens,
-    zero_,
-)
+from .blocks import as_tuple, divided_grid, space_to_depth, stage_plan, to_tokens
+from .uvit import UViTBody
 
 
-class UViTDecoder(nn.Module):
+class UViTDecoder(UViTBody):
     """U-ViT decoder: conv ResBlock stages around a Transformer at the latent grid.
 
     Pipeline: patching by ``patch_size`` (space-to-depth) and a 3x3 stem; for each entry of
@@ -104,63 +85,23 @@ class UViTDecoder(nn.Module):
                 (0: none); supplied by the stage that conditions its decoder on the first
                 frames of a clip (`ul_joint.decoder_context_frames`).
         """
-        super().__init__()
         in_channels, *spatial = shape
         latent_channels, *latent_grid = latent_shape
-        self.context_channels = context_channels
         plan = stage_plan(
             spatial, channels, blocks_per_stage, patch_size, stage_downsample, "after"
         )
-        ndim, blocks, factors = plan.ndim, plan.blocks, plan.factors
-        self.patch, self.downsample = plan.patch, plan.downsample
+        latent_patch = as_tuple(latent_patch, plan.ndim)
+        super().__init__(
+            plan, in_channels + context_channels, in_channels, channels, width, depth, heads,
+            dropout, mlp_ratio, upsample, conv_kernel,
+            token_features=latent_channels * math.prod(latent_patch),
+        )  # fmt: skip
+        self.context_channels = context_channels
+        self.downsample = plan.downsample
         self.latent_shape = tuple(latent_shape)
-        self.latent_patch = as_tuple(latent_patch, ndim)
+        self.latent_patch = latent_patch
         token_grid = divided_grid(tuple(latent_grid), self.latent_patch, "UViTDecoder latent_patch")
         self._check_latent_grid(tuple(spatial), token_grid, channels)
-
-        self.logsnr_emb = LogSNREmbedding(width)
-        stem_in = (in_channels + context_channels) * math.prod(self.patch)
-        self.stem = conv_nd(ndim, stem_in, channels[0], 3, padding=1)
-
-        # Down path: ResBlocks, remember the skip, down-sample.
-        self.down_stages = nn.ModuleList()
-        self.downsamplers = nn.ModuleList()
-        ch = channels[0]
-        for stage_channels, count, factor in zip(channels, blocks, factors, strict=True):
-            stage = nn.ModuleList()
-            for _ in range(count):
-                stage.append(ResBlock(ndim, ch, stage_channels, width, dropout, conv_kernel))
-                ch = stage_channels
-            self.down_stages.append(stage)
-            self.downsamplers.append(Downsample(ndim, ch, ch, factor))
-
-        # Middle Transformer at the latent grid; z_0 is projected per token and added.
-        self.mid_in = nn.Linear(ch, width)
-        self.latent_proj = nn.Linear(latent_channels * math.prod(self.latent_patch), width)
-        self.mid_blocks = nn.ModuleList(
-            TransformerBlock(width, heads, width, mlp_ratio, dropout) for _ in range(depth)
-        )
-        self.mid_norm = nn.LayerNorm(width)
-        self.mid_out = nn.Linear(width, ch)
-
-        # Up path (mirrored): up-sample, concatenate the skip, ResBlocks.
-        self.upsamplers = nn.ModuleList()
-        self.up_stages = nn.ModuleList()
-        for stage_channels, count, factor in reversed(
-            list(zip(channels, blocks, factors, strict=True))
-        ):
-            self.upsamplers.append(Upsample(ndim, ch, ch, factor, upsample))
-            stage = nn.ModuleList()
-            skip_channels = stage_channels
-            for _ in range(count):
-                stage.append(
-                    ResBlock(ndim, ch + skip_channels, stage_channels, width, dropout, conv_kernel)
-                )
-                ch, skip_channels = stage_channels, 0
-            self.up_stages.append(stage)
-
-        self.out_norm = group_norm(ch)
-        self.out_conv = zero_(conv_nd(ndim, ch, in_channels * math.prod(self.patch), 3, padding=1))
 
     def _check_latent_grid(
         self,
@@ -200,26 +141,5 @@ class UViTDecoder(nn.Module):
         if context is not None:
             x_t = torch.cat([x_t, context.to(x_t.dtype)], dim=1)  # (B, C + C_ctx, *S)
         emb = self.logsnr_emb(logsnr)  # (B, E)
-        h = self.stem(space_to_depth(x_t, self.patch))  # (B, C0, *S / patch)
-        skips = []
-        for stage, down in zip(self.down_stages, self.downsamplers, strict=True):
-            for block in cast(nn.ModuleList, stage):
-                h = block(h, emb)  # (B, C_i, *S_i)
-            skips.append(h)
-            h = down(h)  # (B, C_i, *S_i / factor_i)
-
-        grid = tuple(h.shape[2:])
-        tokens = self.mid_in(to_tokens(h))  # (B, N, D)
-        tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], h.device, h.dtype)
         z_tokens = to_tokens(space_to_depth(z_0, self.latent_patch))  # (B, N, C_z * patch)
-        tokens = tokens + self.latent_proj(z_tokens)  # (B, N, D)
-        for block in self.mid_blocks:
-            tokens = block(tokens, emb)  # (B, N, D)
-        h = from_tokens(self.mid_out(self.mid_norm(tokens)), grid)  # (B, C_last, *grid)
-
-        for up, stage in zip(self.upsamplers, self.up_stages, strict=True):
-            h = torch.cat([up(h), skips.pop()], dim=1)  # (B, C + C_i, *S_i)
-            for block in cast(nn.ModuleList, stage):
-                h = block(h, emb)  # (B, C_i, *S_i)
-        h = self.out_conv(F.silu(self.out_norm(h)))  # (B, C * prod(patch), *S / patch)
-        return depth_to_space(h, self.patch)  # (B, C, *S)
+        return self.body(x_t, emb, z_tokens)  # (B, C, *S)

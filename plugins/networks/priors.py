@@ -1,4 +1,5 @@
-"""Latent denoisers: the stage-1 diffusion prior and the stage-2 base model (multi-level ViT)."""
+"""Latent denoisers for the stage-1 prior and the stage-2 base model: a multi-level ViT and a
+U-ViT (convolutions around a ViT)."""
 
 import torch
 from torch import nn
@@ -15,8 +16,10 @@ from .blocks import (
     divided_grid,
     from_tokens,
     sincos_position_embedding,
+    stage_plan,
     to_tokens,
 )
+from .uvit import UViTBody
 
 
 class _Level(nn.Module):
@@ -181,3 +184,97 @@ class ViT(nn.Module):
         x = self.embed(z_t if context is None else torch.cat([z_t, context], 1))  # (B, N, D)
         x = self.levels(x, cond, grid)  # (B, N, D)
         return self.final(x, cond, grid)  # (B, C, *spatial)
+
+
+class ConvViT(UViTBody):
+    """U-ViT latent denoiser: v_hat(z_t, logsnr, label, context) with convolutions around a ViT.
+
+    The body of the U-ViT decoder (:mod:`.uvit`) on latents: conv ResBlock stages at the latent's
+    own resolution, down-sampled by ``stage_downsample`` to the middle Transformer's token grid,
+    and back. Where :class:`ViT` sees a latent only through patches, the convolutions are
+    translation-equivariant and, with ``conv_kernel = 3`` on a clip's latent, read the
+    neighbouring latent steps directly: a pattern that moves by a fraction of a patch from one
+    step to the next is a local, position-independent operation for them, which a ViT has to
+    learn at every position (docs/method.md, "Video").
+
+    Conditioning: the logsnr embedding, plus a class embedding (``num_classes + 1`` rows, the
+    last the null label) when ``num_classes > 0``, enters every ResBlock (scale and shift) and
+    every Transformer block (adaLN-Zero). A context tensor of the latent's grid
+    (``context_channels > 0``, e.g. the latent of a video's first frames) is concatenated to
+    ``z_t`` along the channels at the input. Zero-initialised output: an untrained network
+    returns v_hat = 0. The interface is :class:`ViT`'s, so either serves as stage 1's prior or
+    stage 2's base model.
+
+    Attributes:
+        num_classes: number of real classes (0 = unconditional); the null label equals it.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        channels: tuple[int, ...] = (128,),
+        blocks_per_stage: int | tuple[int, ...] = 1,
+        width: int = 512,
+        depth: int = 8,
+        heads: int = 8,
+        patch_size: int | tuple[int, ...] = 1,
+        stage_downsample: tuple[int | tuple[int, ...], ...] | None = None,
+        conv_kernel: int | tuple[int, ...] = 3,
+        num_classes: int = 0,
+        dropout: float = 0.0,
+        mlp_ratio: float = 4.0,
+        upsample: str = "nearest",
+        context_channels: int = 0,
+    ) -> None:
+        """
+        Args:
+            shape: per-example latent shape, (C, H, W) or (C, T, H, W), measured from data.
+            channels: width of each conv stage; each ends in a down-sampling.
+            blocks_per_stage: ResBlocks per stage, int or one per stage.
+            width: token width of the middle Transformer (and of the conditioning embedding).
+            depth: Transformer blocks in the middle.
+            heads: attention heads of the middle Transformer.
+            patch_size: per-axis patch of the input patching (int or tuple).
+            stage_downsample: per-axis down-sampling after each conv stage, one entry per
+                stage, each int or per-axis tuple; None = 2 on every axis. ``((1, 2, 2),)``
+                keeps a clip's latent steps apart and halves its height and width.
+            conv_kernel: kernel of the ResBlocks, int or per axis.
+            num_classes: number of classes for class conditioning; 0 = unconditional.
+            dropout: dropout probability in ResBlocks and Transformer MLPs.
+            mlp_ratio: MLP hidden width of the Transformer as a multiple of ``width``.
+            upsample: ``"nearest"`` or ``"subpixel"``.
+            context_channels: channels of the context concatenated to the input (0: none);
+                supplied by the stage that conditions on one.
+        """
+        in_channels, *spatial = shape
+        plan = stage_plan(
+            spatial, channels, blocks_per_stage, patch_size, stage_downsample, "after"
+        )
+        divided_grid(tuple(spatial), plan.downsample, "ConvViT patch_size times stage_downsample")
+        super().__init__(
+            plan, in_channels + context_channels, in_channels, channels, width, depth, heads,
+            dropout, mlp_ratio, upsample, conv_kernel,
+        )  # fmt: skip
+        self.num_classes = num_classes
+        self.context_channels = context_channels
+        self.class_emb = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        logsnr: torch.Tensor,
+        label: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if (context is None) != (self.context_channels == 0):
+            raise ValueError(
+                f"ConvViT built with context_channels={self.context_channels} got "
+                f"{'no context' if context is None else 'a context'}"
+            )
+        emb = self.logsnr_emb(logsnr)  # (B, E)
+        if self.class_emb is not None:
+            if label is None:
+                label = torch.full_like(logsnr, self.num_classes, dtype=torch.long)  # (B,)
+            emb = emb + self.class_emb(label)  # (B, E)
+        x = z_t if context is None else torch.cat([z_t, context.to(z_t.dtype)], 1)
+        return self.body(x, emb)  # (B, C, *S)

@@ -31,7 +31,7 @@ from ulframe_plugins.networks.blocks import (
 )
 from ulframe_plugins.networks.decoders import UViTDecoder
 from ulframe_plugins.networks.encoders import ResNetEncoder
-from ulframe_plugins.networks.priors import ViT
+from ulframe_plugins.networks.priors import ConvViT, ViT
 
 BATCH = 2
 # Fixed encoding noise level lambda_z(0) = 5 (docs/method.md, "Stage 1").
@@ -347,6 +347,59 @@ def test_one_training_step_makes_vit_label_dependent():
 
 
 # ---------------------------------------------------------------------------------------------
+# ConvViT: the U-ViT latent denoiser (priors.conv_vit)
+# ---------------------------------------------------------------------------------------------
+
+# A clip's latent 2x4x8x8 (C, T, H, W): 3x3x3 convs at 4x8x8, the Transformer at 4x4x4 tokens.
+CONV_VIT = dict(channels=(8,), width=16, depth=1, heads=2, stage_downsample=((1, 2, 2),))
+
+
+def test_conv_vit_contract():
+    """Zero at init; shape kept; labels, the null label and a context all reach the output;
+    every parameter gets a gradient; a state dict round-trips."""
+    torch.manual_seed(9)
+    shape = (2, 4, 8, 8)
+    net = ConvViT(shape, num_classes=3, context_channels=2, **CONV_VIT)
+    z_t, context = torch.randn(BATCH, *shape), torch.randn(BATCH, *shape)
+    logsnr, labels = torch.tensor([-3.0, 4.0]), torch.tensor([0, 2])
+    assert torch.equal(net(z_t, logsnr, labels, context), torch.zeros_like(z_t))
+    perturb_zero_init_(net)
+    net.eval()
+    out = net(z_t, logsnr, labels, context)
+    assert out.shape == z_t.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, net(z_t, logsnr, labels.flip(0), context))
+    assert not torch.allclose(out, net(z_t, logsnr, labels, context.flip(0)))
+    null = torch.full((BATCH,), 3)
+    assert torch.equal(net(z_t, logsnr, None, context), net(z_t, logsnr, null, context))
+    net(z_t, logsnr, labels, context).square().sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+    copy = ConvViT(shape, num_classes=3, context_channels=2, **CONV_VIT)
+    copy.load_state_dict(net.state_dict())
+    copy.eval()
+    assert torch.equal(copy(z_t, logsnr, labels, context), out)
+    with pytest.raises(ValueError, match="context_channels=2 got no context"):
+        net(z_t, logsnr, labels)
+
+
+def test_conv_vit_grid_must_divide():
+    with pytest.raises(ConfigError, match="ConvViT patch_size times stage_downsample"):
+        ConvViT((2, 4, 6, 6), **{**CONV_VIT, "stage_downsample": ((1, 4, 4),)})
+
+
+def test_uvit_decoder_keeps_its_parameter_names_and_order():
+    """The decoder's body moved into UViTBody; its state-dict keys (checkpoints of earlier runs)
+    and parameter order (the optimizer state of format-2 checkpoint files) are unchanged."""
+    decoder = UViTDecoder((3, 16, 16), (4, 4, 4), channels=(8,), width=16, depth=1, heads=2,
+                          patch_size=2)  # fmt: skip
+    names = [name.split(".")[0] for name, _ in decoder.named_parameters()]
+    assert list(dict.fromkeys(names)) == [
+        "logsnr_emb", "stem", "down_stages", "downsamplers", "mid_in", "latent_proj",
+        "mid_blocks", "mid_norm", "mid_out", "upsamplers", "up_stages", "out_norm", "out_conv",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # construction errors and paper presets
 # ---------------------------------------------------------------------------------------------
 
@@ -387,3 +440,13 @@ def test_paper_presets_build_on_meta():
     for name, net in nets.items():
         low, high = PAPER_RANGES[name]
         assert low < count_parameters(net) < high, (name, count_parameters(net))
+
+
+def test_kinetics_conv_vit_base_builds_on_meta():
+    """gin/presets/kinetics600.gin's base model on its 16x16x16x8 latent: 1024 tokens, as the
+    paper's base ViT on 1x2x2 patches, and of the same order of parameters."""
+    with torch.device("meta"):
+        base = ConvViT((8, 16, 16, 16), channels=(256,), blocks_per_stage=2, width=1024,
+                       depth=16, heads=16, stage_downsample=((1, 2, 2),), dropout=0.1,
+                       context_channels=8)  # fmt: skip
+    assert 150e6 < count_parameters(base) < PAPER_RANGES["base"][1], count_parameters(base)
