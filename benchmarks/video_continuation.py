@@ -283,6 +283,9 @@ def main() -> int:
         f"(default {QUICK_WORKDIR.relative_to(ROOT)}), {QUICK_CLIPS} clips",
     )
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the stage's)")
+    p.add_argument(
+        "--sampler", default=None, help="sampler as registered (default: the stage's), both chains"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sample seeds")
     p.add_argument(
         "--num-digits", type=int, default=None, help="digits per eval clip (default: the run's)"
@@ -296,6 +299,7 @@ def main() -> int:
         help="also write a GIF (per clip: true clip, continuation, copy-last) and a PNG strip",
     )
     args = p.parse_args()
+    trained.check_sampling(args.sampler, args.steps)
     bindings: list[str] = []
     if args.quick:
         bindings = list(QUICK_OVERRIDES)
@@ -323,6 +327,7 @@ def main() -> int:
         raise SystemExit(f"{args.workdir}: no stage of this run draws samples")
     stage, model = sampling.stage, sampling.model
     settings = stage.sample_settings(model, steps=args.steps)
+    overrides = trained.sampling_overrides(stage, args.sampler)
     k = int(settings.facts.get("context_frames", 0))
     if not settings.continues or not k:
         raise SystemExit(f"{args.workdir}: its stage 2 does not continue clips")
@@ -364,7 +369,16 @@ def main() -> int:
             for start in range(0, n, 64):
                 part = clips[start : start + 64].to(run.device)
                 chunks.append(
-                    stage.sample(model, len(part), None, None, generator, args.steps, context=part)
+                    stage.sample(
+                        model,
+                        len(part),
+                        None,
+                        None,
+                        generator,
+                        args.steps,
+                        context=part,
+                        **overrides,
+                    )
                     .cpu()
                     .clamp(-1, 1)
                 )
@@ -388,7 +402,8 @@ def main() -> int:
     print(
         f"workdir: {args.workdir}   clips: {n} held-out (eval digits), {num_digits} digit(s) "
         f"each   frames: {k} context -> {t - k} generated, no class label   sampling: "
-        f"{settings.steps} steps, seeds {args.seeds} ({sample_s:.0f} s)"
+        f"{args.sampler or 'the stage sampler'}, {settings.steps} steps, seeds {args.seeds} "
+        f"({sample_s:.0f} s)"
     )
     if num_digits == 1:
         with torch.no_grad():

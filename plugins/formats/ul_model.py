@@ -293,6 +293,7 @@ def export(
             "guidance_interval": _json_value(stage2.guidance_interval, "guidance_interval"),
             "context_frames": int(bmodel.context_frames),
             "context_latent_steps": int(bmodel.context_latent_steps),
+            "rollout_steps": int(bmodel.rollout_steps),
         }
         run_info["samples_seen"][stage2.name] = _done(base.stage_dir).get("samples_seen")
     evaluation = workdir / trained.EVAL_FILE
@@ -593,6 +594,7 @@ class Pretrained:
                 self.data_shape,
                 stage2["context_frames"],
                 stage2["context_latent_steps"],
+                stage2.get("rollout_steps", 0),  # absent from files written before it
             )
             self.base_model.to(self.device, dtype).eval().requires_grad_(False)
 

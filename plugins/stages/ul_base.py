@@ -130,6 +130,7 @@ class ULBaseModel(nn.Module):
         image_shape: Sequence[int],
         context_frames: int = 0,
         context_latent_steps: int = 0,
+        rollout_steps: int = 0,
     ) -> None:
         super().__init__()
         self.stage1 = stage1.eval().requires_grad_(False)
@@ -144,6 +145,7 @@ class ULBaseModel(nn.Module):
         self.pixels = math.prod(self.image_shape[1:])
         self.context_frames = context_frames
         self.context_latent_steps = context_latent_steps
+        self.rollout_steps = rollout_steps
 
     def latents(self) -> LatentModel:
         """The frozen stage-1 model, as the hand-off between stages."""
@@ -174,6 +176,22 @@ class ULBaseModel(nn.Module):
     def encode_context(self, x: Tensor) -> Tensor:
         """Latent of the clip's first `context_frames` frames (the last one repeated to T)."""
         return self.encode_clean(context_clip(x, self.context_frames))
+
+    def _rollout(self, z_context: Tensor, chain: Callable[[Tensor], Tensor]) -> Tensor:
+        """A continuation in rounds (`rollout_steps` r > 0): each round runs one base-model chain
+        conditioned on the last `context_latent_steps` m known latent steps (the context's own,
+        then generated ones, as if they were a context of their own) and keeps the first r
+        steps it generates, until the clip's latent is full. The model is trained on clips
+        whose first m steps are given and every later one generated; a round asks it only for
+        the steps just after a context, where it is most precise. (B, C, T, H, W): the first m
+        steps are the context's (replaced by the caller), the rest generated."""
+        m, length = self.context_latent_steps, self.latent_shape[1]
+        known = z_context[:, :, :m]
+        while known.shape[2] < length:
+            z = chain(_window_context(known, m, length))
+            take = min(self.rollout_steps, length - known.shape[2])
+            known = torch.cat([known, z[:, :, m : m + take].to(known.dtype)], 2)
+        return known
 
     def _context(self, batch: dict[str, Tensor]) -> Tensor | None:
         if self.context_frames == 0:
@@ -282,22 +300,31 @@ class ULBaseModel(nn.Module):
             context = context.to(device)
             z_context = self.encode_context(context)
 
-        def eps_cond(z_t: Tensor, logsnr: Tensor) -> Tensor:
-            label = cond_labels if cond_labels is not None else null
-            return self.base_eps(z_t, logsnr, label, z_context)
-
-        def eps_uncond(z_t: Tensor, logsnr: Tensor) -> Tensor:
-            return self.base_eps(z_t, logsnr, null, z_context)
-
         latents = self.latents()
-        z_1 = torch.randn((n, *self.latent_shape), generator=generator, device=device)
         # UL: the chain's own state at λ_max = λ_z(0) is z_0 (Algorithm 2); an autoencoder
         # decodes the chain's clean estimate there.
         final = "state" if latents.noisy_latent else "x_hat"
-        z = sample_latents(
-            eps_cond, eps_uncond, z_1, self.schedule, sampler, steps, generator, guidance,
-            interval, final,
-        )  # fmt: skip
+
+        def chain(z_ctx: Tensor | None) -> Tensor:
+            """One base-model chain from fresh noise, conditioned on the latent `z_ctx`."""
+
+            def eps_cond(z_t: Tensor, logsnr: Tensor) -> Tensor:
+                label = cond_labels if cond_labels is not None else null
+                return self.base_eps(z_t, logsnr, label, z_ctx)
+
+            def eps_uncond(z_t: Tensor, logsnr: Tensor) -> Tensor:
+                return self.base_eps(z_t, logsnr, null, z_ctx)
+
+            z_1 = torch.randn((n, *self.latent_shape), generator=generator, device=device)
+            return sample_latents(
+                eps_cond, eps_uncond, z_1, self.schedule, sampler, steps, generator, guidance,
+                interval, final,
+            )  # fmt: skip
+
+        if z_context is not None and self.context_latent_steps and self.rollout_steps:
+            z = self._rollout(z_context, chain)
+        else:
+            z = chain(z_context)
         if z_context is not None and self.context_latent_steps:
             # The first latent steps are the context's own (a frame-wise encoder): the decoder
             # gets them as in training, z_0 = alpha(λ_max) z_clean + sigma(λ_max) eps.
@@ -316,6 +343,14 @@ class ULBaseModel(nn.Module):
         if context is not None and self.context_frames:
             x[:, :, : self.context_frames] = context[:, :, : self.context_frames].to(x.dtype)
         return x
+
+
+def _window_context(known: Tensor, steps: int, length: int) -> Tensor:
+    """The base model's context from the last `steps` latent steps of `known` (B, C, T', H, W):
+    those steps, the last one repeated up to `length` steps, as `encode_context` builds it."""
+    window = known[:, :, -steps:]
+    tail = window[:, :, -1:].expand(-1, -1, length - steps, -1, -1)
+    return torch.cat([window, tail], 2)  # (B, C, length, H, W)
 
 
 def _latent_frames(stage1: Any, shape: tuple[int, ...]) -> int | None:
@@ -370,6 +405,11 @@ class ULBase:
       continuation are the context's own latent (noised to λ_z(0) like any z_0), not the base
       model's estimate of it; it must equal `context_frames` divided by the latent's
       down-sampling in time. 0: the base model's z_0 is decoded as it is.
+    - rollout_steps: with `context_latent_steps` m > 0, sample a continuation in rounds: each
+      round is one base-model chain conditioned on the last m known latent steps (generated ones
+      included) and keeps the r = `rollout_steps` steps after them, until the clip is full (a
+      window sliding over time; ceil((T - m) / r) chains per continuation). 0: one chain for the
+      whole clip. Training is the same either way.
     - class_conditional: condition the base model on the dataset's labels (with `label_dropout`
       for guidance). False: the base model has no class input and labels are ignored, so a clip
       is continued from its context alone (the video experiments: frame prediction as on
@@ -398,6 +438,7 @@ class ULBase:
     eval_images: int = 8
     context_frames: int = 0
     context_latent_steps: int = 0
+    rollout_steps: int = 0
     class_conditional: bool = True
     name: str = "stage2"
     _model: ULBaseModel | None = field(default=None, init=False, repr=False)
@@ -411,6 +452,11 @@ class ULBase:
             raise ConfigError(
                 f"ul_base.context_latent_steps={steps} needs context_frames > 0 "
                 f"(got {frames}) and must be >= 0"
+            )
+        if self.rollout_steps < 0 or (self.rollout_steps and not steps):
+            raise ConfigError(
+                f"ul_base.rollout_steps={self.rollout_steps} needs context_latent_steps > 0 "
+                f"(got {steps}) and must be >= 0"
             )
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"ul_base.label_dropout must be in [0, 1), got {self.label_dropout}")
@@ -463,6 +509,7 @@ class ULBase:
         model = ULBaseModel(
             stage1, base, schedule, self.weighting, self.label_dropout, num_classes,
             latent_shape, image_shape, self.context_frames, self.context_latent_steps,
+            self.rollout_steps,
         )  # fmt: skip
         self._model, self._stage_dir = model, ctx.stage_dir
         return model

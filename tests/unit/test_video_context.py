@@ -7,7 +7,8 @@ per frame) with weights that are not at their zero initialisation:
 (b) a continuation changes when only the context changes, and not when nothing changes;
 (c) the decoder is handed the context's own first k latent steps (noised to λ_z(0)), the rest
     from the base model;
-(d) a context that does not fit the clips or the latent steps stops with one line.
+(d) a context that does not fit the clips or the latent steps stops with one line;
+(e) a continuation in rounds (`rollout_steps`) conditions each round on the steps before it.
 """
 
 from __future__ import annotations
@@ -163,6 +164,64 @@ def test_a_context_that_does_not_fit_stops_with_one_line() -> None:
         _stage2().check_data({"x": torch.zeros(1, 16, 16), "label": torch.tensor(0)})
     _stage2().check_data(example)  # fits
     assert ul_base.context_clip(_clips(1, 0), CONTEXT).shape == (1, *SHAPE)
+
+
+# ---- continuations in rounds (`ul_base.rollout_steps`) ---------------------------------------
+def test_a_rollout_conditions_each_round_on_the_steps_before_it(built, monkeypatch) -> None:
+    """With rollout_steps r each chain is conditioned on the last k known latent steps (the
+    context's own in the first round, then the ones generated before), the k-th repeated; the
+    continuation keeps r steps of each round, and the decoder gets them in order."""
+    stage, model = built
+    model.rollout_steps = 2
+    x = _clips(2, 5)
+    length = model.latent_shape[1]  # 8 steps; k = 3: rounds keep 2, 2, 1
+    contexts: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    base_eps = model.base_eps
+
+    def spy_eps(z_t, logsnr, label, z_context):
+        if not contexts or not torch.equal(contexts[-1], z_context):
+            contexts.append(z_context.clone())
+        return base_eps(z_t, logsnr, label, z_context)
+
+    chains = ul_base.sample_latents
+
+    def spy_chain(*args, **kwargs):
+        outputs.append(chains(*args, **kwargs))
+        return outputs[-1]
+
+    handed: list[torch.Tensor] = []
+    decode = model.latents().decode_latents
+
+    def spy_decode(z_0, *args, **kwargs):
+        handed.append(z_0)
+        return decode(z_0, *args, **kwargs)
+
+    monkeypatch.setattr(model, "base_eps", spy_eps)
+    monkeypatch.setattr(ul_base, "sample_latents", spy_chain)
+    monkeypatch.setattr(model.stage1, "decode_latents", spy_decode)
+    out = stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
+    assert len(outputs) == len(contexts) == 3  # ceil((8 - 3) / 2) chains
+    known = model.encode_clean(x)[:, :, :CONTEXT]
+    for i, (context, z) in enumerate(zip(contexts, outputs, strict=True)):
+        window = known[:, :, -CONTEXT:]
+        assert torch.equal(context[:, :, :CONTEXT], window), i
+        assert torch.equal(
+            context[:, :, CONTEXT:], window[:, :, -1:].expand_as(context[:, :, CONTEXT:])
+        )
+        known = torch.cat([known, z[:, :, CONTEXT : CONTEXT + 2]], 2)
+    assert torch.equal(handed[0][:, :, CONTEXT:], known[:, :, CONTEXT:length])
+    assert torch.equal(out[:, :, :CONTEXT], x[:, :, :CONTEXT])
+    model.rollout_steps = 0
+    once = stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
+    assert not torch.allclose(once, out)  # one chain for the whole clip differs
+
+
+def test_rollout_steps_without_a_latent_context_stop_with_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"rollout_steps=2 needs context_latent_steps > 0"):
+        _stage2(context_latent_steps=0, rollout_steps=2)
+    with pytest.raises(ConfigError, match=r"rollout_steps=-1"):
+        _stage2(rollout_steps=-1)
 
 
 # ---- the decoder conditioned on the context frames (`ul_joint.decoder_context_frames`) ---------
