@@ -294,6 +294,7 @@ def export(
             "context_frames": int(bmodel.context_frames),
             "context_latent_steps": int(bmodel.context_latent_steps),
             "rollout_steps": int(bmodel.rollout_steps),
+            "noisy_context": bool(bmodel.noisy_context),
         }
         run_info["samples_seen"][stage2.name] = _done(base.stage_dir).get("samples_seen")
     evaluation = workdir / trained.EVAL_FILE
@@ -595,6 +596,7 @@ class Pretrained:
                 stage2["context_frames"],
                 stage2["context_latent_steps"],
                 stage2.get("rollout_steps", 0),  # absent from files written before it
+                stage2.get("noisy_context", False),
             )
             self.base_model.to(self.device, dtype).eval().requires_grad_(False)
 

@@ -131,6 +131,7 @@ class ULBaseModel(nn.Module):
         context_frames: int = 0,
         context_latent_steps: int = 0,
         rollout_steps: int = 0,
+        noisy_context: bool = False,
     ) -> None:
         super().__init__()
         self.stage1 = stage1.eval().requires_grad_(False)
@@ -146,6 +147,7 @@ class ULBaseModel(nn.Module):
         self.context_frames = context_frames
         self.context_latent_steps = context_latent_steps
         self.rollout_steps = rollout_steps
+        self.noisy_context = noisy_context
 
     def latents(self) -> LatentModel:
         """The frozen stage-1 model, as the hand-off between stages."""
@@ -200,6 +202,17 @@ class ULBaseModel(nn.Module):
             return batch["context"].float()
         return self.encode_context(batch["x"])
 
+    def noised_context(
+        self, context: Tensor | None, noise: BatchNoise | torch.Generator
+    ) -> Tensor | None:
+        """With `noisy_context`, the context latent as the decoder sees a latent: noised to
+        λ_z(0), z_0 = alpha z_clean + sigma eps (fresh eps from `noise`); else `context`."""
+        if context is None or not self.noisy_context:
+            return context
+        eps = BatchNoise.of(noise).randn(context.shape, context.device, context.dtype)
+        logsnr = torch.full((context.shape[0],), self.latent_logsnr_max, device=context.device)
+        return diffuse(context, logsnr, eps)
+
     @torch.no_grad()
     def encode_clean(self, x: Tensor) -> Tensor:
         """z_clean of the frozen stage-1 model (UL: E(x)), float32."""
@@ -251,7 +264,8 @@ class ULBaseModel(nn.Module):
         b = z_clean.shape[0]
         label = self._labels(batch, b, noise)
         t = noise.antithetic_t(b, z_clean.device)
-        weighted, unweighted = self.terms(z_clean, label, t, noise, self._context(batch))
+        context = self.noised_context(self._context(batch), noise)
+        weighted, unweighted = self.terms(z_clean, label, t, noise, context)
         return ULBaseTerms(weighted, unweighted + self.kl1(z_clean), self.pixels)
 
     @torch.no_grad()
@@ -262,7 +276,7 @@ class ULBaseModel(nn.Module):
         z_clean = self._latents(batch)
         b = z_clean.shape[0]
         label = self._labels(batch, b, generator)
-        context = self._context(batch)
+        context = self.noised_context(self._context(batch), generator)
         t = stratified_t(b, num_t, generator, z_clean.device)  # (B, K)
         total = torch.zeros(b, device=z_clean.device)
         for k in range(num_t):
@@ -298,7 +312,7 @@ class ULBaseModel(nn.Module):
             if context is None or context.shape[0] != n:
                 raise ValueError(f"this model continues clips: pass `context` with {n} clips")
             context = context.to(device)
-            z_context = self.encode_context(context)
+            z_context = self.noised_context(self.encode_context(context), generator)
 
         latents = self.latents()
         # UL: the chain's own state at λ_max = λ_z(0) is z_0 (Algorithm 2); an autoencoder
@@ -330,7 +344,7 @@ class ULBaseModel(nn.Module):
             # gets them as in training, z_0 = alpha(λ_max) z_clean + sigma(λ_max) eps.
             m = self.context_latent_steps
             known = z_context[:, :, :m]
-            if final == "state":
+            if final == "state" and not self.noisy_context:  # (noisy: already a z_0)
                 eps = torch.randn(known.shape, generator=generator, device=device)
                 logsnr = torch.full((n,), self.latent_logsnr_max, device=device)
                 known = diffuse(known, logsnr, eps)
@@ -410,6 +424,9 @@ class ULBase:
       included) and keeps the r = `rollout_steps` steps after them, until the clip is full (a
       window sliding over time; ceil((T - m) / r) chains per continuation). 0: one chain for the
       whole clip. Training is the same either way.
+    - noisy_context: condition the base model on the context's latent noised to λ_z(0) (a z_0,
+      as the decoder sees latents; fresh noise in every batch) instead of z_clean, in training
+      and sampling alike; the generated steps a round reads are such z_0 too. False: z_clean.
     - class_conditional: condition the base model on the dataset's labels (with `label_dropout`
       for guidance). False: the base model has no class input and labels are ignored, so a clip
       is continued from its context alone (the video experiments: frame prediction as on
@@ -439,6 +456,7 @@ class ULBase:
     context_frames: int = 0
     context_latent_steps: int = 0
     rollout_steps: int = 0
+    noisy_context: bool = False
     class_conditional: bool = True
     name: str = "stage2"
     _model: ULBaseModel | None = field(default=None, init=False, repr=False)
@@ -509,7 +527,7 @@ class ULBase:
         model = ULBaseModel(
             stage1, base, schedule, self.weighting, self.label_dropout, num_classes,
             latent_shape, image_shape, self.context_frames, self.context_latent_steps,
-            self.rollout_steps,
+            self.rollout_steps, self.noisy_context,
         )  # fmt: skip
         self._model, self._stage_dir = model, ctx.stage_dir
         return model

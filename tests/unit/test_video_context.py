@@ -217,6 +217,43 @@ def test_a_rollout_conditions_each_round_on_the_steps_before_it(built, monkeypat
     assert not torch.allclose(once, out)  # one chain for the whole clip differs
 
 
+def test_a_noisy_context_is_the_context_z0_for_the_base_model_and_the_decoder(
+    built, monkeypatch
+) -> None:
+    """`noisy_context`: the base model reads the context's latent noised to λ_z(0), and the
+    decoder gets those same first k steps (one draw, not two); training noises it too."""
+    stage, model = built
+    model.noisy_context = True
+    x = _clips(64, 6)
+    seen: list[torch.Tensor] = []
+    base_eps = model.base_eps
+
+    def spy_eps(z_t, logsnr, label, z_context):
+        seen.append(z_context)
+        return base_eps(z_t, logsnr, label, z_context)
+
+    handed: list[torch.Tensor] = []
+    decode = model.latents().decode_latents
+
+    def spy_decode(z_0, *args, **kwargs):
+        handed.append(z_0)
+        return decode(z_0, *args, **kwargs)
+
+    monkeypatch.setattr(model, "base_eps", spy_eps)
+    monkeypatch.setattr(model.stage1, "decode_latents", spy_decode)
+    stage.sample(model, 64, None, None, torch.Generator().manual_seed(0), context=x)
+    alpha, sigma = alpha_sigma(torch.tensor(model.latent_logsnr_max))
+    eps = (seen[0] - alpha * model.encode_context(x)) / sigma
+    assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1) < 0.05
+    assert torch.equal(handed[0][:, :, :CONTEXT], seen[0][:, :, :CONTEXT])
+    batch = {"x": x[:4]}
+    clean = model._context(batch)
+    noised = model.noised_context(clean, torch.Generator().manual_seed(1))
+    assert noised is not None and clean is not None and not torch.allclose(noised, clean)
+    model.noisy_context = False
+    assert model.noised_context(clean, torch.Generator()) is clean
+
+
 def test_rollout_steps_without_a_latent_context_stop_with_one_line() -> None:
     with pytest.raises(ConfigError, match=r"rollout_steps=2 needs context_latent_steps > 0"):
         _stage2(context_latent_steps=0, rollout_steps=2)
