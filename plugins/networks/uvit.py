@@ -131,8 +131,7 @@ class UViTBody(nn.Module):
         tokens = self.mid_in(to_tokens(h))  # (B, N, D)
         tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], h.device, h.dtype)
         if token_features is not None:
-            if self.latent_proj is None:
-                raise ValueError("this U-ViT was built with token_features=0")
+            assert self.latent_proj is not None, "this U-ViT was built with token_features=0"
             tokens = tokens + self.latent_proj(token_features)  # (B, N, D)
         for block in self.mid_blocks:
             tokens = block(tokens, emb)  # (B, N, D)
