@@ -22,6 +22,31 @@ from .blocks import (
 from .uvit import UViTBody
 
 
+def conditioned_input(
+    net: "ViT | ConvViT",
+    z_t: torch.Tensor,
+    logsnr: torch.Tensor,
+    label: torch.Tensor | None,
+    context: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :class:`ViT` and :class:`ConvViT` share: ``(input, cond)``, ``z_t`` with the context
+    concatenated along the channels and the embedding of ``logsnr`` plus the class of ``label``
+    (None: the null label). ValueError when the context does not match ``net.context_channels``.
+    """
+    if (context is None) != (net.context_channels == 0):
+        raise ValueError(
+            f"{type(net).__name__} built with context_channels={net.context_channels} got "
+            f"{'no context' if context is None else 'a context'}"
+        )
+    cond = net.logsnr_emb(logsnr)  # (B, E)
+    if net.class_emb is not None:
+        if label is None:
+            label = torch.full_like(logsnr, net.num_classes, dtype=torch.long)  # (B,)
+        cond = cond + net.class_emb(label)  # (B, E)
+    x = z_t if context is None else torch.cat([z_t, context.to(z_t.dtype)], 1)
+    return x, cond  # (B, C + C_ctx, *S), (B, E)
+
+
 class _Level(nn.Module):
     """One resolution level of the hourglass ViT; recursively holds the deeper levels.
 
@@ -170,18 +195,9 @@ class ViT(nn.Module):
         label: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if (context is None) != (self.context_channels == 0):
-            raise ValueError(
-                f"ViT built with context_channels={self.context_channels} got "
-                f"{'no context' if context is None else 'a context'}"
-            )
-        cond = self.logsnr_emb(logsnr)  # (B, E)
-        if self.class_emb is not None:
-            if label is None:
-                label = torch.full_like(logsnr, self.num_classes, dtype=torch.long)  # (B,)
-            cond = cond + self.class_emb(label)  # (B, E)
+        x, cond = conditioned_input(self, z_t, logsnr, label, context)
         grid = tuple(s // p for s, p in zip(z_t.shape[2:], self.patch, strict=True))
-        x = self.embed(z_t if context is None else torch.cat([z_t, context], 1))  # (B, N, D)
+        x = self.embed(x)  # (B, N, D)
         x = self.levels(x, cond, grid)  # (B, N, D)
         return self.final(x, cond, grid)  # (B, C, *spatial)
 
@@ -266,15 +282,5 @@ class ConvViT(UViTBody):
         label: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if (context is None) != (self.context_channels == 0):
-            raise ValueError(
-                f"ConvViT built with context_channels={self.context_channels} got "
-                f"{'no context' if context is None else 'a context'}"
-            )
-        emb = self.logsnr_emb(logsnr)  # (B, E)
-        if self.class_emb is not None:
-            if label is None:
-                label = torch.full_like(logsnr, self.num_classes, dtype=torch.long)  # (B,)
-            emb = emb + self.class_emb(label)  # (B, E)
-        x = z_t if context is None else torch.cat([z_t, context.to(z_t.dtype)], 1)
+        x, emb = conditioned_input(self, z_t, logsnr, label, context)
         return self.body(x, emb)  # (B, C, *S)

@@ -528,6 +528,7 @@ NOT_CONFIGURATION = {
     "source",
     "split_indices",  # the engine asks for "train" or "eval" only
     "forward",  # a caller's tensors
+    "conditioned_input",  # a caller's tensors (the denoisers' forward)
     "stream_info",  # a video file's header (the file is skipped as unreadable)
     "crossing_logsnr",  # callers check loss_factor > 1 first
     "_check_grid",  # a sampler's grid, built by logsnr_grid
