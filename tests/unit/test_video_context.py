@@ -72,6 +72,19 @@ def _clips(n: int, seed: int) -> torch.Tensor:
     return torch.rand((n, *SHAPE), generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+def _latents_decoded(model: ULBaseModel, monkeypatch) -> list[torch.Tensor]:
+    """The z_0 that the decoder of `model` will be handed, in order (a spy)."""
+    handed: list[torch.Tensor] = []
+    decode = model.latents().decode_latents
+
+    def spy(z_0, *args, **kwargs):
+        handed.append(z_0)
+        return decode(z_0, *args, **kwargs)
+
+    monkeypatch.setattr(model.stage1, "decode_latents", spy)
+    return handed
+
+
 @pytest.fixture
 def built(tmp_path: Path) -> tuple[ULBase, ULBaseModel]:
     """Stage 2 on a finished stage 1 whose EMA weights are all moved off their initial values
@@ -134,14 +147,7 @@ def test_the_decoder_gets_the_context_latent_steps_noised_to_the_latent_logsnr(
 ) -> None:
     stage, model = built
     x = _clips(64, 4)
-    handed: list[torch.Tensor] = []
-    decode = model.latents().decode_latents
-
-    def spy(z_0, *args, **kwargs):
-        handed.append(z_0)
-        return decode(z_0, *args, **kwargs)
-
-    monkeypatch.setattr(model.stage1, "decode_latents", spy)
+    handed = _latents_decoded(model, monkeypatch)
     stage.sample(model, 64, None, None, torch.Generator().manual_seed(0), context=x)
     z_0 = handed[0]
     alpha, sigma = alpha_sigma(torch.tensor(model.latent_logsnr_max))
@@ -190,16 +196,9 @@ def test_a_rollout_conditions_each_round_on_the_steps_before_it(built, monkeypat
         outputs.append(chains(*args, **kwargs))
         return outputs[-1]
 
-    handed: list[torch.Tensor] = []
-    decode = model.latents().decode_latents
-
-    def spy_decode(z_0, *args, **kwargs):
-        handed.append(z_0)
-        return decode(z_0, *args, **kwargs)
-
+    handed = _latents_decoded(model, monkeypatch)
     monkeypatch.setattr(model, "base_eps", spy_eps)
     monkeypatch.setattr(ul_base, "sample_latents", spy_chain)
-    monkeypatch.setattr(model.stage1, "decode_latents", spy_decode)
     out = stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
     assert len(outputs) == len(contexts) == 3  # ceil((8 - 3) / 2) chains
     known = model.encode_clean(x)[:, :, :CONTEXT]
@@ -232,15 +231,8 @@ def test_a_noisy_context_is_the_context_z0_for_the_base_model_and_the_decoder(
         seen.append(z_context)
         return base_eps(z_t, logsnr, label, z_context)
 
-    handed: list[torch.Tensor] = []
-    decode = model.latents().decode_latents
-
-    def spy_decode(z_0, *args, **kwargs):
-        handed.append(z_0)
-        return decode(z_0, *args, **kwargs)
-
+    handed = _latents_decoded(model, monkeypatch)
     monkeypatch.setattr(model, "base_eps", spy_eps)
-    monkeypatch.setattr(model.stage1, "decode_latents", spy_decode)
     stage.sample(model, 64, None, None, torch.Generator().manual_seed(0), context=x)
     alpha, sigma = alpha_sigma(torch.tensor(model.latent_logsnr_max))
     eps = (seen[0] - alpha * model.encode_context(x)) / sigma

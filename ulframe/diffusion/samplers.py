@@ -389,6 +389,22 @@ def _exponential_step(z_t: Tensor, d: Tensor, logsnr_t: float, logsnr_s: float) 
     return (sigma_s / sigma_t) * z_t - alpha_s * math.expm1(-(logsnr_s - logsnr_t) / 2) * d
 
 
+def _two_m_estimate(
+    x_hat: Tensor,
+    earlier: tuple[float, Tensor] | None,
+    logsnr_t: float,
+    logsnr_s: float,
+    last: bool,
+) -> Tensor:
+    """The estimate ``d`` a DPM-Solver++ 2M step holds constant: ``(1 + 1 / 2r) x_hat_t -
+    (1 / 2r) x_hat_r`` with ``r = h' / h`` (``earlier = (λ_r, x_hat_r)``, the previous grid
+    point); ``x_hat`` itself (first order) without an earlier estimate and on the last step."""
+    if earlier is None or last:
+        return x_hat
+    r = (logsnr_t - earlier[0]) / (logsnr_s - logsnr_t)
+    return (1.0 + 0.5 / r) * x_hat - (0.5 / r) * earlier[1]
+
+
 # Each sampler below spells out the Sampler signature and its arguments again, deliberately: a
 # sampler's docstring stands alone in `ulframe plugins` and docs/gin_reference.md.
 @_on_grid("logsnr")
@@ -424,10 +440,7 @@ def sample_dpmpp_2m(
     earlier: tuple[float, Tensor] | None = None  # (λ_r, x_hat_r) of the previous step
     for i, logsnr_t, logsnr_s in chain.intervals():
         x_hat, _ = chain.denoise(z, i)
-        d = x_hat
-        if earlier is not None and not chain.last(i):
-            r = (logsnr_t - earlier[0]) / (logsnr_s - logsnr_t)
-            d = (1.0 + 0.5 / r) * x_hat - (0.5 / r) * earlier[1]
+        d = _two_m_estimate(x_hat, earlier, logsnr_t, logsnr_s, chain.last(i))
         z = _exponential_step(z, d, logsnr_t, logsnr_s)
         earlier = (logsnr_t, x_hat)
     return chain.result(z)
@@ -493,10 +506,7 @@ def sample_dpmpp_2m_sde(
     earlier: tuple[float, Tensor] | None = None  # (λ_r, x_hat_r) of the previous step
     for i, logsnr_t, logsnr_s in chain.intervals():
         x_hat, _ = chain.denoise(z, i)
-        d = x_hat
-        if earlier is not None and not chain.last(i):
-            r = (logsnr_t - earlier[0]) / (logsnr_s - logsnr_t)
-            d = (1.0 + 0.5 / r) * x_hat - (0.5 / r) * earlier[1]
+        d = _two_m_estimate(x_hat, earlier, logsnr_t, logsnr_s, chain.last(i))
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         z = _sde_step(z, d, logsnr_t, logsnr_s, eta, noise)
         earlier = (logsnr_t, x_hat)
