@@ -291,6 +291,14 @@ def main() -> int:
         "--num-digits", type=int, default=None, help="digits per eval clip (default: the run's)"
     )
     p.add_argument("--judge-weights", default=None, help="digit judge weights (default: shipped)")
+    p.add_argument(
+        "--gin-param",
+        action="append",
+        default=[],
+        metavar="BINDING",
+        help="a gin binding applied on top of the run's config when it is restored (repeatable): "
+        "sampling settings of a trained run, e.g. 'stage2/stages.ul_base.guidance_scale = 2.0'",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     p.add_argument(
         "--gif",
@@ -321,7 +329,9 @@ def main() -> int:
 
     config = args.workdir / trained.CONFIG_FILE
     files = trained.config_files(args.workdir) if config.is_file() else args.gin
-    run = trained.open_run(args.workdir, files, [] if config.is_file() else bindings)
+    run = trained.open_run(
+        args.workdir, files, [*([] if config.is_file() else bindings), *args.gin_param]
+    )
     sampling = run.sampling()
     if sampling is None:
         raise SystemExit(f"{args.workdir}: no stage of this run draws samples")

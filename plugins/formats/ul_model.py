@@ -97,6 +97,11 @@ def _recording(classes: Sequence[type]) -> Iterator[dict[int, dict[str, Any]]]:
                 klass.__init__ = init  # type: ignore[misc]
 
 
+def _pair(value: Any) -> tuple[float, float] | None:
+    """A JSON list of two numbers as a tuple of floats; None stays None."""
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
 def _json_value(value: Any, where: str) -> Any:
     """`value` as JSON (tuples become lists), or a UserError naming `where`."""
     if value is None or isinstance(value, bool | int | float | str):
@@ -295,6 +300,11 @@ def export(
             "context_latent_steps": int(bmodel.context_latent_steps),
             "rollout_steps": int(bmodel.rollout_steps),
             "noisy_context": bool(bmodel.noisy_context),
+            "window_steps": int(bmodel.window_steps),
+            "context_noise": _json_value(bmodel.context_noise, "context_noise"),
+            "context_noise_sample": float(bmodel.context_noise_sample),
+            "context_dropout": float(bmodel.context_dropout),
+            "anchor_context": bool(bmodel.anchor_context),
         }
         run_info["samples_seen"][stage2.name] = _done(base.stage_dir).get("samples_seen")
     evaluation = workdir / trained.EVAL_FILE
@@ -597,6 +607,11 @@ class Pretrained:
                 stage2["context_latent_steps"],
                 stage2.get("rollout_steps", 0),  # absent from files written before it
                 stage2.get("noisy_context", False),
+                stage2.get("window_steps", 0),
+                _pair(stage2.get("context_noise")),
+                stage2.get("context_noise_sample", 0.0),
+                stage2.get("context_dropout", 0.0),
+                stage2.get("anchor_context", False),
             )
             self.base_model.to(self.device, dtype).eval().requires_grad_(False)
 

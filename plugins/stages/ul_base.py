@@ -132,6 +132,11 @@ class ULBaseModel(nn.Module):
         context_latent_steps: int = 0,
         rollout_steps: int = 0,
         noisy_context: bool = False,
+        window_steps: int = 0,
+        context_noise: tuple[float, float] | None = None,
+        context_noise_sample: float = 0.0,
+        context_dropout: float = 0.0,
+        anchor_context: bool = False,
     ) -> None:
         super().__init__()
         self.stage1 = stage1.eval().requires_grad_(False)
@@ -148,6 +153,19 @@ class ULBaseModel(nn.Module):
         self.context_latent_steps = context_latent_steps
         self.rollout_steps = rollout_steps
         self.noisy_context = noisy_context
+        self.window_steps = window_steps
+        self.context_noise = context_noise
+        self.context_noise_sample = context_noise_sample
+        self.context_dropout = context_dropout
+        self.anchor_context = anchor_context
+        # With `window_steps` W the base model sees windows of W latent steps (the clip's T
+        # otherwise): its own shape, and the pixels its bits/pixel divide by.
+        steps = self.latent_shape[1] if window_steps else 0
+        if window_steps:
+            self.base_shape = (self.latent_shape[0], window_steps, *self.latent_shape[2:])
+            self.pixels = self.pixels * window_steps // steps
+        else:
+            self.base_shape = self.latent_shape
 
     def latents(self) -> LatentModel:
         """The frozen stage-1 model, as the hand-off between stages."""
@@ -179,21 +197,120 @@ class ULBaseModel(nn.Module):
         """Latent of the clip's first `context_frames` frames (the last one repeated to T)."""
         return self.encode_clean(context_clip(x, self.context_frames))
 
-    def _rollout(self, z_context: Tensor, chain: Callable[[Tensor], Tensor]) -> Tensor:
+    def _rollout(
+        self, z_context: Tensor, chain: Callable[[Tensor, Tensor, Tensor], Tensor]
+    ) -> Tensor:
         """A continuation in rounds (`rollout_steps` r > 0): each round runs one base-model chain
         conditioned on the last `context_latent_steps` m known latent steps (the context's own,
         then generated ones, as if they were a context of their own) and keeps the first r
         steps it generates, until the clip's latent is full. The model is trained on clips
         whose first m steps are given and every later one generated; a round asks it only for
-        the steps just after a context, where it is most precise. (B, C, T, H, W): the first m
-        steps are the context's (replaced by the caller), the rest generated."""
+        the steps just after a context, where it is most precise. `chain(window_context,
+        clip_context, offset)` gets the round's context, the clip's own first m steps and the
+        round's offset (B,) in latent steps from them. (B, C, T, H, W): the first m steps are
+        the context's (replaced by the caller), the rest generated."""
         m, length = self.context_latent_steps, self.latent_shape[1]
+        window = self.base_shape[1]
         known = z_context[:, :, :m]
         while known.shape[2] < length:
-            z = chain(_window_context(known, m, length))
+            offset = torch.full((known.shape[0],), known.shape[2] - m, device=known.device)
+            z = chain(_window_context(known, m, window), z_context, offset)
             take = min(self.rollout_steps, length - known.shape[2])
             known = torch.cat([known, z[:, :, m : m + take].to(known.dtype)], 2)
         return known
+
+    def _windows(
+        self, z_clean: Tensor, noise: BatchNoise | torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """With `window_steps` W: one window of W consecutive latent steps per clip of `z_clean`
+        (B, C, T, H, W), at an offset drawn uniformly from [0, T - W], and its context: the
+        window's first m = `context_latent_steps` steps, the m-th repeated to W (the latent of
+        the window's first frames, as a frame-wise encoder gives it). ((B, C, W, H, W) twice)"""
+        b, length, window = z_clean.shape[0], z_clean.shape[2], self.window_steps
+        u = BatchNoise.of(noise).rand((b,), z_clean.device)
+        offsets = (u * (length - window + 1)).long().clamp_(max=length - window)
+        steps = offsets[:, None] + torch.arange(window, device=z_clean.device)  # (B, W)
+        index = steps[:, None, :, None, None].expand(-1, z_clean.shape[1], -1, *z_clean.shape[3:])
+        z = z_clean.gather(2, index)
+        m = self.context_latent_steps
+        return z, _window_context(z[:, :, :m], m, window), offsets
+
+    def _inputs(
+        self, batch: dict[str, Tensor], noise: BatchNoise | torch.Generator
+    ) -> tuple[Tensor, Tensor | None]:
+        """(z_clean, context) the base model is trained and scored on: the clip's latent and
+        its context latent, or with `window_steps` a window of each clip and its context."""
+        z_clean = self._latents(batch)
+        given: Tensor | None
+        if self.window_steps:
+            clip = z_clean
+            z_clean, given, offsets = self._windows(z_clean, noise)
+            context = self.conditioning(self.noised_context(given, noise), clip, offsets, noise)
+        else:
+            given = self.noised_context(self._context(batch), noise)
+            context = self.conditioning(given, None, None, noise)
+        if context is not None and self.context_dropout > 0:
+            dropped = torch.zeros(context.shape[0], dtype=torch.bool, device=context.device)
+            if self.training:
+                u = BatchNoise.of(noise).rand((context.shape[0],), context.device)
+                dropped = u < self.context_dropout
+            context = self.flagged_context(context, dropped)
+        return z_clean, context
+
+    def conditioning(
+        self,
+        context: Tensor | None,
+        clip_context: Tensor | None,
+        offset: Tensor | None,
+        noise: BatchNoise | torch.Generator,
+    ) -> Tensor | None:
+        """The base model's context input from the context latent (B, C, L, H, W): augmented as
+        `context_noise` says; with `anchor_context`, followed along the
+        channels by the clip's own first m = `context_latent_steps` steps (`clip_context`,
+        clean, the m-th repeated to L) and the window's offset from them in latent steps
+        (`offset` (B,), one channel of offset / T)."""
+        context = self.augmented_context(context, noise)
+        if context is None or not self.anchor_context:
+            return context
+        if clip_context is None or offset is None:
+            raise ValueError("anchor_context needs the clip's context steps and the offset")
+        m, length = self.context_latent_steps, context.shape[2]
+        anchor = _window_context(clip_context[:, :, :m].to(context.dtype), m, length)
+        steps = self.latent_shape[1]
+        level = (offset.to(context.dtype) / steps)[:, None, None, None, None]
+        return torch.cat([context, anchor, level.expand(-1, 1, *context.shape[2:])], 1)
+
+    def flagged_context(self, context: Tensor, dropped: Tensor | bool) -> Tensor:
+        """With `context_dropout`: the context with one more channel, 1 where the context is
+        dropped (its latent zeroed: the null context of guidance) and 0 where it is given."""
+        b = context.shape[0]
+        dropped = torch.as_tensor(dropped, device=context.device).expand(b)
+        flag = dropped.to(context.dtype)[:, None, None, None, None]
+        context = torch.where(flag > 0, torch.zeros_like(context), context)
+        return torch.cat([context, flag.expand(-1, 1, *context.shape[2:])], 1)
+
+    def augmented_context(
+        self, context: Tensor | None, noise: BatchNoise | torch.Generator
+    ) -> Tensor | None:
+        """With `context_noise` (λ_lo, λ_hi): the context latent noised to a log-SNR λ_c,
+        alpha(λ_c) c + sigma(λ_c) eps, and λ_c / 10 appended as one more channel, so that the
+        base model knows how far to trust it (noise augmentation of the conditioning, as in
+        cascaded diffusion and in autoregressive video models: a model trained on noised true
+        contexts tolerates the errors of its own generated steps). λ_c is drawn per example,
+        uniform in [λ_lo, λ_hi], while training; it is `context_noise_sample` otherwise.
+        Without `context_noise`: `context` as it is."""
+        if context is None or self.context_noise is None:
+            return context
+        b, device = context.shape[0], context.device
+        if self.training:
+            lo, hi = self.context_noise
+            logsnr = lo + (hi - lo) * BatchNoise.of(noise).rand((b,), device)
+        else:
+            logsnr = torch.full((b,), float(self.context_noise_sample), device=device)
+        eps = BatchNoise.of(noise).randn(context.shape, device, context.dtype)
+        level = (logsnr / 10).to(context.dtype)[:, None, None, None, None]
+        level = level.expand(-1, 1, *context.shape[2:])
+        return torch.cat([diffuse(context, logsnr, eps), level], 1)
 
     def _context(self, batch: dict[str, Tensor]) -> Tensor | None:
         if self.context_frames == 0:
@@ -260,11 +377,10 @@ class ULBaseModel(nn.Module):
     def forward(self, batch: dict[str, Tensor], noise: BatchNoise | torch.Generator) -> ULBaseTerms:
         """The stage-2 loss terms of `batch`; `noise` draws this rank's rows (BatchNoise)."""
         noise = BatchNoise.of(noise)
-        z_clean = self._latents(batch)  # (B, Cz, *s)
+        z_clean, context = self._inputs(batch, noise)  # (B, Cz, *s)
         b = z_clean.shape[0]
         label = self._labels(batch, b, noise)
         t = noise.antithetic_t(b, z_clean.device)
-        context = self.noised_context(self._context(batch), noise)
         weighted, unweighted = self.terms(z_clean, label, t, noise, context)
         return ULBaseTerms(weighted, unweighted + self.kl1(z_clean), self.pixels)
 
@@ -273,10 +389,9 @@ class ULBaseModel(nn.Module):
         self, batch: dict[str, Tensor], generator: torch.Generator, num_t: int
     ) -> Tensor:
         """Bitrate bound of z_clean under the (conditional) base model, (B,), `num_t` t each."""
-        z_clean = self._latents(batch)
+        z_clean, context = self._inputs(batch, generator)
         b = z_clean.shape[0]
         label = self._labels(batch, b, generator)
-        context = self.noised_context(self._context(batch), generator)
         t = stratified_t(b, num_t, generator, z_clean.device)  # (B, K)
         total = torch.zeros(b, device=z_clean.device)
         for k in range(num_t):
@@ -319,26 +434,40 @@ class ULBaseModel(nn.Module):
         # decodes the chain's clean estimate there.
         final = "state" if latents.noisy_latent else "x_hat"
 
-        def chain(z_ctx: Tensor | None) -> Tensor:
-            """One base-model chain from fresh noise, conditioned on the latent `z_ctx`."""
+        def one_chain(z_ctx: Tensor | None) -> Tensor:
+            """One base-model chain from fresh noise, conditioned on `z_ctx` as it is."""
+
+            given = z_ctx
+            null_ctx = z_ctx
+            if z_ctx is not None and self.context_dropout > 0:  # guidance on the context
+                given = self.flagged_context(z_ctx, False)
+                null_ctx = self.flagged_context(z_ctx, True)
 
             def eps_cond(z_t: Tensor, logsnr: Tensor) -> Tensor:
                 label = cond_labels if cond_labels is not None else null
-                return self.base_eps(z_t, logsnr, label, z_ctx)
+                return self.base_eps(z_t, logsnr, label, given)
 
             def eps_uncond(z_t: Tensor, logsnr: Tensor) -> Tensor:
-                return self.base_eps(z_t, logsnr, null, z_ctx)
+                return self.base_eps(z_t, logsnr, null, null_ctx)
 
-            z_1 = torch.randn((n, *self.latent_shape), generator=generator, device=device)
+            z_1 = torch.randn((n, *self.base_shape), generator=generator, device=device)
             return sample_latents(
                 eps_cond, eps_uncond, z_1, self.schedule, sampler, steps, generator, guidance,
                 interval, final,
             )  # fmt: skip
 
+        def chain(
+            z_ctx: Tensor | None, clip_ctx: Tensor | None = None, offset: Tensor | None = None
+        ) -> Tensor:
+            """One base-model chain conditioned on the context latent `z_ctx` (its
+            `conditioning`: augmented, anchored)."""
+            return one_chain(self.conditioning(z_ctx, clip_ctx, offset, generator))
+
         if z_context is not None and self.context_latent_steps and self.rollout_steps:
             z = self._rollout(z_context, chain)
         else:
-            z = chain(z_context)
+            offset = None if z_context is None else torch.zeros(n, device=device)
+            z = chain(z_context, z_context, offset)
         if z_context is not None and self.context_latent_steps:
             # The first latent steps are the context's own (a frame-wise encoder): the decoder
             # gets them as in training, z_0 = alpha(λ_max) z_clean + sigma(λ_max) eps.
@@ -424,6 +553,29 @@ class ULBase:
       included) and keeps the r = `rollout_steps` steps after them, until the clip is full (a
       window sliding over time; ceil((T - m) / r) chains per continuation). 0: one chain for the
       whole clip. Training is the same either way.
+    - window_steps: train the base model on windows of W consecutive latent steps of each clip
+      (at a random offset), conditioned on the window's first m = `context_latent_steps` steps,
+      and sample in rounds of W steps (needs `rollout_steps` r with m + r <= W). The rounds use
+      only the steps right after a context; a window of m + r steps spends the base model's
+      training there, at W/T of the clip's cost per example. 0: the whole clip.
+    - context_noise: (λ_lo, λ_hi): noise augmentation of the context latent. While training,
+      the context is noised to a log-SNR drawn uniformly in [λ_lo, λ_hi] per example and the
+      base model is told the level (one more context channel); when sampling, every round's
+      context (the true steps and the generated ones alike) is noised to
+      `context_noise_sample`. A model that has learnt to read noisy true contexts tolerates the
+      small errors of its own generated steps, which otherwise compound over the rounds. None:
+      the context as it is.
+    - context_noise_sample: the context's log-SNR when sampling with `context_noise`.
+    - context_dropout: probability of replacing the context latent by the null context (zeros,
+      flagged in one more context channel) while training, so that one network is also the
+      model without context and `guidance_scale` guides on the context (and on the label,
+      when there is one): eps_null + w (eps_context - eps_null). 0: no null context.
+    - anchor_context: with `window_steps`, condition every window also on the clip's own first
+      m = `context_latent_steps` latent steps (clean; the true context's when sampling) and on
+      the window's offset from them, so that every round of a continuation sees the real
+      context frames, not only the last m steps (generated ones after the first round), and
+      knows how far it is from them. With `context_noise` only the window's context is noised,
+      not the anchor. False: the window's context alone.
     - noisy_context: condition the base model on the context's latent noised to λ_z(0) (a z_0,
       as the decoder sees latents; fresh noise in every batch) instead of z_clean, in training
       and sampling alike; the generated steps a round reads are such z_0 too. False: z_clean.
@@ -457,6 +609,11 @@ class ULBase:
     context_latent_steps: int = 0
     rollout_steps: int = 0
     noisy_context: bool = False
+    window_steps: int = 0
+    context_noise: tuple[float, float] | None = None
+    context_noise_sample: float = 4.0
+    context_dropout: float = 0.0
+    anchor_context: bool = False
     class_conditional: bool = True
     name: str = "stage2"
     _model: ULBaseModel | None = field(default=None, init=False, repr=False)
@@ -475,6 +632,31 @@ class ULBase:
             raise ConfigError(
                 f"ul_base.rollout_steps={self.rollout_steps} needs context_latent_steps > 0 "
                 f"(got {steps}) and must be >= 0"
+            )
+        window, rollout = self.window_steps, self.rollout_steps
+        if window < 0 or (window and not (rollout and steps + rollout <= window)):
+            raise ConfigError(
+                f"ul_base.window_steps={window} needs rollout_steps > 0 and context_latent_steps "
+                f"+ rollout_steps <= window_steps (got context_latent_steps={steps}, "
+                f"rollout_steps={rollout}) and must be >= 0"
+            )
+        noise = self.context_noise
+        if noise is not None:
+            if not frames or len(noise) != 2 or noise[0] > noise[1]:
+                raise ConfigError(
+                    f"ul_base.context_noise={noise} must be (λ_lo, λ_hi) with λ_lo <= λ_hi, on "
+                    f"a stage with context_frames > 0 (got {frames})"
+                )
+            self.context_noise = (float(noise[0]), float(noise[1]))
+        if not 0.0 <= self.context_dropout < 1.0 or (self.context_dropout and not frames):
+            raise ConfigError(
+                f"ul_base.context_dropout={self.context_dropout} must be in [0, 1), and > 0 only "
+                f"with context_frames > 0 (got {frames})"
+            )
+        if self.anchor_context and not window:
+            raise ConfigError(
+                "ul_base.anchor_context=True needs window_steps > 0 (the windows it anchors to "
+                f"the clip's context; got window_steps={window})"
             )
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"ul_base.label_dropout must be in [0, 1), got {self.label_dropout}")
@@ -514,11 +696,22 @@ class ULBase:
         latent_shape = tuple(latents.latent_shape)
         if self.context_latent_steps:
             self.check_latent_steps(image_shape, latent_shape[1] if len(latent_shape) == 4 else 0)
-        extra = {"context_channels": latent_shape[0]} if self.context_frames else {}
+        base_shape = latent_shape
+        if self.window_steps:
+            if self.window_steps > latent_shape[1]:
+                raise ConfigError(
+                    f"ul_base.window_steps={self.window_steps} is longer than the latent's "
+                    f"{latent_shape[1]} steps"
+                )
+            base_shape = (latent_shape[0], self.window_steps, *latent_shape[2:])
+        # the latent's channels, + the noise level, + the anchor and its offset, + the null flag
+        channels = latent_shape[0] + bool(self.context_noise) + bool(self.context_dropout)
+        channels += (latent_shape[0] + 1) * self.anchor_context
+        extra = {"context_channels": channels} if self.context_frames else {}
         num_classes = ctx.num_classes if self.class_conditional else 0
         base = check_built(
             "priors",
-            self.base(shape=latent_shape, num_classes=num_classes, **extra),
+            self.base(shape=base_shape, num_classes=num_classes, **extra),
             "ul_base.base",
         )
         schedule = self.schedule(
@@ -527,7 +720,8 @@ class ULBase:
         model = ULBaseModel(
             stage1, base, schedule, self.weighting, self.label_dropout, num_classes,
             latent_shape, image_shape, self.context_frames, self.context_latent_steps,
-            self.rollout_steps, self.noisy_context,
+            self.rollout_steps, self.noisy_context, self.window_steps, self.context_noise,
+            self.context_noise_sample, self.context_dropout, self.anchor_context,
         )  # fmt: skip
         self._model, self._stage_dir = model, ctx.stage_dir
         return model

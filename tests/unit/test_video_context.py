@@ -8,7 +8,12 @@ per frame) with weights that are not at their zero initialisation:
 (c) the decoder is handed the context's own first k latent steps (noised to λ_z(0)), the rest
     from the base model;
 (d) a context that does not fit the clips or the latent steps stops with one line;
-(e) a continuation in rounds (`rollout_steps`) conditions each round on the steps before it.
+(e) a continuation in rounds (`rollout_steps`) conditions each round on the steps before it;
+(f) a base model trained on windows (`window_steps`) sees consecutive steps of the clip at every
+    offset, with the window's own first steps as its context, and samples in rounds of windows;
+(g) noise augmentation of the context (`context_noise`) noises it and tells the base model how
+    much, in training and in every round; a null context (`context_dropout`) is trained and
+    guided on.
 """
 
 from __future__ import annotations
@@ -87,8 +92,13 @@ def _latents_decoded(model: ULBaseModel, monkeypatch) -> list[torch.Tensor]:
 
 @pytest.fixture
 def built(tmp_path: Path) -> tuple[ULBase, ULBaseModel]:
-    """Stage 2 on a finished stage 1 whose EMA weights are all moved off their initial values
-    (zero-initialised output layers included), and a base model moved off them too."""
+    return _built(tmp_path)
+
+
+def _built(tmp_path: Path, **stage2) -> tuple[ULBase, ULBaseModel]:
+    """Stage 2 (`stage2`: its settings over `_stage2`'s) on a finished stage 1 whose EMA weights
+    are all moved off their initial values (zero-initialised output layers included), and a
+    base model moved off them too."""
     stage1_dir = tmp_path / "stages" / "stage1"
     example = {"x": _clips(1, 0)[0], "label": torch.tensor(0)}
     torch.manual_seed(0)
@@ -97,7 +107,7 @@ def built(tmp_path: Path) -> tuple[ULBase, ULBaseModel]:
     checkpoint.save(
         stage1_dir / "checkpoints", 2, {"model": model.state_dict(), "ema": ema, "samples_seen": 2}
     )
-    stage = _stage2()
+    stage = _stage2(**stage2)
     ctx = BuildContext(
         example, 10, torch.device("cpu"), tmp_path / "stages" / "stage2", {"stage1": stage1_dir}
     )
@@ -244,6 +254,185 @@ def test_a_noisy_context_is_the_context_z0_for_the_base_model_and_the_decoder(
     assert noised is not None and clean is not None and not torch.allclose(noised, clean)
     model.noisy_context = False
     assert model.noised_context(clean, torch.Generator()) is clean
+
+
+# ---- a base model on windows of the clip's latent (`ul_base.window_steps`) --------------------
+def test_a_windowed_base_model_trains_on_consecutive_steps_at_every_offset(tmp_path) -> None:
+    """Each training window is W consecutive latent steps of its clip at an offset in
+    [0, T - W] (every offset drawn), its context the window's first k steps, the k-th repeated;
+    the loss and the bitrate are over the window (bits/pixel divide by its frames)."""
+    _, model = _built(tmp_path, window_steps=5, rollout_steps=1)
+    assert model.base_shape == (2, 5, 4, 4) and model.pixels == 5 * 16 * 16
+    z = torch.arange(8.0)[None, None, :, None, None].expand(64, 2, 8, 4, 4).contiguous()
+    z = z + torch.arange(64.0)[:, None, None, None, None] * 100  # step t of clip i: 100 i + t
+    windows, context, drawn = model._windows(z, torch.Generator().manual_seed(0))
+    offsets = windows[:, 0, 0, 0, 0] - torch.arange(64.0) * 100
+    assert set(offsets.long().tolist()) == {0, 1, 2, 3}  # T - W = 3
+    assert torch.equal(drawn, offsets.long())
+    for i, o in enumerate(offsets.long().tolist()):
+        assert torch.equal(windows[i], z[i, :, o : o + 5])
+        assert torch.equal(context[i, :, :CONTEXT], z[i, :, o : o + CONTEXT])
+        last = z[i, :, o + CONTEXT - 1 : o + CONTEXT].expand(-1, 5 - CONTEXT, -1, -1)
+        assert torch.equal(context[i, :, CONTEXT:], last)
+    model.train()
+    terms = model({"x": _clips(4, 8)}, torch.Generator().manual_seed(0))
+    assert terms.base_nats.shape == (4,) and torch.isfinite(terms.base_nats).all()
+    bits = model.bits_per_pixel({"x": _clips(4, 8)}, torch.Generator().manual_seed(0), 2)
+    assert bits.shape == (4,) and torch.isfinite(bits).all()
+
+
+def test_a_windowed_base_model_continues_in_rounds_of_windows(tmp_path, monkeypatch) -> None:
+    """Sampling: one chain of W steps per round, conditioned on the last k known steps, keeping
+    the step after them; the decoder gets the clip's whole latent."""
+    stage, model = _built(tmp_path, window_steps=5, rollout_steps=1)
+    x = _clips(2, 9)
+    shapes: list[tuple[int, ...]] = []
+    chains = ul_base.sample_latents
+
+    def spy_chain(eps_cond, eps_uncond, z_1, *args, **kwargs):
+        shapes.append(tuple(z_1.shape))
+        return chains(eps_cond, eps_uncond, z_1, *args, **kwargs)
+
+    handed = _latents_decoded(model, monkeypatch)
+    monkeypatch.setattr(ul_base, "sample_latents", spy_chain)
+    out = stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
+    assert shapes == [(2, 2, 5, 4, 4)] * (SHAPE[1] - CONTEXT)  # 5 rounds of one step
+    assert handed[0].shape == (2, 2, SHAPE[1], 4, 4) and out.shape == x.shape
+    assert torch.equal(out[:, :, :CONTEXT], x[:, :, :CONTEXT])
+    other = stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=-x)
+    assert not torch.allclose(out[:, :, CONTEXT:], other[:, :, CONTEXT:], atol=1e-3)
+
+
+def test_an_anchored_window_sees_the_clips_own_context_and_its_offset(
+    tmp_path, monkeypatch
+) -> None:
+    """`anchor_context`: every window is conditioned on its own first k steps, then the clip's
+    first k steps (the true context's, in every round of a continuation) and the window's
+    offset from them (offset / T); with `context_noise` the anchor stays clean."""
+    stage, model = _built(
+        tmp_path, window_steps=5, rollout_steps=1, anchor_context=True, context_noise=(1.0, 3.0)
+    )
+    z = torch.randn((64, 2, 8, 4, 4), generator=torch.Generator().manual_seed(0))
+    model.train()
+    windows, context = model._inputs({"z": z}, torch.Generator().manual_seed(1))
+    assert context is not None and context.shape == (64, 2 + 1 + 2 + 1, 5, 4, 4)
+    anchor = torch.cat(
+        [z[:, :, :CONTEXT], z[:, :, CONTEXT - 1 : CONTEXT].expand(-1, -1, 2, -1, -1)], 2
+    )
+    assert torch.equal(context[:, 3:5], anchor)  # clean, whatever the window's noise
+    offsets = (context[:, 5, 0, 0, 0] * 8).round().long()
+    for i, o in enumerate(offsets.tolist()):
+        assert torch.equal(windows[i], z[i, :, o : o + 5])
+    assert set(offsets.tolist()) == {0, 1, 2, 3}
+    model.eval()
+    seen: list[torch.Tensor] = []
+    base_eps = model.base_eps
+
+    def spy_eps(z_t, logsnr, label, z_context):
+        if not seen or not torch.equal(seen[-1], z_context):
+            seen.append(z_context.clone())
+        return base_eps(z_t, logsnr, label, z_context)
+
+    monkeypatch.setattr(model, "base_eps", spy_eps)
+    x = _clips(2, 11)
+    stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
+    true = model.encode_context(x)[:, :, :CONTEXT]
+    assert len(seen) == SHAPE[1] - CONTEXT
+    for k, c in enumerate(seen):  # round k: the true context, offset k
+        assert torch.equal(c[:, 3:5, :CONTEXT], true), k
+        assert torch.allclose(c[:, 5], torch.full_like(c[:, 5], k / 8)), k
+    with pytest.raises(ConfigError, match=r"anchor_context=True needs window_steps > 0"):
+        _stage2(anchor_context=True, rollout_steps=1)
+
+
+def test_a_window_that_does_not_fit_stops_with_one_line(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"window_steps=5 needs rollout_steps > 0"):
+        _stage2(window_steps=5)
+    with pytest.raises(ConfigError, match=r"context_latent_steps \+ rollout_steps <= window"):
+        _stage2(window_steps=4, rollout_steps=2)
+    with pytest.raises(ConfigError, match=r"window_steps=9 is longer than the latent's 8 steps"):
+        _built(tmp_path, window_steps=9, rollout_steps=1)
+
+
+def test_context_noise_augments_the_context_and_tells_the_level(tmp_path, monkeypatch) -> None:
+    """`context_noise`: in training the context is noised to a log-SNR drawn in [lo, hi] per
+    example and the level is one more channel (λ / 10); when sampling every round's context
+    (true and generated steps) is noised to `context_noise_sample`."""
+    stage, model = _built(
+        tmp_path, window_steps=5, rollout_steps=1, context_noise=(1.0, 3.0),
+        context_noise_sample=2.0,
+    )  # fmt: skip
+    clean = torch.randn((256, 2, 5, 4, 4), generator=torch.Generator().manual_seed(0))
+    model.train()
+    noised = model.augmented_context(clean, torch.Generator().manual_seed(1))
+    assert noised.shape == (256, 3, 5, 4, 4)
+    level = noised[:, 2, 0, 0, 0] * 10
+    assert torch.equal(noised[:, 2], noised[:, 2, :1, :1, :1].expand(-1, 5, 4, 4))
+    assert float(level.min()) >= 1.0 and float(level.max()) <= 3.0
+    assert float(level.max() - level.min()) > 1.5  # drawn, not fixed
+    alpha, sigma = alpha_sigma(level)
+    eps = (noised[:, :2] - alpha[:, None, None, None, None] * clean) / sigma[
+        :, None, None, None, None
+    ]
+    assert abs(float(eps.mean())) < 0.02 and abs(float(eps.std()) - 1) < 0.02
+    model.eval()
+    fixed = model.augmented_context(clean, torch.Generator().manual_seed(1))
+    assert torch.allclose(fixed[:, 2], torch.full_like(fixed[:, 2], 0.2))
+    seen: list[torch.Tensor] = []
+    base_eps = model.base_eps
+
+    def spy_eps(z_t, logsnr, label, z_context):
+        if not seen or not torch.equal(seen[-1], z_context):
+            seen.append(z_context.clone())
+        return base_eps(z_t, logsnr, label, z_context)
+
+    monkeypatch.setattr(model, "base_eps", spy_eps)
+    x = _clips(2, 10)
+    stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
+    assert len(seen) == SHAPE[1] - CONTEXT and all(c.shape[1] == 3 for c in seen)
+    true = model.encode_clean(x)[:, :, :CONTEXT]
+    alpha, sigma = alpha_sigma(torch.tensor(2.0))
+    assert not torch.allclose(seen[0][:, :2, :CONTEXT], true)  # noised ...
+    assert float(((seen[0][:, :2, :CONTEXT] - alpha * true) / sigma).std()) < 2  # ... to λ = 2
+    with pytest.raises(ConfigError, match=r"context_noise=\(3.0, 1.0\) must be"):
+        _stage2(context_noise=(3.0, 1.0))
+    with pytest.raises(ConfigError, match=r"context_noise=.* context_frames > 0"):
+        _stage2(context_noise=(1.0, 3.0), context_frames=0, context_latent_steps=0)
+
+
+def test_context_dropout_trains_a_null_context_and_guides_on_the_context(
+    tmp_path, monkeypatch
+) -> None:
+    """`context_dropout` p: in training a fraction p of the contexts is zeroed and flagged in
+    one more channel; sampling with guidance w calls the model with the context and with the
+    null context and combines them eps_null + w (eps_context - eps_null)."""
+    stage, model = _built(tmp_path, window_steps=5, rollout_steps=1, context_dropout=0.25)
+    model.train()
+    _, context = model._inputs({"x": _clips(400, 11)}, torch.Generator().manual_seed(0))
+    assert context is not None and context.shape[1] == 3
+    flag = context[:, 2, 0, 0, 0]
+    assert set(flag.tolist()) == {0.0, 1.0} and 0.18 < float(flag.mean()) < 0.32
+    assert torch.equal(context[:, 2], flag[:, None, None, None].expand(-1, 5, 4, 4))
+    assert float(context[flag == 1, :2].abs().sum()) == 0.0
+    assert float(context[flag == 0, :2].abs().min(1).values.sum()) > 0.0
+    model.eval()
+    calls: list[float] = []
+    base_eps = model.base_eps
+
+    def spy_eps(z_t, logsnr, label, z_context):
+        calls.append(float(z_context[:, 2].mean()))
+        return base_eps(z_t, logsnr, label, z_context)
+
+    monkeypatch.setattr(model, "base_eps", spy_eps)
+    x = _clips(2, 12)
+    one = stage.sample(model, 2, None, 1.0, torch.Generator().manual_seed(0), context=x)
+    assert set(calls) == {0.0}  # guidance 1: the conditional model alone
+    calls.clear()
+    guided = stage.sample(model, 2, None, 3.0, torch.Generator().manual_seed(0), context=x)
+    assert calls.count(0.0) == calls.count(1.0) > 0  # with and without the context
+    assert not torch.allclose(one, guided)
+    with pytest.raises(ConfigError, match=r"context_dropout=1.5 must be in \[0, 1\)"):
+        _stage2(context_dropout=1.5)
 
 
 def test_rollout_steps_without_a_latent_context_stop_with_one_line() -> None:
