@@ -49,11 +49,13 @@ IMAGE = (
     "stage2/stages.ul_base.guidance_interval = (-10.0, 4.0)",
     "stage2/stages.ul_base.decoder_sample_steps = 3",
 )  # fmt: skip
-# gin/quickstart_video.gin at seconds' size: 4 frames of 16x16, 2 of them the context.
+# gin/quickstart_video.gin at seconds' size: 4 frames of 16x16, 2 of them the context, windows
+# of 3 latent steps.
 VIDEO = (
     NO_MFU,
     "datasets.moving_digits.resolution = 16",
     "datasets.moving_digits.num_frames = 4",
+    "stage2/stages.ul_base.window_steps = 3",
     "datasets.moving_digits.clips_per_epoch = 8",
     "datasets.moving_digits.eval_clips = 4",
     "CONTEXT_FRAMES = 2",
