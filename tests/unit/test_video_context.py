@@ -90,6 +90,21 @@ def _latents_decoded(model: ULBaseModel, monkeypatch) -> list[torch.Tensor]:
     return handed
 
 
+def _contexts_seen(model: ULBaseModel, monkeypatch) -> list[torch.Tensor]:
+    """The distinct contexts the base model of `model` is called with, in order (a spy: one
+    entry per chain, since a chain's calls share their context)."""
+    seen: list[torch.Tensor] = []
+    base_eps = model.base_eps
+
+    def spy_eps(z_t, logsnr, label, z_context):
+        if not seen or not torch.equal(seen[-1], z_context):
+            seen.append(z_context.clone())
+        return base_eps(z_t, logsnr, label, z_context)
+
+    monkeypatch.setattr(model, "base_eps", spy_eps)
+    return seen
+
+
 @pytest.fixture
 def built(tmp_path: Path) -> tuple[ULBase, ULBaseModel]:
     return _built(tmp_path)
@@ -191,15 +206,7 @@ def test_a_rollout_conditions_each_round_on_the_steps_before_it(built, monkeypat
     model.rollout_steps = 2
     x = _clips(2, 5)
     length = model.latent_shape[1]  # 8 steps; k = 3: rounds keep 2, 2, 1
-    contexts: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
-    base_eps = model.base_eps
-
-    def spy_eps(z_t, logsnr, label, z_context):
-        if not contexts or not torch.equal(contexts[-1], z_context):
-            contexts.append(z_context.clone())
-        return base_eps(z_t, logsnr, label, z_context)
-
     chains = ul_base.sample_latents
 
     def spy_chain(*args, **kwargs):
@@ -207,7 +214,7 @@ def test_a_rollout_conditions_each_round_on_the_steps_before_it(built, monkeypat
         return outputs[-1]
 
     handed = _latents_decoded(model, monkeypatch)
-    monkeypatch.setattr(model, "base_eps", spy_eps)
+    contexts = _contexts_seen(model, monkeypatch)
     monkeypatch.setattr(ul_base, "sample_latents", spy_chain)
     out = stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
     assert len(outputs) == len(contexts) == 3  # ceil((8 - 3) / 2) chains
@@ -325,15 +332,7 @@ def test_an_anchored_window_sees_the_clips_own_context_and_its_offset(
         assert torch.equal(windows[i], z[i, :, o : o + 5])
     assert set(offsets.tolist()) == {0, 1, 2, 3}
     model.eval()
-    seen: list[torch.Tensor] = []
-    base_eps = model.base_eps
-
-    def spy_eps(z_t, logsnr, label, z_context):
-        if not seen or not torch.equal(seen[-1], z_context):
-            seen.append(z_context.clone())
-        return base_eps(z_t, logsnr, label, z_context)
-
-    monkeypatch.setattr(model, "base_eps", spy_eps)
+    seen = _contexts_seen(model, monkeypatch)
     x = _clips(2, 11)
     stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
     true = model.encode_context(x)[:, :, :CONTEXT]
@@ -378,15 +377,7 @@ def test_context_noise_augments_the_context_and_tells_the_level(tmp_path, monkey
     model.eval()
     fixed = model.augmented_context(clean, torch.Generator().manual_seed(1))
     assert torch.allclose(fixed[:, 2], torch.full_like(fixed[:, 2], 0.2))
-    seen: list[torch.Tensor] = []
-    base_eps = model.base_eps
-
-    def spy_eps(z_t, logsnr, label, z_context):
-        if not seen or not torch.equal(seen[-1], z_context):
-            seen.append(z_context.clone())
-        return base_eps(z_t, logsnr, label, z_context)
-
-    monkeypatch.setattr(model, "base_eps", spy_eps)
+    seen = _contexts_seen(model, monkeypatch)
     x = _clips(2, 10)
     stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
     assert len(seen) == SHAPE[1] - CONTEXT and all(c.shape[1] == 3 for c in seen)
