@@ -160,12 +160,8 @@ class ULBaseModel(nn.Module):
         self.anchor_context = anchor_context
         # With `window_steps` W the base model sees windows of W latent steps (the clip's T
         # otherwise): its own shape, and the pixels its bits/pixel divide by.
-        steps = self.latent_shape[1] if window_steps else 0
-        if window_steps:
-            self.base_shape = (self.latent_shape[0], window_steps, *self.latent_shape[2:])
-            self.pixels = self.pixels * window_steps // steps
-        else:
-            self.base_shape = self.latent_shape
+        self.base_shape = base_shape(self.latent_shape, window_steps)
+        self.pixels = self.pixels * self.base_shape[1] // self.latent_shape[1]
 
     def latents(self) -> LatentModel:
         """The frozen stage-1 model, as the hand-off between stages."""
@@ -241,14 +237,14 @@ class ULBaseModel(nn.Module):
         """(z_clean, context) the base model is trained and scored on: the clip's latent and
         its context latent, or with `window_steps` a window of each clip and its context."""
         z_clean = self._latents(batch)
-        given: Tensor | None
+        context: Tensor | None
+        clip, offsets = None, None
         if self.window_steps:
             clip = z_clean
-            z_clean, given, offsets = self._windows(z_clean, noise)
-            context = self.conditioning(self.noised_context(given, noise), clip, offsets, noise)
+            z_clean, context, offsets = self._windows(z_clean, noise)
         else:
-            given = self.noised_context(self._context(batch), noise)
-            context = self.conditioning(given, None, None, noise)
+            context = self._context(batch)
+        context = self.conditioning(self.noised_context(context, noise), clip, offsets, noise)
         if context is not None and self.context_dropout > 0:
             dropped = torch.zeros(context.shape[0], dtype=torch.bool, device=context.device)
             if self.training:
@@ -465,9 +461,8 @@ class ULBaseModel(nn.Module):
 
         if z_context is not None and self.context_latent_steps and self.rollout_steps:
             z = self._rollout(z_context, chain)
-        else:
-            offset = None if z_context is None else torch.zeros(n, device=device)
-            z = chain(z_context, z_context, offset)
+        else:  # (no anchor: it needs windows, and windows rounds)
+            z = chain(z_context)
         if z_context is not None and self.context_latent_steps:
             # The first latent steps are the context's own (a frame-wise encoder): the decoder
             # gets them as in training, z_0 = alpha(λ_max) z_clean + sigma(λ_max) eps.
@@ -486,6 +481,13 @@ class ULBaseModel(nn.Module):
         if context is not None and self.context_frames:
             x[:, :, : self.context_frames] = context[:, :, : self.context_frames].to(x.dtype)
         return x
+
+
+def base_shape(latent_shape: Sequence[int], window_steps: int) -> tuple[int, ...]:
+    """The base model's input shape: the latent's (C, T, *grid), or with `window_steps` W > 0 a
+    window of it, (C, W, *grid)."""
+    shape = tuple(latent_shape)
+    return (shape[0], window_steps, *shape[2:]) if window_steps else shape
 
 
 def _window_context(known: Tensor, steps: int, length: int) -> Tensor:
@@ -562,9 +564,9 @@ class ULBase:
       the context is noised to a log-SNR drawn uniformly in [λ_lo, λ_hi] per example and the
       base model is told the level (one more context channel); when sampling, every round's
       context (the true steps and the generated ones alike) is noised to
-      `context_noise_sample`. A model that has learnt to read noisy true contexts tolerates the
-      small errors of its own generated steps, which otherwise compound over the rounds. None:
-      the context as it is.
+      `context_noise_sample`. Meant to let a model that reads noisy true contexts tolerate the
+      errors of its own generated steps; on Moving-Digits it made the continuations worse
+      (docs/method.md, "Video"). None: the context as it is.
     - context_noise_sample: the context's log-SNR when sampling with `context_noise`.
     - context_dropout: probability of replacing the context latent by the null context (zeros,
       flagged in one more context channel) while training, so that one network is also the
@@ -575,7 +577,8 @@ class ULBase:
       the window's offset from them, so that every round of a continuation sees the real
       context frames, not only the last m steps (generated ones after the first round), and
       knows how far it is from them. With `context_noise` only the window's context is noised,
-      not the anchor. False: the window's context alone.
+      not the anchor. On Moving-Digits the model did not use it (docs/method.md, "Video").
+      False: the window's context alone.
     - noisy_context: condition the base model on the context's latent noised to λ_z(0) (a z_0,
       as the decoder sees latents; fresh noise in every batch) instead of z_clean, in training
       and sampling alike; the generated steps a round reads are such z_0 too. False: z_clean.
@@ -696,14 +699,11 @@ class ULBase:
         latent_shape = tuple(latents.latent_shape)
         if self.context_latent_steps:
             self.check_latent_steps(image_shape, latent_shape[1] if len(latent_shape) == 4 else 0)
-        base_shape = latent_shape
-        if self.window_steps:
-            if self.window_steps > latent_shape[1]:
-                raise ConfigError(
-                    f"ul_base.window_steps={self.window_steps} is longer than the latent's "
-                    f"{latent_shape[1]} steps"
-                )
-            base_shape = (latent_shape[0], self.window_steps, *latent_shape[2:])
+        if self.window_steps and self.window_steps > latent_shape[1]:
+            raise ConfigError(
+                f"ul_base.window_steps={self.window_steps} is longer than the latent's "
+                f"{latent_shape[1]} steps"
+            )
         # the latent's channels, + the noise level, + the anchor and its offset, + the null flag
         channels = latent_shape[0] + bool(self.context_noise) + bool(self.context_dropout)
         channels += (latent_shape[0] + 1) * self.anchor_context
@@ -711,7 +711,9 @@ class ULBase:
         num_classes = ctx.num_classes if self.class_conditional else 0
         base = check_built(
             "priors",
-            self.base(shape=base_shape, num_classes=num_classes, **extra),
+            self.base(
+                shape=base_shape(latent_shape, self.window_steps), num_classes=num_classes, **extra
+            ),
             "ul_base.base",
         )
         schedule = self.schedule(
