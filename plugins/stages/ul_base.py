@@ -137,6 +137,11 @@ class ULBaseModel(nn.Module):
         context_noise_sample: float = 0.0,
         context_dropout: float = 0.0,
         anchor_context: bool = False,
+        rollout_training: float = 0.0,
+        rollout_training_rounds: int = 1,
+        rollout_training_steps: int = 8,
+        rollout_training_sampler: Callable[..., Tensor] = sample_ddim,
+        rollout_training_target: str = "clip",
     ) -> None:
         super().__init__()
         self.stage1 = stage1.eval().requires_grad_(False)
@@ -158,6 +163,11 @@ class ULBaseModel(nn.Module):
         self.context_noise_sample = context_noise_sample
         self.context_dropout = context_dropout
         self.anchor_context = anchor_context
+        self.rollout_training = rollout_training
+        self.rollout_training_rounds = rollout_training_rounds
+        self.rollout_training_steps = rollout_training_steps
+        self.rollout_training_sampler = rollout_training_sampler
+        self.rollout_training_target = rollout_training_target
         # With `window_steps` W the base model sees windows of W latent steps (the clip's T
         # otherwise): its own shape, and the pixels its bits/pixel divide by.
         self.base_shape = base_shape(self.latent_shape, window_steps)
@@ -225,11 +235,69 @@ class ULBaseModel(nn.Module):
         b, length, window = z_clean.shape[0], z_clean.shape[2], self.window_steps
         u = BatchNoise.of(noise).rand((b,), z_clean.device)
         offsets = (u * (length - window + 1)).long().clamp_(max=length - window)
-        steps = offsets[:, None] + torch.arange(window, device=z_clean.device)  # (B, W)
-        index = steps[:, None, :, None, None].expand(-1, z_clean.shape[1], -1, *z_clean.shape[3:])
-        z = z_clean.gather(2, index)
+        z = _steps(z_clean, offsets, window)
         m = self.context_latent_steps
         return z, _window_context(z[:, :, :m], m, window), offsets
+
+    def _rolled_windows(
+        self, z_clean: Tensor, label: Tensor, noise: BatchNoise | torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`_windows` with `rollout_training` p: a fraction p of the windows (drawn per example)
+        is conditioned on a context that ends in the base model's own steps, as a continuation's
+        later rounds are. For such a window at offset o, R = `rollout_training_rounds` rounds
+        run first from the true steps before it: round i is one base-model chain
+        (`rollout_training_sampler`, `rollout_training_steps` steps, no gradient) conditioned on
+        the last m known steps, and keeps the r = `rollout_steps` steps after them; the window
+        is then conditioned on the last m known steps (its last min(m, R r) generated) and
+        trained to denoise the clip's true steps o .. o + W - 1. The model learns to continue
+        from its own slightly wrong steps back towards the clip, the errors that compound over
+        a continuation's rounds. ((B, C, W, H, W) twice, offsets (B,))"""
+        noise = BatchNoise.of(noise)
+        b, length, device = z_clean.shape[0], z_clean.shape[2], z_clean.device
+        window, m, r = self.window_steps, self.context_latent_steps, self.rollout_steps
+        ahead = self.rollout_training_rounds * r  # generated steps before a rolled window
+        u = noise.rand((b,), device)
+        rolled = noise.rand((b,), device) < self.rollout_training
+        plain = (u * (length - window + 1)).long().clamp_(max=length - window)
+        start = (u * (length - window - ahead + 1)).long().clamp_(max=length - window - ahead)
+        offsets = torch.where(rolled, start + ahead, plain)
+        z = _steps(z_clean, offsets, window)
+        context = _window_context(z[:, :, :m], m, window)
+        # Every rank draws the chains' starting noise for the global batch (BatchNoise) and one
+        # seed for their step noise; the rows a rank rolls out are its own.
+        z_1 = noise.randn((b, self.rollout_training_rounds, *self.base_shape), device)
+        seed = int(torch.randint(2**62, (1,), generator=noise.generator).item())
+        rows = rolled.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return z, context, offsets
+        generator = torch.Generator(device).manual_seed(seed)
+        known = _steps(z_clean[rows], start[rows], m)  # the true steps the rounds start from
+        with torch.no_grad():
+            for i in range(self.rollout_training_rounds):
+                z_round = self._training_chain(
+                    _window_context(known, m, window), label[rows], z_1[rows, i], generator
+                )
+                known = torch.cat([known, z_round[:, :, m : m + r].to(known.dtype)], 2)[:, :, -m:]
+        context = context.clone()
+        context[rows] = _window_context(known, m, window)
+        if self.rollout_training_target == "given":
+            z[rows, :, :m] = known.to(z.dtype)
+        return z, context, offsets
+
+    def _training_chain(
+        self, context: Tensor, label: Tensor, z_1: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """One base-model chain from `z_1` conditioned on `context`, as a continuation's round
+        runs it (the chain's state at λ_z(0) for UL), for `rollout_training`."""
+
+        def eps_fn(z_t: Tensor, logsnr: Tensor) -> Tensor:
+            return self.base_eps(z_t, logsnr, label, context)
+
+        final = "state" if self.latents().noisy_latent else "x_hat"
+        return sample_latents(
+            eps_fn, eps_fn, z_1, self.schedule, self.rollout_training_sampler,
+            self.rollout_training_steps, generator, 1.0, None, final,
+        )  # fmt: skip
 
     def _inputs(
         self, batch: dict[str, Tensor], noise: BatchNoise | torch.Generator
@@ -239,7 +307,11 @@ class ULBaseModel(nn.Module):
         z_clean = self._latents(batch)
         context: Tensor | None
         clip, offsets = None, None
-        if self.window_steps:
+        if self.window_steps and self.training and self.rollout_training > 0:
+            clip = z_clean
+            label = self._labels(batch, z_clean.shape[0], None)
+            z_clean, context, offsets = self._rolled_windows(z_clean, label, noise)
+        elif self.window_steps:
             clip = z_clean
             z_clean, context, offsets = self._windows(z_clean, noise)
         else:
@@ -335,14 +407,16 @@ class ULBaseModel(nn.Module):
         return batch["z"].float() if "z" in batch else self.encode_clean(batch["x"])
 
     def _labels(
-        self, batch: dict[str, Tensor], b: int, noise: BatchNoise | torch.Generator
+        self, batch: dict[str, Tensor], b: int, noise: BatchNoise | torch.Generator | None
     ) -> Tensor:
+        """The labels of `batch` (B,), the null label where there are none; while training
+        each is dropped with probability `label_dropout` (not without `noise`)."""
         device = next(iter(batch.values())).device
         label = batch.get("label")
         if label is None or self.num_classes == 0:
             return self.null_labels(b, device)
         label = label.long()
-        if self.training and self.label_dropout > 0:
+        if self.training and self.label_dropout > 0 and noise is not None:
             drop = BatchNoise.of(noise).rand((b,), device) < self.label_dropout
             label = torch.where(drop, self.null_labels(b, device), label)
         return label
@@ -490,6 +564,14 @@ def base_shape(latent_shape: Sequence[int], window_steps: int) -> tuple[int, ...
     return (shape[0], window_steps, *shape[2:]) if window_steps else shape
 
 
+def _steps(z: Tensor, offsets: Tensor, steps: int) -> Tensor:
+    """`steps` consecutive latent steps of each clip of `z` (B, C, T, H, W) from its offset
+    (B,): (B, C, steps, H, W)."""
+    index = offsets[:, None] + torch.arange(steps, device=z.device)  # (B, steps)
+    index = index[:, None, :, None, None].expand(-1, z.shape[1], -1, *z.shape[3:])
+    return z.gather(2, index)
+
+
 def _window_context(known: Tensor, steps: int, length: int) -> Tensor:
     """The base model's context from the last `steps` latent steps of `known` (B, C, T', H, W):
     those steps, the last one repeated up to `length` steps, as `encode_context` builds it."""
@@ -579,6 +661,20 @@ class ULBase:
       knows how far it is from them. With `context_noise` only the window's context is noised,
       not the anchor. On Moving-Digits the model did not use it (docs/method.md, "Video").
       False: the window's context alone.
+    - rollout_training: with `window_steps`, the fraction of training windows conditioned on
+      a context that ends in the base model's own steps: `rollout_training_rounds` rounds of a
+      continuation run first (no gradient) from the true steps before the window, and the
+      window learns the clip's true steps from the context they leave (its last steps
+      generated, as in a continuation's later rounds). Meant to teach the model to correct
+      its own drift; each rolled window costs `rollout_training_rounds` ×
+      `rollout_training_steps` more forward passes (docs/method.md, "Video"). 0: true contexts.
+    - rollout_training_rounds: the rounds run before a rolled window (each keeps
+      `rollout_steps` steps).
+    - rollout_training_steps: the base-model steps of each of those chains, with the stage's
+      `sampler`.
+    - rollout_training_target: what a rolled window learns at its context's steps: "clip", the
+      clip's true steps (the model is asked to correct the steps it generated); "given", the
+      context's steps as given (generated ones included), the clip's true steps after them.
     - noisy_context: condition the base model on the context's latent noised to λ_z(0) (a z_0,
       as the decoder sees latents; fresh noise in every batch) instead of z_clean, in training
       and sampling alike; the generated steps a round reads are such z_0 too. False: z_clean.
@@ -617,6 +713,10 @@ class ULBase:
     context_noise_sample: float = 4.0
     context_dropout: float = 0.0
     anchor_context: bool = False
+    rollout_training: float = 0.0
+    rollout_training_rounds: int = 1
+    rollout_training_steps: int = 8
+    rollout_training_target: str = "clip"
     class_conditional: bool = True
     name: str = "stage2"
     _model: ULBaseModel | None = field(default=None, init=False, repr=False)
@@ -661,6 +761,28 @@ class ULBase:
                 "ul_base.anchor_context=True needs window_steps > 0 (the windows it anchors to "
                 f"the clip's context; got window_steps={window})"
             )
+        if not 0.0 <= self.rollout_training <= 1.0 or (self.rollout_training and not window):
+            raise ConfigError(
+                f"ul_base.rollout_training={self.rollout_training} must be in [0, 1], and > 0 "
+                f"only with window_steps > 0 (got {window})"
+            )
+        if self.rollout_training and (
+            self.context_noise is not None or self.context_dropout or self.anchor_context
+        ):
+            raise ConfigError(
+                "ul_base.rollout_training is not combined with context_noise, context_dropout "
+                "or anchor_context: the rounds it runs condition on the context as it is"
+            )
+        if self.rollout_training_target not in ("clip", "given"):
+            raise ConfigError(
+                "ul_base.rollout_training_target must be 'clip' or 'given', got "
+                f"{self.rollout_training_target!r}"
+            )
+        if self.rollout_training_rounds < 1 or self.rollout_training_steps < 1:
+            raise ConfigError(
+                "ul_base.rollout_training_rounds and rollout_training_steps must be >= 1, got "
+                f"{self.rollout_training_rounds} and {self.rollout_training_steps}"
+            )
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"ul_base.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.latent_cache_format not in latent_cache.CACHE_FORMATS:
@@ -704,6 +826,13 @@ class ULBase:
                 f"ul_base.window_steps={self.window_steps} is longer than the latent's "
                 f"{latent_shape[1]} steps"
             )
+        ahead = self.rollout_training_rounds * self.rollout_steps if self.rollout_training else 0
+        if self.window_steps and self.window_steps + ahead > latent_shape[1]:
+            raise ConfigError(
+                f"ul_base.rollout_training_rounds={self.rollout_training_rounds} rounds of "
+                f"rollout_steps={self.rollout_steps} before a window of window_steps="
+                f"{self.window_steps} need more than the latent's {latent_shape[1]} steps"
+            )
         # the latent's channels, + the noise level, + the anchor and its offset, + the null flag
         channels = latent_shape[0] + bool(self.context_noise) + bool(self.context_dropout)
         channels += (latent_shape[0] + 1) * self.anchor_context
@@ -724,6 +853,8 @@ class ULBase:
             latent_shape, image_shape, self.context_frames, self.context_latent_steps,
             self.rollout_steps, self.noisy_context, self.window_steps, self.context_noise,
             self.context_noise_sample, self.context_dropout, self.anchor_context,
+            self.rollout_training, self.rollout_training_rounds, self.rollout_training_steps,
+            self.sampler, self.rollout_training_target,
         )  # fmt: skip
         self._model, self._stage_dir = model, ctx.stage_dir
         return model

@@ -13,7 +13,9 @@ per frame) with weights that are not at their zero initialisation:
     offset, with the window's own first steps as its context, and samples in rounds of windows;
 (g) noise augmentation of the context (`context_noise`) noises it and tells the base model how
     much, in training and in every round; a null context (`context_dropout`) is trained and
-    guided on.
+    guided on;
+(h) training on the model's own rounds (`rollout_training`) conditions a window on the steps
+    the base model generated from the true steps before it.
 """
 
 from __future__ import annotations
@@ -489,3 +491,57 @@ def test_decoder_context_frames_that_do_not_fit_stop_with_one_line(tmp_path: Pat
             _stage1_with_decoder_context(frames).build(
                 BuildContext({"x": x, "label": torch.tensor(0)}, 10, torch.device("cpu"), tmp_path)
             )
+
+
+# ---- training on the model's own rounds (`ul_base.rollout_training`) -------------------------
+def test_rollout_training_conditions_windows_on_the_models_own_steps(tmp_path, monkeypatch) -> None:
+    """`rollout_training = 1`: before every training window at offset o the base model runs
+    R = 2 rounds of a continuation (one chain each, no gradient) from the clip's true steps
+    o - 2 .. o; the window learns the clip's true steps o .. o + W - 1 from a context of its
+    first true step and the 2 generated after it ("given": the context's steps as they are, then
+    the clip's). In evaluation the context is the true one."""
+    _, model = _built(
+        tmp_path, window_steps=5, rollout_steps=1, rollout_training=1.0,
+        rollout_training_rounds=2, rollout_training_steps=2,
+    )  # fmt: skip
+    z = torch.arange(8.0)[None, None, :, None, None].expand(64, 2, 8, 4, 4).contiguous()
+    z = z + torch.arange(64.0)[:, None, None, None, None] * 100  # step t of clip i: 100 i + t
+    seen = _contexts_seen(model, monkeypatch)
+    model.train()
+    windows, context = model._inputs({"z": z}, torch.Generator().manual_seed(0))
+    assert context is not None and not context.requires_grad
+    offsets = (windows[:, 0, 0, 0, 0] - torch.arange(64.0) * 100).long()
+    assert set(offsets.tolist()) == {2, 3}  # 2 rounds before a window of 5 in 8 steps
+    assert len(seen) == 2  # one chain per round, every clip's in one batch
+    for i, o in enumerate(offsets.tolist()):
+        assert torch.equal(windows[i], z[i, :, o : o + 5])
+        assert torch.equal(context[i, :, 0], z[i, :, o])  # the window's first step is true
+        generated = context[i, :, 1:CONTEXT]
+        assert (generated - z[i, :, o + 1 : o + CONTEXT]).abs().min() > 1  # the model's own
+        last = context[i, :, CONTEXT - 1 : CONTEXT].expand(-1, 5 - CONTEXT, -1, -1)
+        assert torch.equal(context[i, :, CONTEXT:], last)  # the last step repeated
+        assert torch.equal(seen[0][i, :, :CONTEXT], z[i, :, o - 2 : o + 1])  # round 1: true
+        assert torch.equal(seen[1][i, :, : CONTEXT - 1], z[i, :, o - 1 : o + 1])  # round 2
+        assert torch.equal(seen[1][i, :, CONTEXT - 1], context[i, :, 1])  # round 1's step
+    terms = model({"z": z[:4]}, torch.Generator().manual_seed(0))
+    assert terms.base_nats.shape == (4,) and torch.isfinite(terms.base_nats).all()
+    # "given": the window learns its context's steps as given, the clip's true steps after
+    model.rollout_training_target = "given"
+    given, context = model._inputs({"z": z}, torch.Generator().manual_seed(0))
+    assert context is not None and torch.equal(given[:, :, :CONTEXT], context[:, :, :CONTEXT])
+    assert torch.equal(given[:, :, CONTEXT:], windows[:, :, CONTEXT:])  # same draws, true steps
+    model.eval()
+    windows, context = model._inputs({"z": z}, torch.Generator().manual_seed(0))
+    assert context is not None and torch.equal(context[:, :, :CONTEXT], windows[:, :, :CONTEXT])
+
+
+def test_rollout_training_settings_that_cannot_work_stop_at_config_time(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"rollout_training=0.5 must be in \[0, 1\], and > 0"):
+        _stage2(rollout_training=0.5)  # no windows
+    with pytest.raises(ConfigError, match=r"rollout_training is not combined with"):
+        _stage2(window_steps=5, rollout_steps=1, rollout_training=0.5, anchor_context=True)
+    with pytest.raises(ConfigError, match=r"rollout_training_rounds and rollout_training_steps"):
+        _stage2(window_steps=5, rollout_steps=1, rollout_training=0.5, rollout_training_steps=0)
+    with pytest.raises(ConfigError, match=r"need more than the latent's 8 steps"):
+        _built(tmp_path, window_steps=5, rollout_steps=1, rollout_training=0.5,
+               rollout_training_rounds=4)  # fmt: skip
