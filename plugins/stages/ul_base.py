@@ -249,20 +249,18 @@ class ULBaseModel(nn.Module):
         (`rollout_training_sampler`, `rollout_training_steps` steps, no gradient) conditioned on
         the last m known steps, and keeps the r = `rollout_steps` steps after them; the window
         is then conditioned on the last m known steps (its last min(m, R r) generated) and
-        trained to denoise the clip's true steps o .. o + W - 1. The model learns to continue
-        from its own slightly wrong steps back towards the clip, the errors that compound over
-        a continuation's rounds. ((B, C, W, H, W) twice, offsets (B,))"""
+        trained to denoise the clip's true steps o .. o + W - 1 (`rollout_training_target`
+        "clip"), or its context as given and the clip's true steps after it ("given"): it
+        learns to continue from its own slightly wrong steps, whose errors compound over a
+        continuation's rounds. ((B, C, W, H, W) twice, offsets (B,))"""
         noise = BatchNoise.of(noise)
+        z, context, offsets = self._windows(z_clean, noise)
         b, length, device = z_clean.shape[0], z_clean.shape[2], z_clean.device
         window, m, r = self.window_steps, self.context_latent_steps, self.rollout_steps
         ahead = self.rollout_training_rounds * r  # generated steps before a rolled window
-        u = noise.rand((b,), device)
         rolled = noise.rand((b,), device) < self.rollout_training
-        plain = (u * (length - window + 1)).long().clamp_(max=length - window)
+        u = noise.rand((b,), device)
         start = (u * (length - window - ahead + 1)).long().clamp_(max=length - window - ahead)
-        offsets = torch.where(rolled, start + ahead, plain)
-        z = _steps(z_clean, offsets, window)
-        context = _window_context(z[:, :, :m], m, window)
         # Every rank draws the chains' starting noise for the global batch (BatchNoise) and one
         # seed for their step noise; the rows a rank rolls out are its own.
         z_1 = noise.randn((b, self.rollout_training_rounds, *self.base_shape), device)
@@ -270,6 +268,9 @@ class ULBaseModel(nn.Module):
         rows = rolled.nonzero().squeeze(1)
         if rows.numel() == 0:
             return z, context, offsets
+        offsets = offsets.clone()
+        offsets[rows] = start[rows] + ahead
+        z[rows] = _steps(z_clean[rows], offsets[rows], window)
         generator = torch.Generator(device).manual_seed(seed)
         known = _steps(z_clean[rows], start[rows], m)  # the true steps the rounds start from
         with torch.no_grad():
@@ -278,7 +279,6 @@ class ULBaseModel(nn.Module):
                     _window_context(known, m, window), label[rows], z_1[rows, i], generator
                 )
                 known = torch.cat([known, z_round[:, :, m : m + r].to(known.dtype)], 2)[:, :, -m:]
-        context = context.clone()
         context[rows] = _window_context(known, m, window)
         if self.rollout_training_target == "given":
             z[rows, :, :m] = known.to(z.dtype)
@@ -664,8 +664,8 @@ class ULBase:
     - rollout_training: with `window_steps`, the fraction of training windows conditioned on
       a context that ends in the base model's own steps: `rollout_training_rounds` rounds of a
       continuation run first (no gradient) from the true steps before the window, and the
-      window learns the clip's true steps from the context they leave (its last steps
-      generated, as in a continuation's later rounds). Meant to teach the model to correct
+      window learns what `rollout_training_target` says from the context they leave (its last
+      steps generated, as in a continuation's later rounds). Meant to teach the model to correct
       its own drift; each rolled window costs `rollout_training_rounds` ×
       `rollout_training_steps` more forward passes (docs/method.md, "Video"). 0: true contexts.
     - rollout_training_rounds: the rounds run before a rolled window (each keeps
