@@ -307,13 +307,13 @@ class ULBaseModel(nn.Module):
         z_clean = self._latents(batch)
         context: Tensor | None
         clip, offsets = None, None
-        if self.window_steps and self.training and self.rollout_training > 0:
+        if self.window_steps:
             clip = z_clean
-            label = self._labels(batch, z_clean.shape[0], None)
-            z_clean, context, offsets = self._rolled_windows(z_clean, label, noise)
-        elif self.window_steps:
-            clip = z_clean
-            z_clean, context, offsets = self._windows(z_clean, noise)
+            if self.training and self.rollout_training > 0:
+                label = self._labels(batch, z_clean.shape[0], None)
+                z_clean, context, offsets = self._rolled_windows(z_clean, label, noise)
+            else:
+                z_clean, context, offsets = self._windows(z_clean, noise)
         else:
             context = self._context(batch)
         context = self.conditioning(self.noised_context(context, noise), clip, offsets, noise)
