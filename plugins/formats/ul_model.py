@@ -294,6 +294,13 @@ def export(
             "sampler": _sampler_name(reg, stage2.sampler, f"{stage2.name}.sampler"),
             "steps": int(stage2.sample_steps),
             "decoder_steps": stage2.decoder_sample_steps,
+            "decoder_sampler": (
+                None
+                if stage2.decoder_sampler is None
+                else _sampler_name(reg, stage2.decoder_sampler, f"{stage2.name}.decoder_sampler")
+            ),
+            "temperature": float(bmodel.temperature),
+            "stack_context": bool(bmodel.stack_context),
             "guidance": float(stage2.guidance_scale),
             "guidance_interval": _json_value(stage2.guidance_interval, "guidance_interval"),
             "context_frames": int(bmodel.context_frames),
@@ -375,7 +382,14 @@ def model_card(config: Mapping[str, Any], source: str = "") -> str:
         classes = "class-conditional" if stage2["num_classes"] else "unconditional"
         lines.append(
             f"| base model | {classes}, {conditioned}: `{stage2['sampler']}`, {stage2['steps']} "
-            f"steps, guidance {stage2['guidance']:g} |"
+            f"steps, guidance {stage2['guidance']:g}"
+            + (
+                f", temperature {stage2['temperature']:g}"
+                if stage2.get("temperature", 1) != 1
+                else ""
+            )
+            + (f"; decoder `{stage2['decoder_sampler']}`" if stage2.get("decoder_sampler") else "")
+            + " |"
         )
     for stage, seen in config["run"]["samples_seen"].items():
         if seen is not None:
@@ -612,6 +626,16 @@ class Pretrained:
                 stage2.get("context_noise_sample", 0.0),
                 stage2.get("context_dropout", 0.0),
                 stage2.get("anchor_context", False),
+                temperature=float(stage2.get("temperature", 1.0)),
+                stack_context=bool(stage2.get("stack_context", False)),
+            )
+            decoder = stage2.get("decoder_sampler")
+            self._decoder_sampling = (
+                self._sampling
+                if decoder is None
+                else _Sampling(
+                    decoder, registry.get("samplers", decoder).factory, self._sampling.steps
+                )
             )
             self.base_model.to(self.device, dtype).eval().requires_grad_(False)
 
@@ -751,7 +775,8 @@ class Pretrained:
                 first frames it continues (those frames are returned as they are).
             steps: base-model and decoder steps (default: the run's, each).
             sampler: a registered sampler name or a sampler function, for the base model and
-                the decoder alike (default: the run's); decoder_steps: the decoder's steps
+                the decoder alike (default: the run's, each; the base model's chains start
+                at the run's temperature); decoder_steps: the decoder's steps
                 alone (default: `steps`, else the run's). As `ulframe sample --sampler S
                 --steps N --decoder-steps M`.
             seed, generator: the noise; default: `seed`, the run's.
@@ -809,6 +834,7 @@ class Pretrained:
                 self._stage2["guidance"] if guidance is None else float(guidance),
                 tuple(interval) if interval is not None else None,
                 context,
+                self._sampler(sampler, self._decoder_sampling),
             ).float()
 
     @torch.no_grad()

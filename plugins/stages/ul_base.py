@@ -142,6 +142,8 @@ class ULBaseModel(nn.Module):
         rollout_training_steps: int = 8,
         rollout_training_sampler: Callable[..., Tensor] = sample_ddim,
         rollout_training_target: str = "clip",
+        temperature: float = 1.0,
+        stack_context: bool = False,
     ) -> None:
         super().__init__()
         self.stage1 = stage1.eval().requires_grad_(False)
@@ -168,9 +170,14 @@ class ULBaseModel(nn.Module):
         self.rollout_training_steps = rollout_training_steps
         self.rollout_training_sampler = rollout_training_sampler
         self.rollout_training_target = rollout_training_target
+        self.temperature = temperature
+        self.stack_context = stack_context
         # With `window_steps` W the base model sees windows of W latent steps (the clip's T
-        # otherwise): its own shape, and the pixels its bits/pixel divide by.
-        self.base_shape = base_shape(self.latent_shape, window_steps)
+        # otherwise), with `stack_context` only the W - m after the context: its own shape, and
+        # the pixels its bits/pixel divide by.
+        self.base_shape = base_shape(
+            self.latent_shape, window_steps - context_latent_steps * stack_context
+        )
         self.pixels = self.pixels * self.base_shape[1] // self.latent_shape[1]
 
     def latents(self) -> LatentModel:
@@ -216,14 +223,29 @@ class ULBaseModel(nn.Module):
         round's offset (B,) in latent steps from them. (B, C, T, H, W): the first m steps are
         the context's (replaced by the caller), the rest generated."""
         m, length = self.context_latent_steps, self.latent_shape[1]
-        window = self.base_shape[1]
+        first = self.first_generated
         known = z_context[:, :, :m]
         while known.shape[2] < length:
             offset = torch.full((known.shape[0],), known.shape[2] - m, device=known.device)
-            z = chain(_window_context(known, m, window), z_context, offset)
+            z = chain(self.round_context(known), z_context, offset)
             take = min(self.rollout_steps, length - known.shape[2])
-            known = torch.cat([known, z[:, :, m : m + take].to(known.dtype)], 2)
+            known = torch.cat([known, z[:, :, first : first + take].to(known.dtype)], 2)
         return known
+
+    @property
+    def first_generated(self) -> int:
+        """The first step of the base model's window that a round keeps: m =
+        `context_latent_steps` (its first m steps are the context's), 0 with `stack_context`."""
+        return 0 if self.stack_context else self.context_latent_steps
+
+    def round_context(self, known: Tensor) -> Tensor:
+        """The base model's context input from the last m = `context_latent_steps` known steps
+        (B, C, T', H, W): those steps, the m-th repeated over the window (`_window_context`),
+        or with `stack_context` stacked along the channels, (B, m C, W - m, H, W)."""
+        m = self.context_latent_steps
+        if self.stack_context:
+            return _stacked_context(known, m, self.base_shape[1])
+        return _window_context(known, m, self.base_shape[1])
 
     def _windows(
         self, z_clean: Tensor, noise: BatchNoise | torch.Generator
@@ -264,6 +286,7 @@ class ULBaseModel(nn.Module):
         # Every rank draws the chains' starting noise for the global batch (BatchNoise) and one
         # seed for their step noise; the rows a rank rolls out are its own.
         z_1 = noise.randn((b, self.rollout_training_rounds, *self.base_shape), device)
+        z_1 = z_1 * self.temperature  # as a continuation's rounds start (`temperature`)
         seed = int(torch.randint(2**62, (1,), generator=noise.generator).item())
         rows = rolled.nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -273,12 +296,14 @@ class ULBaseModel(nn.Module):
         z[rows] = _steps(z_clean[rows], offsets[rows], window)
         generator = torch.Generator(device).manual_seed(seed)
         known = _steps(z_clean[rows], start[rows], m)  # the true steps the rounds start from
+        first = self.first_generated
         with torch.no_grad():
             for i in range(self.rollout_training_rounds):
                 z_round = self._training_chain(
-                    _window_context(known, m, window), label[rows], z_1[rows, i], generator
+                    self.round_context(known), label[rows], z_1[rows, i], generator
                 )
-                known = torch.cat([known, z_round[:, :, m : m + r].to(known.dtype)], 2)[:, :, -m:]
+                z_new = z_round[:, :, first : first + r].to(known.dtype)
+                known = torch.cat([known, z_new], 2)[:, :, -m:]
         context[rows] = _window_context(known, m, window)
         if self.rollout_training_target == "given":
             z[rows, :, :m] = known.to(z.dtype)
@@ -314,6 +339,9 @@ class ULBaseModel(nn.Module):
                 z_clean, context, offsets = self._rolled_windows(z_clean, label, noise)
             else:
                 z_clean, context, offsets = self._windows(z_clean, noise)
+            if self.stack_context:  # the steps after the context, the context along channels
+                m = self.context_latent_steps
+                z_clean, context = z_clean[:, :, m:], self.round_context(context[:, :, :m])
         else:
             context = self._context(batch)
         context = self.conditioning(self.noised_context(context, noise), clip, offsets, noise)
@@ -480,6 +508,7 @@ class ULBaseModel(nn.Module):
         guidance: float = 1.0,
         interval: tuple[float, float] | None = None,
         context: Tensor | None = None,
+        decoder_sampler: Callable[..., Tensor] | None = None,
     ) -> Tensor:
         """End-to-end samples (Algorithm 2): base model -> z_clean -> z_0 -> decoder; (n, C, *S).
 
@@ -487,7 +516,9 @@ class ULBaseModel(nn.Module):
         `eps_u + w (eps_c - eps_u)` applies where λ lies in `interval` (None: everywhere).
         With `context_frames` k > 0, `context` (n, C, T, H, W) are real clips: the base model is
         conditioned on the latent of their first k frames, and the result is the continuation:
-        the k given frames followed by T - k generated ones.
+        the k given frames followed by T - k generated ones. The base model's chains start from
+        N(0, τ² I), τ = `temperature` (1: the model's own distribution); the decoder runs
+        `decoder_sampler` (None: `sampler`).
         """
         device = next(self.parameters()).device
         cond_labels = labels.to(device).long() if labels is not None else None
@@ -521,6 +552,7 @@ class ULBaseModel(nn.Module):
                 return self.base_eps(z_t, logsnr, null, null_ctx)
 
             z_1 = torch.randn((n, *self.base_shape), generator=generator, device=device)
+            z_1 = z_1 * self.temperature
             return sample_latents(
                 eps_cond, eps_uncond, z_1, self.schedule, sampler, steps, generator, guidance,
                 interval, final,
@@ -548,10 +580,11 @@ class ULBaseModel(nn.Module):
                 known = diffuse(known, logsnr, eps)
             z = torch.cat([known.to(z.dtype), z[:, :, m:]], 2)
         steps = decoder_steps or steps
+        decoder_sampler = sampler if decoder_sampler is None else decoder_sampler
         if context is None:  # (a LatentModel written before `context` needs none)
-            x = latents.decode_latents(z, generator, sampler, steps)
+            x = latents.decode_latents(z, generator, decoder_sampler, steps)
         else:
-            x = latents.decode_latents(z, generator, sampler, steps, context=context)
+            x = latents.decode_latents(z, generator, decoder_sampler, steps, context=context)
         if context is not None and self.context_frames:
             x[:, :, : self.context_frames] = context[:, :, : self.context_frames].to(x.dtype)
         return x
@@ -570,6 +603,14 @@ def _steps(z: Tensor, offsets: Tensor, steps: int) -> Tensor:
     index = offsets[:, None] + torch.arange(steps, device=z.device)  # (B, steps)
     index = index[:, None, :, None, None].expand(-1, z.shape[1], -1, *z.shape[3:])
     return z.gather(2, index)
+
+
+def _stacked_context(known: Tensor, steps: int, length: int) -> Tensor:
+    """The last `steps` latent steps of `known` (B, C, T', H, W) stacked along the channels,
+    step by step, and repeated over `length` steps: (B, steps * C, length, H, W)."""
+    window = known[:, :, -steps:]
+    stacked = window.transpose(1, 2).reshape(window.shape[0], -1, 1, *window.shape[3:])
+    return stacked.expand(-1, -1, length, -1, -1)
 
 
 def _window_context(known: Tensor, steps: int, length: int) -> Tensor:
@@ -619,7 +660,16 @@ class ULBase:
     - latent_cache_shard_size: the most bytes of one shard with `latent_cache_format =
       'shards'` ("1GB", "256MB", "64MiB").
     - sampler, sample_steps: sampler and steps of the base model (and of the decoder).
+    - decoder_sampler: the decoder's sampler when sampling (None: `sampler`).
     - decoder_sample_steps: the decoder's steps when sampling (None: `sample_steps`).
+    - temperature: τ, the base model's chains start from N(0, τ² I) instead of N(0, I), in
+      sampling and in `rollout_training`'s rounds alike. With a deterministic sampler
+      (`samplers.dpmpp_2m`, `heun`, `unipc`, `ddim`) τ < 1 is reduced-temperature sampling: the
+      probability-flow ODE maps the likelier starting points to the likelier latents (Glow's
+      temperature; stochastic samplers add fresh noise on the way, which τ does not scale). For
+      prediction, where the future is (nearly) determined by the context, it keeps each round
+      from adding its own noise to what the next round reads (docs/method.md, "Video"). 1: the
+      model's own distribution.
     - guidance_scale: w of classifier-free guidance in evaluation samples (1: none).
     - guidance_interval: (λ_lo, λ_hi) where guidance applies; None: everywhere.
     - eval_t_per_example: t values per example in the evaluation's bitrate estimate.
@@ -675,6 +725,13 @@ class ULBase:
     - rollout_training_target: what a rolled window learns at its context's steps: "clip", the
       clip's true steps (the model is asked to correct the steps it generated); "given", the
       context's steps as given (generated ones included), the clip's true steps after them.
+    - stack_context: with `window_steps` W, the base model denoises only the W - m steps of a
+      window after its context and reads the context's m = `context_latent_steps` steps
+      stacked along the channels (m × C channels on the grid of those steps), as video
+      prediction networks stack their input frames: a base model of (C, W - m, H, W) that sees
+      all m context steps at its first layer, at (W - m) / W of the cost of one that denoises
+      the whole window (with `window_steps` 6 and `rollout_steps` 1: a sixth). False: the whole
+      window, the context along the channels of every step.
     - noisy_context: condition the base model on the context's latent noised to λ_z(0) (a z_0,
       as the decoder sees latents; fresh noise in every batch) instead of z_clean, in training
       and sampling alike; the generated steps a round reads are such z_0 too. False: z_clean.
@@ -699,7 +756,10 @@ class ULBase:
     latent_cache_shard_size: str = latent_cache.SHARD_SIZE
     sampler: Callable[..., Tensor] = sample_ddim
     sample_steps: int = 32
+    decoder_sampler: Callable[..., Tensor] | None = None
     decoder_sample_steps: int | None = None
+    temperature: float = 1.0
+    stack_context: bool = False
     guidance_scale: float = 1.0
     guidance_interval: tuple[float, float] | None = None
     eval_t_per_example: int = 8
@@ -756,6 +816,11 @@ class ULBase:
                 f"ul_base.context_dropout={self.context_dropout} must be in [0, 1), and > 0 only "
                 f"with context_frames > 0 (got {frames})"
             )
+        if self.stack_context and (not window or self.anchor_context):
+            raise ConfigError(
+                "ul_base.stack_context=True needs window_steps > 0 (the steps after a window's "
+                f"context; got window_steps={window}) and no anchor_context"
+            )
         if self.anchor_context and not window:
             raise ConfigError(
                 "ul_base.anchor_context=True needs window_steps > 0 (the windows it anchors to "
@@ -801,6 +866,8 @@ class ULBase:
         self.guidance_interval = (float(interval[0]), float(interval[1])) if interval else None
         if self.sample_steps < 1:
             raise ConfigError(f"ul_base.sample_steps must be >= 1, got {self.sample_steps}")
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"ul_base.temperature must be >= 0, got {self.temperature}")
         if self.decoder_sample_steps is not None and self.decoder_sample_steps < 1:
             raise ConfigError(
                 "ul_base.decoder_sample_steps must be >= 1 (or None), "
@@ -834,14 +901,19 @@ class ULBase:
                 f"{self.window_steps} need more than the latent's {latent_shape[1]} steps"
             )
         # the latent's channels, + the noise level, + the anchor and its offset, + the null flag
-        channels = latent_shape[0] + bool(self.context_noise) + bool(self.context_dropout)
+        stacked = self.context_latent_steps if self.stack_context else 1
+        channels = latent_shape[0] * stacked + bool(self.context_noise) + bool(self.context_dropout)
         channels += (latent_shape[0] + 1) * self.anchor_context
         extra = {"context_channels": channels} if self.context_frames else {}
         num_classes = ctx.num_classes if self.class_conditional else 0
         base = check_built(
             "priors",
             self.base(
-                shape=base_shape(latent_shape, self.window_steps), num_classes=num_classes, **extra
+                shape=base_shape(
+                    latent_shape, self.window_steps - self.context_latent_steps * self.stack_context
+                ),
+                num_classes=num_classes,
+                **extra,
             ),
             "ul_base.base",
         )
@@ -854,7 +926,7 @@ class ULBase:
             self.rollout_steps, self.noisy_context, self.window_steps, self.context_noise,
             self.context_noise_sample, self.context_dropout, self.anchor_context,
             self.rollout_training, self.rollout_training_rounds, self.rollout_training_steps,
-            self.sampler, self.rollout_training_target,
+            self.sampler, self.rollout_training_target, self.temperature, self.stack_context,
         )  # fmt: skip
         self._model, self._stage_dir = model, ctx.stage_dir
         return model
@@ -980,11 +1052,14 @@ class ULBase:
             generator = torch.Generator(next(model.parameters()).device)
         if decoder_steps is None:
             decoder_steps = self.decoder_sample_steps if steps is None else steps
+        # A `sampler` passed here runs base model and decoder alike; the stage's own settings
+        # may give the decoder another (`decoder_sampler`).
+        decoder_sampler = self.decoder_sampler if sampler is None else sampler
         return model.sample(
             n, generator, labels, self.sampler if sampler is None else sampler,
             self.sample_steps if steps is None else steps, decoder_steps,
             self.guidance_scale if guidance is None else guidance,
-            self.guidance_interval, context,
+            self.guidance_interval, context, decoder_sampler,
         )  # fmt: skip
 
     @torch.no_grad()

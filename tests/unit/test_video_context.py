@@ -107,6 +107,23 @@ def _contexts_seen(model: ULBaseModel, monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
+def _spied_continuation(stage: ULBase, model: ULBaseModel, x: torch.Tensor, monkeypatch):
+    """A continuation of clips `x` (seed 0) with spies: (the continuation, every base-model
+    chain's output, the context of each chain, the z_0 the decoder was handed)."""
+    outputs: list[torch.Tensor] = []
+    chains = ul_base.sample_latents
+
+    def spy_chain(*args, **kwargs):
+        outputs.append(chains(*args, **kwargs))
+        return outputs[-1]
+
+    handed = _latents_decoded(model, monkeypatch)
+    contexts = _contexts_seen(model, monkeypatch)
+    monkeypatch.setattr(ul_base, "sample_latents", spy_chain)
+    out = stage.sample(model, len(x), None, None, torch.Generator().manual_seed(0), context=x)
+    return out, outputs, contexts, handed
+
+
 @pytest.fixture
 def built(tmp_path: Path) -> tuple[ULBase, ULBaseModel]:
     return _built(tmp_path)
@@ -208,17 +225,7 @@ def test_a_rollout_conditions_each_round_on_the_steps_before_it(built, monkeypat
     model.rollout_steps = 2
     x = _clips(2, 5)
     length = model.latent_shape[1]  # 8 steps; k = 3: rounds keep 2, 2, 1
-    outputs: list[torch.Tensor] = []
-    chains = ul_base.sample_latents
-
-    def spy_chain(*args, **kwargs):
-        outputs.append(chains(*args, **kwargs))
-        return outputs[-1]
-
-    handed = _latents_decoded(model, monkeypatch)
-    contexts = _contexts_seen(model, monkeypatch)
-    monkeypatch.setattr(ul_base, "sample_latents", spy_chain)
-    out = stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
+    out, outputs, contexts, handed = _spied_continuation(stage, model, x, monkeypatch)
     assert len(outputs) == len(contexts) == 3  # ceil((8 - 3) / 2) chains
     known = model.encode_clean(x)[:, :, :CONTEXT]
     for i, (context, z) in enumerate(zip(contexts, outputs, strict=True)):
@@ -545,3 +552,92 @@ def test_rollout_training_settings_that_cannot_work_stop_at_config_time(tmp_path
     with pytest.raises(ConfigError, match=r"need more than the latent's 8 steps"):
         _built(tmp_path, window_steps=5, rollout_steps=1, rollout_training=0.5,
                rollout_training_rounds=4)  # fmt: skip
+
+
+# ---- the context along the channels (`stack_context`) and the chains' temperature -------------
+def test_a_stacked_context_is_the_last_steps_along_the_channels(tmp_path, monkeypatch) -> None:
+    """`stack_context`: the base model denoises only the W - k steps of a window after its
+    context and reads the k context steps stacked along the channels (step by step), in
+    training and in every round of a continuation, which keeps the first step it generates."""
+    stage, model = _built(tmp_path, window_steps=5, rollout_steps=1, stack_context=True)
+    assert model.base_shape == (2, 2, 4, 4) and model.pixels == 2 * 16 * 16
+    z = torch.arange(8.0)[None, None, :, None, None].expand(64, 2, 8, 4, 4).contiguous()
+    z = z + torch.arange(64.0)[:, None, None, None, None] * 100  # step t of clip i: 100 i + t
+    z[:, 1] += 50  # channel 1
+    model.train()
+    target, context = model._inputs({"z": z}, torch.Generator().manual_seed(0))
+    assert target.shape == (64, 2, 2, 4, 4) and context is not None
+    assert context.shape == (64, 2 * CONTEXT, 2, 4, 4)
+    offsets = (target[:, 0, 0, 0, 0] - torch.arange(64.0) * 100).long() - CONTEXT
+    assert set(offsets.tolist()) == {0, 1, 2, 3}
+    for i, o in enumerate(offsets.tolist()):
+        assert torch.equal(target[i], z[i, :, o + CONTEXT : o + 5])
+        for s in range(CONTEXT):  # channels 2 s, 2 s + 1: step o + s, at both window steps
+            assert torch.equal(
+                context[i, 2 * s : 2 * s + 2], z[i, :, o + s : o + s + 1].expand(-1, 2, -1, -1)
+            )
+    terms = model({"z": z[:4]}, torch.Generator().manual_seed(0))
+    assert terms.base_nats.shape == (4,) and torch.isfinite(terms.base_nats).all()
+    # sampling: one chain of W - k steps per round, its context the last k known steps
+    model.eval()
+    x = _clips(2, 9)
+    out, outputs, contexts, handed = _spied_continuation(stage, model, x, monkeypatch)
+    assert len(outputs) == len(contexts) == SHAPE[1] - CONTEXT
+    known = model.encode_clean(x)[:, :, :CONTEXT]
+    for context, z_round in zip(contexts, outputs, strict=True):
+        assert z_round.shape == (2, 2, 2, 4, 4)
+        stacked = known[:, :, -CONTEXT:].transpose(1, 2).reshape(2, 2 * CONTEXT, 1, 4, 4)
+        assert torch.equal(context, stacked.expand(-1, -1, 2, -1, -1))
+        known = torch.cat([known, z_round[:, :, :1]], 2)
+    assert torch.equal(handed[0][:, :, CONTEXT:], known[:, :, CONTEXT:])
+    assert torch.equal(out[:, :, :CONTEXT], x[:, :, :CONTEXT])
+    with pytest.raises(ConfigError, match=r"stack_context=True needs window_steps > 0"):
+        _stage2(stack_context=True, rollout_steps=1)
+    with pytest.raises(ConfigError, match=r"and no anchor_context"):
+        _stage2(stack_context=True, window_steps=5, rollout_steps=1, anchor_context=True)
+
+
+def test_temperature_scales_the_chains_starting_noise(tmp_path, monkeypatch) -> None:
+    """`temperature` τ: every base-model chain starts from τ z_1 (the same z_1 the model at
+    τ = 1 starts from); at τ = 0 with a deterministic sampler the base latents no longer depend
+    on the seed. `decoder_sampler` is the sampler the decoder runs."""
+    from ulframe.diffusion.samplers import sample_dpmpp_2m, sample_heun
+
+    stage, model = _built(
+        tmp_path, window_steps=5, rollout_steps=1, sampler=sample_dpmpp_2m,
+        decoder_sampler=sample_heun,
+    )  # fmt: skip
+    x = _clips(2, 10)
+    starts: list[torch.Tensor] = []
+    chains = ul_base.sample_latents
+
+    def spy_chain(eps_cond, eps_uncond, z_1, schedule, sampler, *args, **kwargs):
+        assert sampler is sample_dpmpp_2m
+        starts.append(z_1)
+        return chains(eps_cond, eps_uncond, z_1, schedule, sampler, *args, **kwargs)
+
+    samplers: list[object] = []
+    decode = model.latents().decode_latents
+
+    def spy_decode(z_0, generator, sampler, *args, **kwargs):
+        samplers.append(sampler)
+        return decode(z_0, generator, sampler, *args, **kwargs)
+
+    monkeypatch.setattr(model.stage1, "decode_latents", spy_decode)
+    monkeypatch.setattr(ul_base, "sample_latents", spy_chain)
+    stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
+    assert samplers == [sample_heun]
+    one = list(starts)
+    starts.clear()
+    model.temperature = 0.25
+    stage.sample(model, 2, None, None, torch.Generator().manual_seed(0), context=x)
+    assert len(starts) == len(one) == SHAPE[1] - CONTEXT
+    assert torch.equal(starts[0], 0.25 * one[0])  # the same draws, scaled
+    handed = _latents_decoded(model, monkeypatch)
+    model.temperature = 0.0
+    for seed in (0, 1):
+        stage.sample(model, 2, None, None, torch.Generator().manual_seed(seed), context=x)
+    assert torch.allclose(handed[0][:, :, CONTEXT:], handed[1][:, :, CONTEXT:], atol=1e-5)
+    assert not torch.allclose(handed[0][:, :, :CONTEXT], handed[1][:, :, :CONTEXT])  # z_0 noise
+    with pytest.raises(ConfigError, match=r"ul_base.temperature must be >= 0, got -1"):
+        _stage2(temperature=-1.0)
