@@ -15,7 +15,12 @@ per frame) with weights that are not at their zero initialisation:
     much, in training and in every round; a null context (`context_dropout`) is trained and
     guided on;
 (h) training on the model's own rounds (`rollout_training`) conditions a window on the steps
-    the base model generated from the true steps before it.
+    the base model generated from the true steps before it;
+(i) a base model with the context along its channels (`stack_context`) denoises only the steps
+    after the context and reads the last k known steps stacked, in training and every round;
+(j) the chains start at the stage's `temperature`, and the decoder runs `decoder_sampler`;
+(k) after a short training, the first generated step of a continuation is nearer its own clip's
+    last context step than any other clip's.
 """
 
 from __future__ import annotations
@@ -641,3 +646,39 @@ def test_temperature_scales_the_chains_starting_noise(tmp_path, monkeypatch) -> 
     assert not torch.allclose(handed[0][:, :, :CONTEXT], handed[1][:, :, :CONTEXT])  # z_0 noise
     with pytest.raises(ConfigError, match=r"ul_base.temperature must be >= 0, got -1"):
         _stage2(temperature=-1.0)
+
+
+def test_a_trained_base_model_continues_each_clip_from_its_own_last_step(
+    tmp_path, monkeypatch
+) -> None:
+    """After a short training on clips that stand still (each clip one random frame, repeated),
+    the first latent step a continuation generates is nearer its own clip's last context step
+    than any other clip's: the context reaches the generated steps. Fails when the base model
+    does not read the context, or reads another clip's."""
+    from ulframe.diffusion.samplers import sample_dpmpp_2m
+
+    stage, model = _built(
+        tmp_path, window_steps=4, rollout_steps=1, stack_context=True, sampler=sample_dpmpp_2m,
+        sample_steps=8, temperature=0.0,
+    )  # fmt: skip
+    frames = _clips(24, 11)[:, :, :1]
+    clips = frames.expand(-1, -1, SHAPE[1], -1, -1).contiguous()  # (24, C, T, H, W), still
+    latents = model.encode_clean(clips)
+    optimizer = torch.optim.Adam(model.base.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(300):
+        rows = torch.randint(len(clips), (16,), generator=generator)
+        loss = model({"z": latents[rows]}, generator).base_nats.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    handed = _latents_decoded(model, monkeypatch)
+    stage.sample(model, len(clips), None, None, torch.Generator().manual_seed(1), context=clips)
+    first = handed[0][:, :, CONTEXT].flatten(1)  # the first generated step, at λ_z(0)
+    last = latents[:, :, CONTEXT - 1].flatten(1)  # each clip's last context step
+    distance = torch.cdist(first, last)  # (generated clip, context clip)
+    own = distance.diagonal()
+    others = distance + torch.diag(torch.full((len(clips),), float("inf")))
+    assert bool((own < others.min(1).values).all()), (own, others.min(1).values)
