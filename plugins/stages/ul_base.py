@@ -730,8 +730,9 @@ class ULBase:
       stacked along the channels (m × C channels on the grid of those steps), as video
       prediction networks stack their input frames: a base model of (C, W - m, H, W) that sees
       all m context steps at its first layer, at (W - m) / W of the cost of one that denoises
-      the whole window (with `window_steps` 6 and `rollout_steps` 1: a sixth). False: the whole
-      window, the context along the channels of every step.
+      the whole window (with `window_steps` 6 and `rollout_steps` 1: a sixth). The context's
+      steps are not denoised, so `rollout_training_target`'s two targets coincide. False: the
+      whole window, the context along the channels of every step.
     - noisy_context: condition the base model on the context's latent noised to λ_z(0) (a z_0,
       as the decoder sees latents; fresh noise in every batch) instead of z_clean, in training
       and sampling alike; the generated steps a round reads are such z_0 too. False: z_clean.
