@@ -176,7 +176,7 @@ class ULBaseModel(nn.Module):
         # otherwise), with `stack_context` only the W - m after the context: its own shape, and
         # the pixels its bits/pixel divide by.
         self.base_shape = base_shape(
-            self.latent_shape, window_steps - context_latent_steps * stack_context
+            self.latent_shape, window_steps, context_latent_steps if stack_context else 0
         )
         self.pixels = self.pixels * self.base_shape[1] // self.latent_shape[1]
 
@@ -590,11 +590,14 @@ class ULBaseModel(nn.Module):
         return x
 
 
-def base_shape(latent_shape: Sequence[int], window_steps: int) -> tuple[int, ...]:
+def base_shape(
+    latent_shape: Sequence[int], window_steps: int, stacked_steps: int = 0
+) -> tuple[int, ...]:
     """The base model's input shape: the latent's (C, T, *grid), or with `window_steps` W > 0 a
-    window of it, (C, W, *grid)."""
+    window of it, (C, W, *grid), less the `stacked_steps` it reads along the channels
+    (`stack_context`): (C, W - stacked_steps, *grid)."""
     shape = tuple(latent_shape)
-    return (shape[0], window_steps, *shape[2:]) if window_steps else shape
+    return (shape[0], window_steps - stacked_steps, *shape[2:]) if window_steps else shape
 
 
 def _steps(z: Tensor, offsets: Tensor, steps: int) -> Tensor:
@@ -911,7 +914,9 @@ class ULBase:
             "priors",
             self.base(
                 shape=base_shape(
-                    latent_shape, self.window_steps - self.context_latent_steps * self.stack_context
+                    latent_shape,
+                    self.window_steps,
+                    self.context_latent_steps if self.stack_context else 0,
                 ),
                 num_classes=num_classes,
                 **extra,
